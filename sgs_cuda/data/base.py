@@ -1,0 +1,41 @@
+"""The interface every multi-domain data source implements.
+
+The distillation loop and the evaluation only talk to this protocol, so a folder of images,
+the embedded Fashion-MNIST styles benchmark and pseudo-domain data are interchangeable.
+Images come out as float32 tensors ``[n, C, H, W]`` already normalised with ``mean``/``std``.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class MultiDomainDataset(Protocol):
+    domains: list[str]  # domain names, in a fixed order
+    classes: list[str]  # class names; labels are indices into this list
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]  # per-channel normalisation applied to every returned image
+    std: tuple[float, ...]
+
+    def real_batch(self, domain: str, label: int, n: int, generator: torch.Generator | None = None,
+                   split: str = "train") -> torch.Tensor:
+        """``n`` normalised images of class ``label`` from ``domain`` (sampled with replacement
+        only when the class has fewer than ``n`` images)."""
+        ...
+
+    def split_tensors(self, domains: Sequence[str], split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """All images and labels of ``split`` for the given domains: ``(images [M,C,H,W], labels [M])``."""
+        ...
+
+    def count(self, domain: str, label: int, split: str = "train") -> int:
+        """How many images of class ``label`` the domain holds in ``split``."""
+        ...
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Undo the dataset normalisation, clamp to [0, 1] (for saving grids)."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images * s + m).clamp(0, 1)

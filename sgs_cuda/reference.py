@@ -1,0 +1,72 @@
+"""Pure-torch Spectral Gradient Surgery: the fallback and, in float64, the ground truth.
+
+Vectorised over domains, images and channels (no Python loops); follows
+``shared/docs/sgs-spec.md`` section 3 literally, so each line can be read against it.
+Inputs are assumed validated (see ``sgs_cuda.ops``); the computation runs in float32 for
+float16/bfloat16/float32 input and in float64 for float64 input.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK_MODES = ("hard", "soft")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: float, alpha: float,
+                  beta: float, mask: str = "hard", return_parts: bool = False):
+    """Return ``update`` or, with ``return_parts``, ``(update, mean, shared, diversity, stats)``.
+
+    ``grads`` ``[D, N, C, H, W]``, ``assign`` ``[N]`` int64 in ``[0, D)``. ``stats`` is a float64
+    tensor ``[4]``: (sum of mask over real components, number of real components,
+    ``sum |Sh|^2``, ``sum |Fbar|^2``) over the half-spectrum, from which the diagnostics follow.
+    """
+    D, N, C, H, W = grads.shape
+    g = grads.to(compute_dtype(grads.dtype))
+    spec = torch.fft.rfft2(g)  # [D, N, C, H, W//2+1] complex
+    re, im = spec.real, spec.imag
+
+    # 1. sign agreement per real component, 2. magnitude agreement per complex bin
+    agree_re = torch.sign(re).sum(0).abs() / D
+    agree_im = torch.sign(im).sum(0).abs() / D
+    mag = spec.abs()
+    mag_max = mag.amax(0)
+    mag_min = mag.amin(0)
+    mag_agree = torch.where(mag_max > 0, mag_min / torch.where(mag_max > 0, mag_max, 1), 0)
+
+    # 3. mask per real component
+    if mask == "hard":
+        keep = mag_agree >= rho
+        mask_re = ((agree_re >= tau) & keep).to(re.dtype)
+        mask_im = ((agree_im >= tau) & keep).to(re.dtype)
+    else:
+        mask_re = agree_re * mag_agree
+        mask_im = agree_im * mag_agree
+
+    # 4. masked recombination
+    mean_spec = spec.mean(0)
+    assigned = spec[assign, torch.arange(N, device=grads.device)]  # [N, C, H, Wr]
+    shared = torch.complex(mask_re * mean_spec.real, mask_im * mean_spec.imag)
+    dev = assigned - mean_spec
+    diversity = torch.complex((1 - mask_re) * dev.real, (1 - mask_im) * dev.imag)
+
+    # 5. output: irfft2 is linear, so one inverse transform suffices for the update
+    size = (H, W)
+    update = torch.fft.irfft2(mean_spec + alpha * shared + beta * diversity, s=size)
+    out_dtype = grads.dtype
+    if not return_parts:
+        return update.to(out_dtype)
+    mean = g.mean(0)
+    shared_sp = torch.fft.irfft2(shared, s=size)
+    diversity_sp = torch.fft.irfft2(diversity, s=size)
+    stats = torch.stack([
+        (mask_re.sum() + mask_im.sum()).double(),
+        torch.tensor(2.0 * mask_re.numel(), dtype=torch.float64, device=grads.device),
+        shared.abs().square().sum().double(),
+        mean_spec.abs().square().sum().double(),
+    ])
+    return (update.to(out_dtype), mean.to(out_dtype), shared_sp.to(out_dtype),
+            diversity_sp.to(out_dtype), stats)

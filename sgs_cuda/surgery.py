@@ -1,0 +1,114 @@
+"""What a Distribution Matching loop needs: a validated config, domain-wise gradients from one
+batched backward, and the surgery applied in place of ``loss.backward()``."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .ops import SGSParts, spectral_gradient_surgery, _check_unit
+from .reference import MASK_MODES
+
+ASSIGNMENTS = ("random", "fixed")
+
+
+@dataclass(frozen=True)
+class SGSConfig:
+    """Hyper-parameters of the surgery (defaults: ``docs/RESULTS.md`` says how they were set).
+
+    ``assignment``: ``"random"`` draws a fresh source domain per image every step (the spec's
+    default); ``"fixed"`` gives image ``n`` domain ``n % D`` for the whole run (round-robin).
+    """
+    tau: float = 1.0
+    rho: float = 0.25
+    alpha: float = 1.0
+    beta: float = 0.25
+    mask: str = "hard"
+    assignment: str = "random"
+
+    def __post_init__(self):
+        _check_unit("tau", self.tau)
+        _check_unit("rho", self.rho)
+        for name in ("alpha", "beta"):
+            value = float(getattr(self, name))
+            if value != value or abs(value) == float("inf"):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if self.mask not in MASK_MODES:
+            raise ValueError(f"mask must be one of {MASK_MODES}, got {self.mask!r}")
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+
+    def replace(self, **changes) -> "SGSConfig":
+        return dataclasses.replace(self, **changes)
+
+    def op_kwargs(self) -> dict:
+        return {"tau": self.tau, "rho": self.rho, "alpha": self.alpha, "beta": self.beta, "mask": self.mask}
+
+
+_batched_grad_failed = False
+
+
+def domain_gradients(domain_losses: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """``[D, *inputs.shape]``: the gradient of each ``domain_losses[d]`` with respect to ``inputs``.
+
+    One batched backward (``is_grads_batched=True``, i.e. vmap over the backward graph) instead of
+    D separate ones; if some operation in the graph has no batching rule, falls back (with one
+    warning) to D backward passes through the retained graph, which gives the same values.
+    """
+    global _batched_grad_failed
+    if domain_losses.dim() != 1 or domain_losses.numel() == 0:
+        raise ValueError(f"domain_losses must be a non-empty 1-D tensor [D], got shape {tuple(domain_losses.shape)}")
+    D = domain_losses.numel()
+    if not _batched_grad_failed:
+        eye = torch.eye(D, dtype=domain_losses.dtype, device=domain_losses.device)
+        try:
+            (grads,) = torch.autograd.grad(domain_losses, inputs, grad_outputs=eye,
+                                           is_grads_batched=True, retain_graph=True)
+            return grads
+        except RuntimeError as exc:
+            _batched_grad_failed = True
+            warnings.warn(f"sgs_cuda: batched backward failed ({exc}); using {D} backward passes",
+                          RuntimeWarning, stacklevel=2)
+    return torch.stack([torch.autograd.grad(domain_losses[d], inputs, retain_graph=True)[0]
+                        for d in range(D)])
+
+
+class SpectralGradientSurgery:
+    """Drop-in replacement for ``loss.backward()`` in a DM loop with D source domains.
+
+    >>> sgs = SpectralGradientSurgery(SGSConfig())
+    >>> losses = torch.stack([dm_loss(real[d], syn) for d in range(D)])  # [D]
+    >>> optimizer.zero_grad(); sgs.backward(losses, syn); optimizer.step()
+
+    ``last`` holds the :class:`SGSParts` of the latest step (diagnostics as tensors, so reading
+    them is the only host synchronisation).
+    """
+
+    def __init__(self, config: SGSConfig | None = None, check_finite: bool = True):
+        self.config = config or SGSConfig()
+        self.check_finite = check_finite
+        self.last: SGSParts | None = None
+
+    def assignment(self, num_domains: int, num_images: int, device) -> torch.Tensor | None:
+        if self.config.assignment == "fixed":
+            return torch.arange(num_images, device=device) % num_domains
+        return None  # the op draws a fresh one from torch's default generator
+
+    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
+        """The surgery of stacked domain gradients ``[D, N, C, H, W]`` -> update ``[N, C, H, W]``."""
+        D, N = grads.shape[:2]
+        self.last = spectral_gradient_surgery(
+            grads, self.assignment(D, N, grads.device), return_parts=True,
+            check_finite=self.check_finite, **self.config.op_kwargs())
+        return self.last.update
+
+    def backward(self, domain_losses: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
+        """Compute the domain gradients, apply the surgery and accumulate it into ``synthetic.grad``."""
+        update = self(domain_gradients(domain_losses, synthetic))
+        if synthetic.grad is None:
+            synthetic.grad = update.detach().clone()
+        else:
+            synthetic.grad.add_(update)
+        return update
