@@ -63,10 +63,15 @@ def requested_backend() -> str:
 
 
 def cuda_build_possible() -> bool:
+    """Torch has CUDA and nvcc is found (a GPU is not needed to compile). ``SGS_BUILD_CUDA=0``
+    skips the CUDA sources, e.g. to save build time on a machine without a GPU."""
     from torch.utils import cpp_extension
 
+    if os.environ.get("SGS_BUILD_CUDA", "auto") == "0":
+        return False
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and \
-        (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists()
+        (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists() and \
+        (source_dir() / CUDA_SOURCES[0]).is_file()
 
 
 def _cpu_tag() -> str:

@@ -26,6 +26,10 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
     """
     D, N, C, H, W = grads.shape
     g = grads.to(compute_dtype(grads.dtype))
+    if g.numel() == 0:  # some FFT backends reject empty batches
+        empty = grads.new_zeros(grads.shape[1:])
+        stats = torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=grads.device)
+        return (empty, empty.clone(), empty.clone(), empty.clone(), stats) if return_parts else empty
     spec = torch.fft.rfft2(g)  # [D, N, C, H, W//2+1] complex
     re, im = spec.real, spec.imag
 
