@@ -60,6 +60,8 @@ def decode_image(path: Path, resolution: int) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             img.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale, much faster
+            if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit greyscale: PIL would clip to 255
+                img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8))
             img = img.convert("RGB").resize((resolution, resolution), Image.BILINEAR, reducing_gap=2.0)
             arr = np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files

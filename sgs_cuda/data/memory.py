@@ -68,6 +68,10 @@ class InMemoryDomains:
                 self._by_class[d, split] = [torch.nonzero(y == c).flatten() for c in range(len(self.classes))]
         if shape is None:
             raise ValueError("no images in any domain")
+        for d in self._cells:  # give empty placeholders the common image shape
+            for split, (x, y) in self._cells[d].items():
+                if len(x) == 0:
+                    self._cells[d][split] = (torch.empty((0, *shape), dtype=torch.uint8), y)
         self.image_shape: tuple[int, int, int] = shape  # type: ignore[assignment]
         if mean is None or std is None:
             mean, std = channel_stats([self._cells[d]["train"][0] for d in self.domains])

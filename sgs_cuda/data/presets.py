@@ -81,5 +81,5 @@ def load_dataset(name_or_path, root=None, pseudo_domains: int | None = None, **k
                                 f"nor an existing path")
     if pseudo_domains is not None:
         from .pseudo_domains import PseudoDomainDataset
-        data = PseudoDomainDataset(data, pseudo_domains)
+        data = PseudoDomainDataset(data, pseudo_domains, seed=kw.get("seed", 0))
     return data
