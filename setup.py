@@ -37,7 +37,7 @@ def extension_modules():
     defines = ["-DSGS_PYTHON_MODULE"] + (["-DSGS_WITH_CUDA"] if with_cuda else [])
     extra = {"cxx": ["-O3", "-fopenmp-simd", "-ffp-contract=fast"] + defines}
     if with_cuda:
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"] + defines
+        extra["nvcc"] = ["-O3"] + defines
     kind = CUDAExtension if with_cuda else CppExtension
     ext = kind("sgs_cuda._C", sources, include_dirs=[str(CSRC)], extra_compile_args=extra)
     return [ext], {"build_ext": BuildExtension}

@@ -113,7 +113,7 @@ def compile_flags(with_cuda: bool) -> dict:
         cflags.append("-march=native")
     flags = {"extra_cflags": cflags + (["-DSGS_WITH_CUDA"] if with_cuda else [])}
     if with_cuda:
-        flags["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-DSGS_WITH_CUDA", "-std=c++17"]
+        flags["extra_cuda_cflags"] = ["-O3", "-DSGS_WITH_CUDA"]
     return flags
 
 

@@ -1,0 +1,149 @@
+"""Leave-one-domain-out study and hyper-parameter sweep of DM vs DM+SGS (the evidence in
+``docs/RESULTS.md``). Each cell is one ``sgs-dgdd run`` in its own run folder, resumable: run the
+same command again after an interruption and finished cells are reused.
+
+    python benchmarks/dgdd_study.py loo   --preset quick --seeds 0 1 2 --out runs/study-loo
+    python benchmarks/dgdd_study.py sweep --preset quick --targets cartoon --seeds 0 --out runs/study-sweep
+
+``loo`` runs DM and DM+SGS for every target domain; ``sweep`` runs DM once and DM+SGS for each
+one-at-a-time variation of the defaults (``VARIANTS``). Both print a markdown table (accuracy
+mean ± std over seeds, each seed being the mean over its evaluation networks) and write
+``summary.json`` in ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> CLI flags; each changes one thing from the defaults (tau 1, rho 0.25, alpha 1, beta 0.25)
+VARIANTS = {
+    "defaults": [],
+    "shared only (beta=0)": ["--beta", "0"],
+    "diversity only (alpha=0)": ["--alpha", "0"],
+    "beta=0.5": ["--beta", "0.5"],
+    "alpha=0.5": ["--alpha", "0.5"],
+    "alpha=2": ["--alpha", "2"],
+    "sign only (rho=0)": ["--rho", "0"],
+    "rho=0.5": ["--rho", "0.5"],
+    "magnitude only (tau=0)": ["--tau", "0"],
+    "soft mask": ["--mask", "soft"],
+    "fixed assignment": ["--assignment", "fixed"],
+}
+
+
+def run_cell(out: Path, preset: str, target: str, seeds, methods, flags, extra) -> None:
+    cmd = [sys.executable, "-m", "sgs_cuda.cli", "run", "--preset", preset, "--target", target,
+           "--seeds", *map(str, seeds), "--method", *methods, "--run-dir", str(out), "--resume",
+           "--no-progress", *flags, *extra]
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    print(f"  ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+
+def seed_metrics(run_dir: Path, method: str, seeds) -> dict:
+    """Per-seed mean accuracies (over that seed's evaluation networks)."""
+    out = {"ood": [], "in": []}
+    for s in seeds:
+        m = json.loads((run_dir / method / f"seed{s}" / "metrics.json").read_text())
+        out["ood"].append(100 * m["ood_acc_mean"])
+        out["in"].append(100 * m["in_domain_acc_mean"])
+    return out
+
+
+def mean_std(values) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def fmt(values) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def paired_delta(a, b) -> str:
+    d = [y - x for x, y in zip(a, b)]
+    mean, std = mean_std(d)
+    return f"{mean:+.1f} ± {std:.1f}"
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.node()} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def cmd_loo(args) -> None:
+    from sgs_cuda.data import load_dataset
+
+    targets = args.targets or list(load_dataset(args.dataset).domains)
+    rows, summary = [], {}
+    for t in targets:
+        cell = Path(args.out) / t
+        run_cell(cell, args.preset, t, args.seeds, ["dm", "dm_sgs"], [], args.extra)
+        dm, sgs = seed_metrics(cell, "dm", args.seeds), seed_metrics(cell, "dm_sgs", args.seeds)
+        summary[t] = {"dm": dm, "dm_sgs": sgs}
+        rows.append(f"| {t} | {fmt(dm['ood'])} | {fmt(sgs['ood'])} | {paired_delta(dm['ood'], sgs['ood'])} "
+                    f"| {fmt(dm['in'])} | {fmt(sgs['in'])} | {paired_delta(dm['in'], sgs['in'])} |")
+    header = ["| target (unseen) | DM OOD % | DM+SGS OOD % | Δ OOD | DM in-domain % | DM+SGS in-domain % | Δ in-domain |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    finish(args, header + rows, summary)
+
+
+def cmd_sweep(args) -> None:
+    rows, summary = [], {}
+    header = ["| target | variant | OOD % | Δ OOD vs DM | in-domain % | Δ in-domain vs DM |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for t in args.targets:
+        base = Path(args.out) / t / "dm"
+        run_cell(base, args.preset, t, args.seeds, ["dm"], [], args.extra)
+        dm = seed_metrics(base, "dm", args.seeds)
+        rows.append(f"| {t} | DM (no surgery) | {fmt(dm['ood'])} | | {fmt(dm['in'])} | |")
+        summary[t] = {"dm": dm}
+        for name in args.variants or list(VARIANTS):
+            cell = Path(args.out) / t / name.split(" (")[0].replace(" ", "_").replace("=", "")
+            run_cell(cell, args.preset, t, args.seeds, ["dm_sgs"], VARIANTS[name], args.extra)
+            m = seed_metrics(cell, "dm_sgs", args.seeds)
+            summary[t][name] = m
+            rows.append(f"| {t} | {name} | {fmt(m['ood'])} | {paired_delta(dm['ood'], m['ood'])} "
+                        f"| {fmt(m['in'])} | {paired_delta(dm['in'], m['in'])} |")
+    finish(args, header + rows, summary)
+
+
+def finish(args, lines, summary) -> None:
+    table = "\n".join(lines)
+    meta = {"command": " ".join(sys.argv), "machine": machine(), "preset": args.preset, "seeds": args.seeds,
+            "date": time.strftime("%Y-%m-%d")}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "summary.json").write_text(json.dumps({**meta, "results": summary, "table": table}, indent=1))
+    print(f"<!-- {meta['command']} | {meta['machine']} | {meta['date']} -->")
+    print(table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn in (("loo", cmd_loo), ("sweep", cmd_sweep)):
+        s = sub.add_parser(name)
+        s.set_defaults(fn=fn)
+        s.add_argument("--preset", default="quick")
+        s.add_argument("--dataset", default="fmnist-styles")
+        s.add_argument("--targets", nargs="+", required=name == "sweep")
+        s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        s.add_argument("--out", required=True)
+        s.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for sgs-dgdd run")
+        if name == "sweep":
+            s.add_argument("--variants", nargs="+", choices=list(VARIANTS))
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
