@@ -48,20 +48,28 @@ class SGSConfig:
 
 
 _batched_grad_failed = False
+GRAD_MODES = ("auto", "batched", "loop")
 
 
-def domain_gradients(domain_losses: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def domain_gradients(domain_losses: torch.Tensor, inputs: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """``[D, *inputs.shape]``: the gradient of each ``domain_losses[d]`` with respect to ``inputs``.
 
-    One batched backward (``is_grads_batched=True``, i.e. vmap over the backward graph) instead of
-    D separate ones; if some operation in the graph has no batching rule, falls back (with one
-    warning) to D backward passes through the retained graph, which gives the same values.
+    The forward pass is shared by all D losses. ``mode="batched"`` runs one batched backward
+    (``is_grads_batched=True``: vmap over the backward graph); ``"loop"`` runs D backward passes
+    through the retained graph; both give the same values. ``"auto"`` picks the batched backward
+    on GPUs and the loop on the CPU, where vmap's batching rules made it slower in our
+    measurements (``benchmarks/README.md``). If an operation has no batching rule, the batched
+    mode falls back to the loop with one warning.
     """
     global _batched_grad_failed
+    if mode not in GRAD_MODES:
+        raise ValueError(f"mode must be one of {GRAD_MODES}, got {mode!r}")
     if domain_losses.dim() != 1 or domain_losses.numel() == 0:
         raise ValueError(f"domain_losses must be a non-empty 1-D tensor [D], got shape {tuple(domain_losses.shape)}")
     D = domain_losses.numel()
-    if not _batched_grad_failed:
+    if mode == "auto":
+        mode = "batched" if inputs.is_cuda else "loop"
+    if mode == "batched" and not _batched_grad_failed:
         eye = torch.eye(D, dtype=domain_losses.dtype, device=domain_losses.device)
         try:
             (grads,) = torch.autograd.grad(domain_losses, inputs, grad_outputs=eye,
@@ -86,9 +94,10 @@ class SpectralGradientSurgery:
     them is the only host synchronisation).
     """
 
-    def __init__(self, config: SGSConfig | None = None, check_finite: bool = True):
+    def __init__(self, config: SGSConfig | None = None, check_finite: bool = True, grad_mode: str = "auto"):
         self.config = config or SGSConfig()
         self.check_finite = check_finite
+        self.grad_mode = grad_mode
         self.last: SGSParts | None = None
 
     def assignment(self, num_domains: int, num_images: int, device) -> torch.Tensor | None:
@@ -106,7 +115,7 @@ class SpectralGradientSurgery:
 
     def backward(self, domain_losses: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
         """Compute the domain gradients, apply the surgery and accumulate it into ``synthetic.grad``."""
-        update = self(domain_gradients(domain_losses, synthetic))
+        update = self(domain_gradients(domain_losses, synthetic, self.grad_mode))
         if synthetic.grad is None:
             synthetic.grad = update.detach().clone()
         else:

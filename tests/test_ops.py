@@ -365,10 +365,11 @@ def _toy_domain_losses(syn):
     return torch.stack([((net(real[d]).mean(0) - emb_syn) ** 2).sum() for d in range(3)])
 
 
-def test_domain_gradients_match_separate_backward_passes():
+@pytest.mark.parametrize("mode", ["batched", "loop", "auto"])
+def test_domain_gradients_match_separate_backward_passes(mode):
     syn = torch.randn(4, 3, 12, 12, requires_grad=True)
     losses = _toy_domain_losses(syn)
-    batched = domain_gradients(losses, syn)
+    batched = domain_gradients(losses, syn, mode)
     separate = torch.stack([torch.autograd.grad(losses[d], syn, retain_graph=True)[0] for d in range(3)])
     assert batched.shape == (3, 4, 3, 12, 12)
     torch.testing.assert_close(batched, separate, atol=1e-6, rtol=1e-5)
