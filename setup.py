@@ -35,11 +35,12 @@ def extension_modules():
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     sources = ["csrc/bindings.cpp", "csrc/sgs_cpu.cpp"] + (["csrc/sgs_cuda.cu"] if with_cuda else [])
     defines = ["-DSGS_PYTHON_MODULE"] + (["-DSGS_WITH_CUDA"] if with_cuda else [])
-    extra = {"cxx": ["-O3", "-fopenmp-simd", "-ffp-contract=fast"] + defines}
+    extra = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=fast"] + defines}
     if with_cuda:
         extra["nvcc"] = ["-O3"] + defines
     kind = CUDAExtension if with_cuda else CppExtension
-    ext = kind("sgs_cuda._C", sources, include_dirs=[str(CSRC)], extra_compile_args=extra)
+    ext = kind("sgs_cuda._C", sources, include_dirs=[str(CSRC)], extra_compile_args=extra,
+               extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension}
 
 

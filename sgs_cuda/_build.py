@@ -93,6 +93,7 @@ def build_key(with_cuda: bool) -> str:
         h.update((src / name).read_bytes())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{with_cuda}|{_cpu_tag()}".encode())
     h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+    h.update(repr(compile_flags(with_cuda)).encode())
     return h.hexdigest()[:16]
 
 
@@ -108,10 +109,11 @@ def _file_lock(path: Path):
 
 
 def compile_flags(with_cuda: bool) -> dict:
-    cflags = ["-O3", "-fopenmp-simd", "-ffp-contract=fast"]
+    # -fopenmp: at::parallel_for is inline OpenMP code; without it the plane loop runs serially.
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("SGS_NATIVE", "1") == "1":
         cflags.append("-march=native")
-    flags = {"extra_cflags": cflags + (["-DSGS_WITH_CUDA"] if with_cuda else [])}
+    flags = {"extra_cflags": cflags + (["-DSGS_WITH_CUDA"] if with_cuda else []), "extra_ldflags": ["-fopenmp"]}
     if with_cuda:
         flags["extra_cuda_cflags"] = ["-O3", "-DSGS_WITH_CUDA"]
     return flags
