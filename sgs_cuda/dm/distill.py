@@ -18,8 +18,10 @@ run ends with the same images as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,7 +37,7 @@ INITS = ("real", "noise")
 CHECKPOINT_NAME = "checkpoint.pt"
 # Fields that may differ between a checkpoint and the resuming config (they do not change the
 # trajectory up to the checkpoint): a run can be extended or checkpointed at another interval.
-_RESUMABLE_CHANGES = {"iterations", "checkpoint_every", "log_every"}
+RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "log_every"})
 
 
 @dataclass
@@ -111,16 +113,30 @@ def _domain_batches(data, domains, label, n, generator) -> torch.Tensor:
 
 def initial_images(data, domains: Sequence[str], ipc: int, init: str, generator: torch.Generator):
     """Class-ordered initial synthetic set: ``ipc`` real images per class drawn round-robin over
-    the source domains (``init="real"``), or standard normal noise (``"noise"``)."""
+    the source domains that hold the class (``init="real"``), or standard normal noise (``"noise"``)."""
     K = len(data.classes)
     labels = torch.arange(K).repeat_interleave(ipc)
     if init == "noise":
         return torch.randn((K * ipc, *data.image_shape), generator=generator), labels
     images = []
-    for c in range(K):
-        per_domain = [ipc // len(domains) + (i < ipc % len(domains)) for i in range(len(domains))]
-        images += [data.real_batch(d, c, k, generator=generator) for d, k in zip(domains, per_domain) if k]
+    for c, present in enumerate(class_domains(data, domains)):
+        have = [domains[i] for i in present]
+        per_domain = [ipc // len(have) + (i < ipc % len(have)) for i in range(len(have))]
+        images += [data.real_batch(d, c, k, generator=generator) for d, k in zip(have, per_domain) if k]
     return torch.cat(images).float(), labels
+
+
+def class_domains(data, domains: Sequence[str]) -> list[list[int]]:
+    """For each class, the indices of the source domains that hold train images of it.
+
+    Real domains hold every class; pseudo-domains (clusters) may not. A class no source domain
+    holds cannot be distilled.
+    """
+    present = [[i for i, d in enumerate(domains) if data.count(d, c, "train") > 0] for c in range(len(data.classes))]
+    missing = [data.classes[c] for c, p in enumerate(present) if not p]
+    if missing:
+        raise ValueError(f"no source domain of {list(domains)} has train images of class(es) {missing}")
+    return present
 
 
 def _rng_states(gens: dict, device: torch.device) -> dict:
@@ -149,12 +165,21 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def relevant_settings(config: dict) -> dict:
+    """The settings that shape a run's trajectory (a config dict without the resumable fields,
+    and without the surgery settings for plain DM, which ignores them)."""
+    out = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    if out.get("method") == "dm":
+        out.pop("sgs", None)
+    return out
+
+
 def _check_resumable(saved: dict, cfg: DistillConfig, domains, data) -> None:
-    now = cfg.to_dict()
-    diff = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved["config"].get(k) != now[k])
+    now, then = relevant_settings(cfg.to_dict()), relevant_settings(saved["config"])
+    diff = sorted(k for k in set(now) | set(then) if then.get(k) != now.get(k))
     if diff:
         raise ValueError(f"cannot resume: the checkpoint was written with different settings for {diff} "
-                         f"(checkpoint: {[saved['config'].get(k) for k in diff]}, now: {[now[k] for k in diff]})")
+                         f"(checkpoint: {[then.get(k) for k in diff]}, now: {[now.get(k) for k in diff]})")
     if list(saved["source_domains"]) != list(domains) or list(saved["classes"]) != list(data.classes):
         raise ValueError(f"cannot resume: checkpoint source domains/classes {saved['source_domains']}/"
                          f"{saved['classes']} differ from {list(domains)}/{list(data.classes)}")
@@ -219,6 +244,13 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     for p in net.parameters():
         p.requires_grad_(False)
 
+    present = class_domains(data, domains)
+    if all(len(p) == D for p in present):
+        present = None  # every domain holds every class (real domains): the plain path
+    else:
+        gaps = [f"{data.classes[c]} (in {len(p)}/{D})" for c, p in enumerate(present) if len(p) < D]
+        warnings.warn(f"some source domains lack classes {gaps}: their terms use the pooled class mean",
+                      RuntimeWarning, stacklevel=3)
     start, history = 0, _new_history(cfg.method)
     saved = None
     if resume and ckpt_path is not None and ckpt_path.exists():
@@ -251,14 +283,15 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
         for j, k in enumerate(keys):
             history[k] += [r[j] for r in rows]
         last = dict(zip(keys, rows[-1]))
-        if last["loss"] != last["loss"] or last["loss"] == float("inf"):
-            raise FloatingPointError(f"the DM loss became {last['loss']} at iteration {its[-1]}; "
+        bad = next((i for i, r in zip(its, rows) if not math.isfinite(r[0])), None)
+        if bad is not None:
+            raise FloatingPointError(f"the DM loss became non-finite at iteration {bad}; "
                                      "lower lr_img or check the data normalisation")
         if bar is not None:
             post = {"loss": f"{last['loss']:.4g}"}
             if "mask_fraction" in last:
                 post["mask"] = f"{last['mask_fraction']:.3f}"
-            bar.set_postfix(post, refresh=False)
+            bar.set_postfix(post)  # redraws: once per log_every iterations
 
     def checkpoint(iteration: int):
         flush()
@@ -273,8 +306,9 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     try:
         for it in range(start, cfg.iterations):
             net.reinitialize(gens["net"])
-            losses, pooled = _matching_losses(net, syn, data, domains, K, ipc, n_real, strategy,
-                                              cfg.norm == "batchnorm", gens, device)
+            real, params = draw_class_batches(data, domains, K, n_real, strategy, gens, device, present)
+            losses, pooled = matching_losses(net, real, syn, params, pool_all=cfg.norm == "batchnorm",
+                                             present=present, num_domains=D)
             opt.zero_grad(set_to_none=True)
             if surgery is None:
                 pooled.backward()
@@ -301,26 +335,56 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     return DistillResult(syn.detach().cpu().clone(), labels.clone(), history, cfg, time.perf_counter() - t0)
 
 
-def _matching_losses(net, syn, data, domains, K, ipc, n_real, strategy, pool_all, gens, device):
+def draw_class_batches(data, domains, K, n_real, strategy, gens, device, present=None):
+    """Per class: the real batches ``[D_c, n_real, C, H, W]`` of the domains holding the class
+    (``present[c]``; all ``D`` when ``None``), on ``device``, and one DSA draw, shared by those
+    batches and the class's synthetic images."""
+    real, params = [], []
+    for c in range(K):
+        have = domains if present is None else [domains[i] for i in present[c]]
+        real.append(_domain_batches(data, have, c, n_real, gens["data"]).to(device, non_blocking=True))
+        params.append(DSAParams.sample(strategy, gens["dsa"], device=device))
+    return real, params
+
+
+def matching_losses(net, real: Sequence[torch.Tensor], syn: torch.Tensor, params: Sequence[DSAParams | None],
+                    pool_all: bool = False, present: Sequence[Sequence[int]] | None = None,
+                    num_domains: int | None = None):
     """``(L [D], pooled)``: the domain-wise DM losses and the pooled-batch DM loss.
 
+    ``real[c]``: ``[D, n, C, H, W]`` real images of class ``c``; ``syn``: ``[K * ipc, C, H, W]``
+    class-ordered; ``params[c]``: the DSA draw of class ``c`` (applied to both sides).
     Real features need no gradient; the synthetic images go through the net in one forward
-    (their graph is shared by all D losses). With batch norm the real images of all classes also
-    go through one forward, so both sides see batch statistics over all classes.
+    (its graph is shared by all D losses). ``pool_all`` (batch norm): the real images of all
+    classes also go through one forward, so both sides see batch statistics over all classes.
+
+    ``present[c]`` (with ``num_domains = D``): the domains ``real[c]`` comes from, when some
+    domain lacks the class (pseudo-domains). A missing domain's class mean is replaced by the
+    mean over the domains that have it, so its term pulls toward the pooled class mean, and
+    ``mean_d L_d`` keeps the pooled loss's gradient.
     """
-    D = len(domains)
-    real_aug, syn_aug = [], []
-    for c in range(K):
-        real = _domain_batches(data, domains, c, n_real, gens["data"]).to(device, non_blocking=True)
-        params = DSAParams.sample(strategy, gens["dsa"], device=device)  # one draw for real and syn
-        real_aug.append(augment(real.flatten(0, 1), params))
-        syn_aug.append(augment(syn[c * ipc:(c + 1) * ipc], params))
+    K = len(real)
+    ipc = syn.shape[0] // K
+    real_aug = [augment(r.flatten(0, 1), p) for r, p in zip(real, params)]
+    syn_aug = [augment(syn[c * ipc:(c + 1) * ipc], p) for c, p in enumerate(params)]
     with torch.no_grad():
         if pool_all:
-            mu_real = net.embed(torch.cat(real_aug)).view(K, D, n_real, -1).mean(2)
+            feats = net.embed(torch.cat(real_aug)).split([len(r) for r in real_aug])
         else:
-            mu_real = torch.stack([net.embed(r).view(D, n_real, -1).mean(1) for r in real_aug])  # [K, D, F]
+            feats = [net.embed(r) for r in real_aug]
+        means = [f.view(r.shape[0], r.shape[1], -1).mean(1) for f, r in zip(feats, real)]  # [D_c, F]
+        if present is not None:
+            means = [_fill_missing(m, idx, num_domains) for m, idx in zip(means, present)]
+        mu_real = torch.stack(means)  # [K, D, F]
     mu_syn = net.embed(torch.cat(syn_aug)).view(K, ipc, -1).mean(1)  # [K, F]
     losses = ((mu_real - mu_syn[:, None]) ** 2).sum(dim=(0, 2))  # [D]
     pooled = ((mu_real.mean(1) - mu_syn) ** 2).sum()
     return losses, pooled
+
+
+def _fill_missing(means: torch.Tensor, present: Sequence[int], num_domains: int) -> torch.Tensor:
+    if len(present) == num_domains:
+        return means
+    full = means.mean(0, keepdim=True).expand(num_domains, -1).clone()
+    full[list(present)] = means
+    return full

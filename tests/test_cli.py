@@ -1,0 +1,252 @@
+"""The sgs-dgdd command end to end on a tiny in-memory dataset (seconds)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgs_cuda import cli
+
+
+class TinyDomains:
+    """A protocol dataset in memory: class = a fixed random pattern, domain = a colour shift."""
+
+    def __init__(self, D=3, K=3, size=8, n_train=12, n_test=6, seed=0, noise=0.5):
+        g = torch.Generator().manual_seed(seed)
+        self.domains = [f"d{i}" for i in range(D)]
+        self.classes = [f"c{k}" for k in range(K)]
+        self.image_shape = (3, size, size)
+        self.mean, self.std = (0.5,) * 3, (0.25,) * 3
+        protos = torch.randn(K, 3, size, size, generator=g)
+        styles = torch.randn(D, 3, 1, 1, generator=g)
+        self.distill_calls = 0
+        self._x = {(self.domains[d], split): [protos[c] + styles[d] + noise * torch.randn(n, 3, size, size, generator=g)
+                                              for c in range(K)]
+                   for d in range(D) for split, n in (("train", n_train), ("test", n_test))}
+
+    def count(self, domain, label, split="train"):
+        return len(self._x[domain, split][label])
+
+    def real_batch(self, domain, label, n, generator=None, split="train"):
+        self.distill_calls += 1
+        x = self._x[domain, split][label]
+        idx = (torch.randperm(len(x), generator=generator)[:n] if n <= len(x)
+               else torch.randint(len(x), (n,), generator=generator))
+        return x[idx].clone()
+
+    def split_tensors(self, domains, split="test"):
+        xs = [torch.cat(self._x[d, split]) for d in domains]
+        ys = [torch.arange(len(self.classes)).repeat_interleave(len(self._x[d, split][0])) for d in domains]
+        return torch.cat(xs), torch.cat(ys)
+
+
+class Crash(Exception):
+    pass
+
+
+TINY = {"distill": {"ipc": 2, "iterations": 4, "batch_real": 6, "width": 8, "depth": 2, "checkpoint_every": 2,
+                    "log_every": 2},
+        "eval": {"epochs": 4, "num_eval": 2, "width": 8, "depth": 2}}
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """Route the CLI's data loading to TinyDomains; returns a helper that runs ``main``."""
+    made = []
+
+    def load(name, root=None, **kw):
+        made.append(TinyDomains(**kw))
+        return made[-1]
+
+    monkeypatch.setattr(cli, "load_data", load)
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(json.dumps(TINY))
+
+    def run(*argv):
+        return cli.main([argv[0], "--config", str(cfg_path), "--no-progress", *argv[1:]])
+
+    run.made = made
+    return run
+
+
+def test_presets_and_resolution_order(tmp_path):
+    paper = cli.resolve_config(cli.build_parser().parse_args(["run", "--preset", "paper"]))
+    assert paper["distill"]["iterations"] == 20000 and paper["distill"]["batch_real"] == 256
+    assert paper["eval"]["epochs"] == 1000 and paper["distill"]["width"] == 128 == paper["eval"]["width"]
+    assert set(cli.available_presets()) >= {"quick", "paper"}
+    quick = cli.resolve_config(cli.build_parser().parse_args(["run", "--preset", "quick"]))
+    assert quick["distill"]["iterations"] < 1000 and quick["methods"] == ["dm", "dm_sgs"]
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("distill:\n  iterations: 77\n  ipc: 3\nsgs:\n  beta: 0.0\nseeds: [4, 5]\n")
+    args = cli.build_parser().parse_args(
+        ["run", "--preset", "quick", "--config", str(yaml_file), "--ipc", "5", "--method", "both", "random",
+         "--alpha", "0.5", "--no-dsa", "--set", "eval.epochs=9", "--set", "sgs.mask=soft"])
+    cfg = cli.resolve_config(args)
+    assert cfg["distill"]["iterations"] == 77  # file over preset
+    assert cfg["distill"]["ipc"] == 5  # flag over file
+    assert cfg["distill"]["width"] == quick["distill"]["width"]  # preset over defaults
+    assert cfg["sgs"] == {**quick["sgs"], "alpha": 0.5, "beta": 0.0, "mask": "soft"}
+    assert cfg["seeds"] == [4, 5] and cfg["methods"] == ["dm", "dm_sgs", "random"]
+    assert cfg["eval"]["epochs"] == 9 and cfg["distill"]["dsa"] is False and cfg["eval"]["dsa"] is False
+    dm_cfg = cli.distill_config(cfg, "dm_sgs", 4)
+    assert dm_cfg.sgs.alpha == 0.5 and dm_cfg.seed == 4 and dm_cfg.ipc == 5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--preset", "nope"], "unknown preset"),
+    (["run", "--method", "dc"], "unknown method"),
+    (["run", "--set", "distill.ipcs=3"], "unknown config option"),
+    (["run", "--tau", "2"], "tau must lie in"),
+    (["run", "--target", "d9"], "unknown target domain"),
+    (["run", "--device", "cuda:7" if not torch.cuda.is_available() else "cpux"], "cuda|device"),
+])
+def test_errors_are_reported_cleanly(tiny, capsys, tmp_path, argv, message):
+    rc = tiny(*argv, "--run-dir", str(tmp_path / "r"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "sgs-dgdd: error:" in err and "Traceback" not in err
+    assert re.search(message, err, re.I)
+
+
+def test_run_end_to_end_and_show(tiny, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert tiny("run", "--run-dir", str(run_dir), "--target", "d1", "--method", "both", "random") == 0
+    out = capsys.readouterr().out
+    for name in ("dm ", "dm_sgs", "random", "OOD", "d1"):
+        assert name in out
+    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.json", "curves.png"}
+    for method in ("dm", "dm_sgs", "random"):
+        sub = run_dir / method / "seed0"
+        assert {"synthetic.pt", "synthetic.png", "metrics.json"} <= {p.name for p in sub.iterdir()}
+        assert (sub / "checkpoint.pt").exists() == (method != "random")  # kept: lets --resume extend the run
+        syn = torch.load(sub / "synthetic.pt", weights_only=False)
+        assert syn["images"].shape == (6, 3, 8, 8) and syn["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+        assert syn["classes"] == ["c0", "c1", "c2"] and syn["mean"] == [0.5] * 3 and syn["std"] == [0.25] * 3
+        assert syn["target"] == "d1" and syn["source_domains"] == ["d0", "d2"]
+    assert (run_dir / "dm_sgs" / "seed0" / "curves.png").stat().st_size > 1000
+    assert len(torch.load(run_dir / "dm_sgs" / "seed0" / "synthetic.pt", weights_only=False)["history"]["mask_fraction"]) == 4
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["target"] == "d1" and list(metrics["methods"]) == ["dm", "dm_sgs", "random"]
+    for row in metrics["methods"].values():
+        assert 0 <= row["ood_acc_mean"] <= 1 and 0 <= row["in_domain_acc_mean"] <= 1 and row["num_nets"] == 2
+    per = json.loads((run_dir / "dm" / "seed0" / "metrics.json").read_text())
+    assert metrics["methods"]["dm"]["ood_acc_mean"] == pytest.approx(sum(per["ood_acc"]) / 2)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["distill"]["iterations"] == 4 and config["resolved"]["source_domains"] == ["d0", "d2"]
+    assert config["resolved"]["device"] == "cpu"
+
+    assert cli.main(["show", str(run_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert "dm_sgs" in shown and "4 iterations" in shown
+    assert cli.main(["show", str(tmp_path / "missing")]) == 2
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    assert tiny("distill", "--run-dir", str(tmp_path / "full"), "--method", "dm_sgs", "--iterations", "6") == 0
+    full = torch.load(tmp_path / "full" / "dm_sgs" / "seed0" / "synthetic.pt", weights_only=False)
+
+    crashing = TinyDomains()
+    real_batch = crashing.real_batch
+
+    def dying(*a, **kw):  # killed during iteration 5 (init: 3 classes x 2 domains = 6 calls, then 6 per iteration)
+        if crashing.distill_calls >= 6 + 6 * 4 + 3:
+            raise Crash()
+        return real_batch(*a, **kw)
+
+    crashing.real_batch = dying
+    monkeypatch.setattr(cli, "load_data", lambda *a, **kw: crashing)
+    with pytest.raises(Crash):
+        tiny("run", "--run-dir", str(tmp_path / "cut"), "--method", "dm_sgs", "--iterations", "6")
+    ckpt = torch.load(tmp_path / "cut" / "dm_sgs" / "seed0" / "checkpoint.pt", weights_only=False)
+    assert ckpt["iteration"] == 4
+
+    monkeypatch.setattr(cli, "load_data", lambda *a, **kw: TinyDomains())
+    # --resume starts from the folder's config.json: no need to repeat the flags
+    assert cli.main(["run", "--run-dir", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+    resumed = torch.load(tmp_path / "cut" / "dm_sgs" / "seed0" / "synthetic.pt", weights_only=False)
+    assert torch.equal(resumed["images"], full["images"])
+    assert resumed["history"] == full["history"]
+
+    # a second --resume reuses the finished sets and evaluations: no real batch is drawn
+    fresh = TinyDomains()
+    monkeypatch.setattr(cli, "load_data", lambda *a, **kw: fresh)
+    assert cli.main(["run", "--run-dir", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+    assert fresh.distill_calls == 0
+
+
+def test_resume_extends_or_refuses_changed_settings(tiny, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "r"
+    assert tiny("run", "--run-dir", str(run_dir), "--method", "both", "--iterations", "3") == 0
+    assert tiny("run", "--run-dir", str(tmp_path / "long"), "--method", "dm_sgs", "--iterations", "5") == 0
+    before = json.loads((run_dir / "dm_sgs" / "seed0" / "metrics.json").read_text())
+    # more iterations: continues from the final checkpoint, same as a run that went there directly
+    assert cli.main(["run", "--run-dir", str(run_dir), "--resume", "--iterations", "5", "--no-progress"]) == 0
+    extended = torch.load(run_dir / "dm_sgs" / "seed0" / "synthetic.pt", weights_only=False)
+    direct = torch.load(tmp_path / "long" / "dm_sgs" / "seed0" / "synthetic.pt", weights_only=False)
+    assert torch.equal(extended["images"], direct["images"]) and extended["history"] == direct["history"]
+    after = json.loads((run_dir / "dm_sgs" / "seed0" / "metrics.json").read_text())
+    assert after["synthetic_sha1"] != before["synthetic_sha1"]  # re-evaluated on the new set
+    capsys.readouterr()
+    # the surgery settings do not concern plain DM, but a changed one refuses to mix into dm_sgs
+    assert cli.main(["run", "--run-dir", str(run_dir), "--resume", "--beta", "0.7", "--method", "dm",
+                     "--no-progress"]) == 0
+    assert cli.main(["run", "--run-dir", str(run_dir), "--resume", "--beta", "0.7", "--method", "both",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings for ['sgs']" in err and "Traceback" not in err
+
+
+def test_evaluate_subcommand_adds_methods(tiny, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    assert tiny("distill", "--run-dir", str(run_dir), "--method", "dm") == 0
+    assert not (run_dir / "metrics.json").exists()
+    assert cli.main(["evaluate", "--run-dir", str(run_dir), "--method", "dm", "random", "herding",
+                     "--no-progress"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"dm", "random", "herding"} and metrics["target"] == "d0"
+    assert cli.main(["evaluate", "--run-dir", str(run_dir), "--method", "dm_sgs", "--no-progress"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert set(json.loads((run_dir / "metrics.json").read_text())["methods"]) == {"dm", "random", "herding"}
+
+
+def test_pseudo_domains(tiny, tmp_path):
+    pytest.importorskip("sgs_cuda.data.pseudo_domains")
+    run_dir = tmp_path / "p"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # clusters of this toy data may lack classes
+        assert tiny("run", "--run-dir", str(run_dir), "--method", "dm_sgs", "--pseudo-domains", "2",
+                    "--target", "d2") == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["resolved"]["distill_domains"] == ["pseudo0", "pseudo1"]
+    assert config["resolved"]["source_domains"] == ["d0", "d1"]
+    syn = torch.load(run_dir / "dm_sgs" / "seed0" / "synthetic.pt", weights_only=False)
+    assert syn["distill_domains"] == ["pseudo0", "pseudo1"] and syn["target"] == "d2"
+    assert json.loads((run_dir / "metrics.json").read_text())["methods"]["dm_sgs"]["num_nets"] == 2
+
+
+def test_default_run_dir_never_overwrites(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tiny("distill", "--method", "dm", "--iterations", "1") == 0
+    assert tiny("distill", "--method", "dm", "--iterations", "1") == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["fmnist-styles-d0-custom",
+                                                                      "fmnist-styles-d0-custom-2"]
+    before = (tmp_path / "runs" / "fmnist-styles-d0-custom-2" / "dm" / "seed0" / "synthetic.pt").stat().st_mtime_ns
+    assert tiny("distill", "--method", "dm", "--iterations", "1", "--resume") == 0  # resumes the latest folder
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    assert (tmp_path / "runs" / "fmnist-styles-d0-custom-2" / "dm" / "seed0" / "synthetic.pt").stat().st_mtime_ns == before
+
+
+def test_module_entry_point_help():
+    env = {**os.environ, "SGS_BACKEND": "torch"}
+    out = subprocess.run([sys.executable, "-m", "sgs_cuda.cli", "run", "--help"], capture_output=True, text=True,
+                         env=env, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--preset", "--config", "--target", "--method", "--ipc", "--seeds", "--tau", "--rho", "--alpha",
+                 "--beta", "--mask", "--assignment", "--device", "--run-dir", "--resume", "--checkpoint-every",
+                 "--pseudo-domains", "--dataset", "--data-root"):
+        assert flag in out.stdout
