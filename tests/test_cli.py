@@ -9,40 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_domains import TinyDomains as _TinyDomains
 
 from sgs_cuda import cli
 
 
-class TinyDomains:
-    """A protocol dataset in memory: class = a fixed random pattern, domain = a colour shift."""
-
+class TinyDomains(_TinyDomains):
     def __init__(self, D=3, K=3, size=8, n_train=12, n_test=6, seed=0, noise=0.5):
-        g = torch.Generator().manual_seed(seed)
-        self.domains = [f"d{i}" for i in range(D)]
-        self.classes = [f"c{k}" for k in range(K)]
-        self.image_shape = (3, size, size)
-        self.mean, self.std = (0.5,) * 3, (0.25,) * 3
-        protos = torch.randn(K, 3, size, size, generator=g)
-        styles = torch.randn(D, 3, 1, 1, generator=g)
-        self.distill_calls = 0
-        self._x = {(self.domains[d], split): [protos[c] + styles[d] + noise * torch.randn(n, 3, size, size, generator=g)
-                                              for c in range(K)]
-                   for d in range(D) for split, n in (("train", n_train), ("test", n_test))}
-
-    def count(self, domain, label, split="train"):
-        return len(self._x[domain, split][label])
-
-    def real_batch(self, domain, label, n, generator=None, split="train"):
-        self.distill_calls += 1
-        x = self._x[domain, split][label]
-        idx = (torch.randperm(len(x), generator=generator)[:n] if n <= len(x)
-               else torch.randint(len(x), (n,), generator=generator))
-        return x[idx].clone()
-
-    def split_tensors(self, domains, split="test"):
-        xs = [torch.cat(self._x[d, split]) for d in domains]
-        ys = [torch.arange(len(self.classes)).repeat_interleave(len(self._x[d, split][0])) for d in domains]
-        return torch.cat(xs), torch.cat(ys)
+        super().__init__(D, K, size, n_train, n_test, seed, noise, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 class Crash(Exception):
@@ -154,7 +128,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path, monkeypa
     real_batch = crashing.real_batch
 
     def dying(*a, **kw):  # killed during iteration 5 (init: 3 classes x 2 domains = 6 calls, then 6 per iteration)
-        if crashing.distill_calls >= 6 + 6 * 4 + 3:
+        if len(crashing.calls) >= 6 + 6 * 4 + 3:
             raise Crash()
         return real_batch(*a, **kw)
 
@@ -176,7 +150,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path, monkeypa
     fresh = TinyDomains()
     monkeypatch.setattr(cli, "load_data", lambda *a, **kw: fresh)
     assert cli.main(["run", "--run-dir", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
-    assert fresh.distill_calls == 0
+    assert not fresh.calls
 
 
 def test_resume_extends_or_refuses_changed_settings(tiny, tmp_path, monkeypatch, capsys):

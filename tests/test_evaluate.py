@@ -1,39 +1,15 @@
 """Leave-one-domain-out evaluation and the real-image baselines."""
 import pytest
 import torch
+from tiny_domains import TinyDomains as _TinyDomains
 
 from sgs_cuda.evaluate import (EvalConfig, evaluate_synthetic, herding, herding_select, random_real_subset,
                                train_classifier)
 
 
-class TinyDomains:
-    """A protocol dataset in memory: class = a fixed random pattern, domain = a colour shift."""
-
+class TinyDomains(_TinyDomains):
     def __init__(self, D=3, K=3, size=8, n_train=12, n_test=10, seed=0, noise=0.5):
-        g = torch.Generator().manual_seed(seed)
-        self.domains = [f"d{i}" for i in range(D)]
-        self.classes = [f"c{k}" for k in range(K)]
-        self.image_shape = (3, size, size)
-        self.mean, self.std = (0.0,) * 3, (1.0,) * 3
-        protos = torch.randn(K, 3, size, size, generator=g)
-        styles = 0.5 * torch.randn(D, 3, 1, 1, generator=g)
-        self._x = {(self.domains[d], split): [protos[c] + styles[d] + noise * torch.randn(n, 3, size, size, generator=g)
-                                              for c in range(K)]
-                   for d in range(D) for split, n in (("train", n_train), ("test", n_test))}
-
-    def count(self, domain, label, split="train"):
-        return len(self._x[domain, split][label])
-
-    def real_batch(self, domain, label, n, generator=None, split="train"):
-        x = self._x[domain, split][label]
-        idx = (torch.randperm(len(x), generator=generator)[:n] if n <= len(x)
-               else torch.randint(len(x), (n,), generator=generator))
-        return x[idx].clone()
-
-    def split_tensors(self, domains, split="test"):
-        xs = [torch.cat(self._x[d, split]) for d in domains]
-        ys = [torch.arange(len(self.classes)).repeat_interleave(len(self._x[d, split][0])) for d in domains]
-        return torch.cat(xs), torch.cat(ys)
+        super().__init__(D, K, size, n_train, n_test, seed, noise, style_scale=0.5)
 
 
 FAST = EvalConfig(epochs=30, num_eval=2, width=8, depth=2, batch=8)
