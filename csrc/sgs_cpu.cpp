@@ -232,19 +232,10 @@ std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads_in, const at::T
                                          double rho, double alpha, double beta, bool soft, bool parts) {
   const at::Tensor grads = grads_in.contiguous();
   const at::Tensor assign = assign_in.to(at::kLong).contiguous();
-  const auto out_shape = grads.sizes().slice(1);
-  at::Tensor update = at::empty(out_shape, grads.options());
-  at::Tensor mean, shared, diversity, stats;
-  if (parts) {
-    mean = at::empty(out_shape, grads.options());
-    shared = at::empty(out_shape, grads.options());
-    diversity = at::empty(out_shape, grads.options());
-    stats = at::zeros({4}, grads.options().dtype(at::kDouble));
-  }
-  if (grads.numel() == 0) {
-    if (parts) return {update, mean.zero_(), shared.zero_(), diversity.zero_(), stats};
-    return {update};
-  }
+  SurgeryOutputs outs(grads, parts);
+  at::Tensor &update = outs.update, &mean = outs.mean, &shared = outs.shared, &diversity = outs.diversity,
+             &stats = outs.stats;
+  if (grads.numel() == 0) return outs.list();
   const int64_t D = grads.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "sgs_surgery_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -252,8 +243,7 @@ std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads_in, const at::T
                                 parts ? &mean : nullptr, parts ? &shared : nullptr,
                                 parts ? &diversity : nullptr, parts ? &stats : nullptr);
   });
-  if (parts) return {update, mean, shared, diversity, stats};
-  return {update};
+  return outs.list();
 }
 
 }  // namespace sgs

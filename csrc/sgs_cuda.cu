@@ -800,19 +800,10 @@ std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::
   const c10::cuda::CUDAGuard guard(grads_in.device());
   const at::Tensor grads = grads_in.contiguous();
   const at::Tensor assign = assign_in.to(grads.device(), at::kLong).contiguous();
-  const auto out_shape = grads.sizes().slice(1);
-  at::Tensor update = at::empty(out_shape, grads.options());
-  at::Tensor mean, shared, diversity, stats;
-  if (parts) {
-    mean = at::empty(out_shape, grads.options());
-    shared = at::empty(out_shape, grads.options());
-    diversity = at::empty(out_shape, grads.options());
-    stats = at::zeros({4}, grads.options().dtype(at::kDouble));
-  }
-  if (grads.numel() == 0) {
-    if (parts) return {update, mean.zero_(), shared.zero_(), diversity.zero_(), stats};
-    return {update};
-  }
+  SurgeryOutputs outs(grads, parts);
+  at::Tensor &update = outs.update, &mean = outs.mean, &shared = outs.shared, &diversity = outs.diversity,
+             &stats = outs.stats;
+  if (grads.numel() == 0) return outs.list();
   const int64_t D = grads.size(0), N = grads.size(1), C = grads.size(2);
   const int H = static_cast<int>(grads.size(3)), W = static_cast<int>(grads.size(4));
   const int64_t planes = N * C;
@@ -855,8 +846,7 @@ std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::
       mean.copy_(grads.to(ct).mean(0));
     }
   });
-  if (parts) return {update, mean, shared, diversity, stats};
-  return {update};
+  return outs.list();
 }
 
 }  // namespace sgs
