@@ -34,6 +34,7 @@ VARIANTS = {
     "magnitude only (tau=0)": ["--tau", "0"],
     "soft mask": ["--mask", "soft"],
     "fixed assignment": ["--assignment", "fixed"],
+    "spatial mask": ["--space", "spatial"],
 }
 
 

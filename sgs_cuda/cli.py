@@ -133,7 +133,7 @@ FLAG_PATHS = [
     ("lr_img", "distill.lr_img"), ("init", "distill.init"), ("width", "distill.width"),
     ("checkpoint_every", "distill.checkpoint_every"),
     ("tau", "sgs.tau"), ("rho", "sgs.rho"), ("alpha", "sgs.alpha"), ("beta", "sgs.beta"),
-    ("mask", "sgs.mask"), ("assignment", "sgs.assignment"),
+    ("mask", "sgs.mask"), ("assignment", "sgs.assignment"), ("space", "sgs.space"),
     ("eval_epochs", "eval.epochs"), ("num_eval", "eval.num_eval"), ("eval_width", "eval.width"),
 ]
 
@@ -526,7 +526,7 @@ def cmd_show(args) -> int:
         d, s, e = cfg["distill"], cfg["sgs"], cfg["eval"]
         print(f"ipc {d['ipc']}, {d['iterations']} iterations, real batch {d['batch_real']}, width {d['width']}; "
               f"SGS tau {s['tau']} rho {s['rho']} alpha {s['alpha']} beta {s['beta']} {s['mask']} "
-              f"{s['assignment']}; eval {e['num_eval']} nets x {e['epochs']} epochs")
+              f"{s['assignment']}{' spatial' if s.get('space') == 'spatial' else ''}; eval {e['num_eval']} nets x {e['epochs']} epochs")
     print(format_table(metrics))
     return 0
 
@@ -563,6 +563,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, help="weight of the diversity spectrum")
     g.add_argument("--mask", choices=["hard", "soft"])
     g.add_argument("--assignment", choices=["random", "fixed"])
+    g.add_argument("--space", choices=["spectral", "spatial"],
+                   help="where agreement is measured: per frequency (SGS) or per pixel (ablation)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-epochs", type=int)
     g.add_argument("--num-eval", type=int, help="evaluation networks per synthetic set")

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from . import _build
-from .reference import MASK_MODES, compute_dtype, sgs_reference
+from .reference import MASK_MODES, compute_dtype, sgs_reference, spatial_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -120,11 +120,32 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
     else:
         return sgs_reference(grads, assign, tau, rho, alpha, beta, mask)
 
+    return _parts(update, mean, shared, diversity, stats)
+
+
+def _parts(update, mean, shared, diversity, stats) -> SGSParts:
+    """Bundle the parts with the diagnostics derived from the ``stats`` sums (no host sync)."""
     diagnostics = {
         "mask_fraction": stats[0] / stats[1].clamp_min(1),
         "shared_energy": stats[2] / stats[3].clamp_min(torch.finfo(torch.float64).tiny),
     }
     return SGSParts(update, mean, shared, diversity, diagnostics)
+
+
+def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
+                             tau: float = 1.0, rho: float = 0.25, alpha: float = 1.0,
+                             beta: float = 0.25, mask: str = "hard", return_parts: bool = False,
+                             check_finite: bool = True):
+    """The spatial-domain ablation (spec section 6): the agreement mask of
+    :func:`spectral_gradient_surgery` computed per pixel instead of per frequency, with the same
+    arguments, validation and return values. Plain torch (elementwise, no transform), so it runs
+    on any device; it exists to measure what the spectral domain adds.
+    """
+    tau, rho, alpha, beta = validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite)
+    D, N = grads.shape[:2]
+    assign = torch.randint(0, D, (N,), device=grads.device) if assign is None else assign.long()
+    parts = _parts(*spatial_reference(grads, assign, tau, rho, alpha, beta, mask))
+    return parts if return_parts else parts.update
 
 
 def _register_fake_kernels() -> None:

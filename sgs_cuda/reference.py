@@ -74,3 +74,32 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
     ])
     return (update.to(out_dtype), mean.to(out_dtype), shared_sp.to(out_dtype),
             diversity_sp.to(out_dtype), stats)
+
+
+def spatial_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: float, alpha: float,
+                      beta: float, mask: str = "hard"):
+    """The spatial-domain ablation of spec section 6: the same agreement mask and recombination,
+    computed per pixel of the gradients instead of per frequency. Each pixel is one real
+    component, so the sign agreement is ``|sum_d sgn(g_d)| / D`` and the magnitude agreement
+    ``min_d |g_d| / max_d |g_d|`` of that pixel. Returns ``(update, mean, shared, diversity,
+    stats)`` like :func:`sgs_reference` with ``return_parts=True`` (``stats`` over the pixels).
+    """
+    D, N = grads.shape[:2]
+    g = grads.to(compute_dtype(grads.dtype))
+    agree = torch.sign(g).sum(0).abs() / D
+    mag = g.abs()
+    mag_max, mag_min = mag.amax(0), mag.amin(0)
+    mag_agree = torch.where(mag_max > 0, mag_min / torch.where(mag_max > 0, mag_max, 1), 0)
+    if mask == "hard":
+        m = ((agree >= tau) & (mag_agree >= rho)).to(g.dtype)
+    else:
+        m = agree * mag_agree
+    mean = g.mean(0)
+    shared = m * mean
+    diversity = (1 - m) * (g[assign, torch.arange(N, device=g.device)] - mean)
+    update = mean + alpha * shared + beta * diversity
+    stats = torch.stack([m.sum().double(),
+                         torch.tensor(float(m.numel()), dtype=torch.float64, device=g.device),
+                         shared.square().sum().double(), mean.square().sum().double()])
+    out = grads.dtype
+    return update.to(out), mean.to(out), shared.to(out), diversity.to(out), stats

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import SGSParts, spectral_gradient_surgery, _check_unit
+from .ops import SGSParts, _check_unit, spatial_gradient_surgery, spectral_gradient_surgery
 from .reference import MASK_MODES
 
 ASSIGNMENTS = ("random", "fixed")
+SPACES = ("spectral", "spatial")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class SGSConfig:
 
     ``assignment``: ``"random"`` draws a fresh source domain per image every step (the spec's
     default); ``"fixed"`` gives image ``n`` domain ``n % D`` for the whole run (round-robin).
+    ``space``: ``"spectral"`` (the method) or ``"spatial"`` (the ablation that measures agreement
+    per pixel, :func:`~sgs_cuda.ops.spatial_gradient_surgery`).
     """
     tau: float = 1.0
     rho: float = 0.25
@@ -27,6 +30,7 @@ class SGSConfig:
     beta: float = 0.25
     mask: str = "hard"
     assignment: str = "random"
+    space: str = "spectral"
 
     def __post_init__(self):
         _check_unit("tau", self.tau)
@@ -39,6 +43,8 @@ class SGSConfig:
             raise ValueError(f"mask must be one of {MASK_MODES}, got {self.mask!r}")
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
 
     def replace(self, **changes) -> "SGSConfig":
         return dataclasses.replace(self, **changes)
@@ -108,7 +114,8 @@ class SpectralGradientSurgery:
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
         """The surgery of stacked domain gradients ``[D, N, C, H, W]`` -> update ``[N, C, H, W]``."""
         D, N = grads.shape[:2]
-        self.last = spectral_gradient_surgery(
+        surgery = spatial_gradient_surgery if self.config.space == "spatial" else spectral_gradient_surgery
+        self.last = surgery(
             grads, self.assignment(D, N, grads.device), return_parts=True,
             check_finite=self.check_finite, **self.config.op_kwargs())
         return self.last.update

@@ -59,16 +59,16 @@ def test_presets_and_resolution_order(tmp_path):
     yaml_file.write_text("distill:\n  iterations: 77\n  ipc: 3\nsgs:\n  beta: 0.0\nseeds: [4, 5]\n")
     args = cli.build_parser().parse_args(
         ["run", "--preset", "quick", "--config", str(yaml_file), "--ipc", "5", "--method", "both", "random",
-         "--alpha", "0.5", "--no-dsa", "--set", "eval.epochs=9", "--set", "sgs.mask=soft"])
+         "--alpha", "0.5", "--space", "spatial", "--no-dsa", "--set", "eval.epochs=9", "--set", "sgs.mask=soft"])
     cfg = cli.resolve_config(args)
     assert cfg["distill"]["iterations"] == 77  # file over preset
     assert cfg["distill"]["ipc"] == 5  # flag over file
     assert cfg["distill"]["width"] == quick["distill"]["width"]  # preset over defaults
-    assert cfg["sgs"] == {**quick["sgs"], "alpha": 0.5, "beta": 0.0, "mask": "soft"}
+    assert cfg["sgs"] == {**quick["sgs"], "alpha": 0.5, "beta": 0.0, "mask": "soft", "space": "spatial"}
     assert cfg["seeds"] == [4, 5] and cfg["methods"] == ["dm", "dm_sgs", "random"]
     assert cfg["eval"]["epochs"] == 9 and cfg["distill"]["dsa"] is False and cfg["eval"]["dsa"] is False
     dm_cfg = cli.distill_config(cfg, "dm_sgs", 4)
-    assert dm_cfg.sgs.alpha == 0.5 and dm_cfg.seed == 4 and dm_cfg.ipc == 5
+    assert dm_cfg.sgs.alpha == 0.5 and dm_cfg.sgs.space == "spatial" and dm_cfg.seed == 4 and dm_cfg.ipc == 5
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -171,6 +171,8 @@ def relevant_settings(config: dict) -> dict:
     out = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
     if out.get("method") == "dm":
         out.pop("sgs", None)
+    elif isinstance(out.get("sgs"), dict):  # fill options added since the run was saved
+        out["sgs"] = dataclasses.asdict(SGSConfig(**out["sgs"]))
     return out
 
 
