@@ -3,12 +3,14 @@
 same command again after an interruption and finished cells are reused.
 
     python benchmarks/dgdd_study.py loo   --preset quick --seeds 0 1 2 --out runs/study-loo
+    python benchmarks/dgdd_study.py baselines --preset quick --seeds 0 1 2 --out runs/study-loo
     python benchmarks/dgdd_study.py sweep --preset quick --targets cartoon --seeds 0 --out runs/study-sweep
 
-``loo`` runs DM and DM+SGS for every target domain; ``sweep`` runs DM once and DM+SGS for each
-one-at-a-time variation of the defaults (``VARIANTS``). Both print a markdown table (accuracy
+``loo`` runs DM and DM+SGS for every target domain; ``baselines`` adds random real images and
+herding at the same IPC next to them (same ``--out``); ``sweep`` runs DM once and DM+SGS for each
+one-at-a-time variation of the defaults (``VARIANTS``). Each prints a markdown table (accuracy
 mean ± std over seeds, each seed being the mean over its evaluation networks) and write
-``summary.json`` in ``--out``.
+``summary.json`` (``baselines.json``) in ``--out``.
 """
 from __future__ import annotations
 
@@ -98,6 +100,28 @@ def cmd_loo(args) -> None:
     finish(args, header + rows, summary)
 
 
+def cmd_baselines(args) -> None:
+    """Random real images and herding at the same IPC, next to the ``loo`` cells in ``--out``."""
+    from sgs_cuda.data import load_dataset
+
+    targets = args.targets or list(load_dataset(args.dataset).domains)
+    rows, summary = [], {}
+    for t in targets:
+        cell = Path(args.out) / "baselines" / t
+        run_cell(cell, args.preset, t, args.seeds, ["random", "herding"], [], args.extra)
+        summary[t] = {m: seed_metrics(cell, m, args.seeds) for m in ("random", "herding")}
+        loo = Path(args.out) / t
+        for m in ("dm", "dm_sgs"):
+            if all((loo / m / f"seed{s}" / "metrics.json").is_file() for s in args.seeds):
+                summary[t][m] = seed_metrics(loo, m, args.seeds)
+        cells = [fmt(summary[t][m]["ood"]) if m in summary[t] else "not run"
+                 for m in ("random", "herding", "dm", "dm_sgs")]
+        rows.append(f"| {t} | " + " | ".join(cells) + " |")
+    header = ["| target (unseen) | random real OOD % | herding OOD % | DM OOD % | DM+SGS OOD % |",
+              "| --- | --- | --- | --- | --- |"]
+    finish(args, header + rows, summary, name="baselines.json")
+
+
 def cmd_sweep(args) -> None:
     rows, summary = [], {}
     header = ["| target | variant | OOD % | Δ OOD vs DM | in-domain % | Δ in-domain vs DM |",
@@ -118,12 +142,12 @@ def cmd_sweep(args) -> None:
     finish(args, header + rows, summary)
 
 
-def finish(args, lines, summary) -> None:
+def finish(args, lines, summary, name: str = "summary.json") -> None:
     table = "\n".join(lines)
     meta = {"command": " ".join(sys.argv), "machine": machine(), "preset": args.preset, "seeds": args.seeds,
             "date": time.strftime("%Y-%m-%d")}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps({**meta, "results": summary, "table": table}, indent=1))
+    (Path(args.out) / name).write_text(json.dumps({**meta, "results": summary, "table": table}, indent=1))
     print(f"<!-- {meta['command']} | {meta['machine']} | {meta['date']} -->")
     print(table)
 
@@ -131,7 +155,7 @@ def finish(args, lines, summary) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("loo", cmd_loo), ("sweep", cmd_sweep)):
+    for name, fn in (("loo", cmd_loo), ("baselines", cmd_baselines), ("sweep", cmd_sweep)):
         s = sub.add_parser(name)
         s.set_defaults(fn=fn)
         s.add_argument("--preset", default="quick")
