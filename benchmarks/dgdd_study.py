@@ -9,7 +9,7 @@ same command again after an interruption and finished cells are reused.
 ``loo`` runs DM and DM+SGS for every target domain; ``baselines`` adds random real images and
 herding at the same IPC next to them (same ``--out``); ``sweep`` runs DM once and DM+SGS for each
 one-at-a-time variation of the defaults (``VARIANTS``). Each prints a markdown table (accuracy
-mean ± std over seeds, each seed being the mean over its evaluation networks) and write
+mean ± std over seeds, each seed being the mean over its evaluation networks) and writes
 ``summary.json`` (``baselines.json``) in ``--out``.
 """
 from __future__ import annotations
