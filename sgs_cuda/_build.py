@@ -172,6 +172,9 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+# Under torch.compile the answer is computed eagerly and traced as a constant: the first call
+# may build or import the extension, which dynamo cannot trace.
+@torch._dynamo.assume_constant_result
 def use_extension(device: torch.device) -> bool:
     """Whether ``sgs::surgery`` should run for tensors on ``device`` (else the torch reference)."""
     backend = requested_backend()

@@ -34,6 +34,12 @@ def _check_unit(name: str, value: float) -> float:
     return value
 
 
+def _tracing_or_capturing(grads: torch.Tensor) -> bool:
+    """Whether value checks (host synchronisations) must be skipped: torch.compile tracing, or a
+    CUDA graph capture, which a synchronisation would invalidate."""
+    return torch.compiler.is_compiling() or (grads.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite):
     """Raise a clear ``TypeError``/``ValueError`` naming what is wrong; return cleaned scalars."""
     if not isinstance(grads, torch.Tensor):
@@ -59,7 +65,7 @@ def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite):
                              "both tensors must be on the same device")
         if assign.shape != (N,):
             raise ValueError(f"assign must have shape [N] = [{N}], got {tuple(assign.shape)}")
-        if N > 0 and not torch.compiler.is_compiling():
+        if N > 0 and not _tracing_or_capturing(grads):
             lo, hi = int(assign.min()), int(assign.max())
             if lo < 0 or hi >= D:
                 raise ValueError(f"assign values must lie in [0, D) = [0, {D}), got range [{lo}, {hi}]")
@@ -70,8 +76,9 @@ def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite):
     for name, v in (("alpha", alpha), ("beta", beta)):
         if v != v or v in (float("inf"), float("-inf")):
             raise ValueError(f"{name} must be finite, got {v}")
-    # The check costs a host synchronisation; inside torch.compile a NaN input simply propagates.
-    if check_finite and grads.numel() and not torch.compiler.is_compiling():
+    # The check costs a host synchronisation; inside torch.compile or a CUDA graph capture a NaN
+    # input simply propagates.
+    if check_finite and grads.numel() and not _tracing_or_capturing(grads):
         if not bool(torch.isfinite(grads).all()):
             raise ValueError("grads contains NaN or Inf values (pass check_finite=False to skip this check)")
     return tau, rho, alpha, beta

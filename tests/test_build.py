@@ -53,3 +53,19 @@ def test_extension_compiles_cuda_sources_when_possible(monkeypatch):
     expected = _build.cuda_build_possible() and os.environ.get("SGS_BUILD_CUDA", "auto") != "0"
     assert info["cuda_kernel_built"] == expected
     assert bool(torch.ops.sgs.cuda_enabled()) == expected
+
+
+def test_first_call_inside_torch_compile():
+    """A fresh process whose first use of the op is inside ``torch.compile(fullgraph=True)``: the
+    extension is loaded (or built) eagerly at trace time instead of breaking the graph."""
+    child = textwrap.dedent("""
+        import torch, sgs_cuda
+        f = torch.compile(lambda g, a: sgs_cuda.spectral_gradient_surgery(g, a) * 2, fullgraph=True,
+                          backend="aot_eager")
+        g, a = torch.randn(3, 2, 1, 8, 8, dtype=torch.float64), torch.tensor([2, 0])
+        torch.testing.assert_close(f(g, a), 2 * sgs_cuda.sgs_reference(g, a, 1.0, 0.25, 1.0, 0.25))
+        print(sgs_cuda.backend_info("cpu")["implementation"])
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SGS_BACKEND": "ext"}
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("extension (cpu)"), proc.stdout + proc.stderr
