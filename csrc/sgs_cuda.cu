@@ -643,6 +643,24 @@ int64_t static_smem(const void* kernel, int device) {
   return static_cast<int64_t>(attr.sharedSizeBytes);
 }
 
+// The launch configuration of `blocks` blocks in clusters of plan.cs; it points at `cluster_dim`,
+// which must outlive it.
+cudaLaunchConfig_t cluster_config(const FusedPlan& plan, unsigned blocks, cudaStream_t stream,
+                                  cudaLaunchAttribute& cluster_dim) {
+  cluster_dim.id = cudaLaunchAttributeClusterDimension;
+  cluster_dim.val.clusterDim.x = static_cast<unsigned>(plan.cs);
+  cluster_dim.val.clusterDim.y = 1;
+  cluster_dim.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(static_cast<unsigned>(plan.threads));
+  cfg.dynamicSmemBytes = static_cast<size_t>(plan.smem);
+  cfg.stream = stream;
+  cfg.attrs = &cluster_dim;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // Whether a cluster launch of `kernel` with this plan can run on the current device. Host-side
 // queries only (no synchronisation); the answer is cached per device, kernel and plan shape.
 bool cluster_launch_possible(const void* kernel, const FusedPlan& plan, int device) {
@@ -660,17 +678,8 @@ bool cluster_launch_possible(const void* kernel, const FusedPlan& plan, int devi
     failed = true;
   } else if (attr.ptxVersion >= 90) {
     ensure_smem_attribute(kernel, plan.smem, device);  // only ever raises the limit
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(plan.cs));
-    cfg.blockDim = dim3(static_cast<unsigned>(plan.threads));
-    cfg.dynamicSmemBytes = static_cast<size_t>(plan.smem);
-    cudaLaunchAttribute la[1];
-    la[0].id = cudaLaunchAttributeClusterDimension;
-    la[0].val.clusterDim.x = static_cast<unsigned>(plan.cs);
-    la[0].val.clusterDim.y = 1;
-    la[0].val.clusterDim.z = 1;
-    cfg.attrs = la;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute cluster_dim;
+    const cudaLaunchConfig_t cfg = cluster_config(plan, static_cast<unsigned>(plan.cs), nullptr, cluster_dim);
     int clusters = 0;
     failed = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess;
     ok = !failed && clusters > 0;
@@ -729,18 +738,8 @@ void launch_fused(const FusedArgs<In, T>& args, cudaStream_t stream, int device)
   } else {
     auto* kernel = sgs_fused_kernel<In, T, true>;
     ensure_smem_attribute(reinterpret_cast<const void*>(kernel), plan.smem, device);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(static_cast<unsigned>(plan.threads));
-    cfg.dynamicSmemBytes = static_cast<size_t>(plan.smem);
-    cfg.stream = stream;
-    cudaLaunchAttribute la[1];
-    la[0].id = cudaLaunchAttributeClusterDimension;
-    la[0].val.clusterDim.x = static_cast<unsigned>(plan.cs);
-    la[0].val.clusterDim.y = 1;
-    la[0].val.clusterDim.z = 1;
-    cfg.attrs = la;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute cluster_dim;
+    const cudaLaunchConfig_t cfg = cluster_config(plan, blocks, stream, cluster_dim);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
