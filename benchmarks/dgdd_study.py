@@ -23,7 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-# name -> CLI flags; each changes one thing from the defaults (tau 1, rho 0.25, alpha 1, beta 0.25)
+# Every DM+SGS cell starts from the spec's initial settings, passed explicitly so that the study
+# does not move when the op's defaults do (since the sweep, the op's rho default is 0: the
+# "sign only" row).
+INITIAL = ["--tau", "1", "--rho", "0.25", "--alpha", "1", "--beta", "0.25", "--mask", "hard",
+           "--assignment", "random", "--space", "spectral"]
+# name -> CLI flags; each changes one thing from INITIAL ("defaults")
 VARIANTS = {
     "defaults": [],
     "shared only (beta=0)": ["--beta", "0"],
@@ -90,7 +95,7 @@ def cmd_loo(args) -> None:
     rows, summary = [], {}
     for t in targets:
         cell = Path(args.out) / t
-        run_cell(cell, args.preset, t, args.seeds, ["dm", "dm_sgs"], [], args.extra)
+        run_cell(cell, args.preset, t, args.seeds, ["dm", "dm_sgs"], INITIAL, args.extra)
         dm, sgs = seed_metrics(cell, "dm", args.seeds), seed_metrics(cell, "dm_sgs", args.seeds)
         summary[t] = {"dm": dm, "dm_sgs": sgs}
         rows.append(f"| {t} | {fmt(dm['ood'])} | {fmt(sgs['ood'])} | {paired_delta(dm['ood'], sgs['ood'])} "
@@ -134,7 +139,7 @@ def cmd_sweep(args) -> None:
         summary[t] = {"dm": dm}
         for name in args.variants or list(VARIANTS):
             cell = Path(args.out) / t / name.split(" (")[0].replace(" ", "_").replace("=", "")
-            run_cell(cell, args.preset, t, args.seeds, ["dm_sgs"], VARIANTS[name], args.extra)
+            run_cell(cell, args.preset, t, args.seeds, ["dm_sgs"], INITIAL + VARIANTS[name], args.extra)
             m = seed_metrics(cell, "dm_sgs", args.seeds)
             summary[t][name] = m
             rows.append(f"| {t} | {name} | {fmt(m['ood'])} | {paired_delta(dm['ood'], m['ood'])} "

@@ -558,7 +558,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="differentiable Siamese augmentation (distillation and evaluation)")
     g = p.add_argument_group("spectral gradient surgery")
     g.add_argument("--tau", type=float, help="sign-agreement threshold")
-    g.add_argument("--rho", type=float, help="magnitude-agreement threshold")
+    g.add_argument("--rho", type=float, help="magnitude-agreement threshold (default 0: sign agreement only)")
     g.add_argument("--alpha", type=float, help="weight of the shared spectrum")
     g.add_argument("--beta", type=float, help="weight of the diversity spectrum")
     g.add_argument("--mask", choices=["hard", "soft"])

@@ -85,7 +85,7 @@ def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite):
 
 
 def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
-                              tau: float = 1.0, rho: float = 0.25, alpha: float = 1.0,
+                              tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
                               beta: float = 0.25, mask: str = "hard", return_parts: bool = False,
                               check_finite: bool = True):
     """Spectral Gradient Surgery of D domain-wise gradients (``shared/docs/sgs-spec.md`` sec. 3).
@@ -98,7 +98,9 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
             takes this step. ``None`` draws a fresh uniform domain per image from torch's default
             generator on ``grads.device`` (reproducible under ``torch.manual_seed``).
         tau: sign-agreement threshold in [0, 1] (1 = unanimous signs).
-        rho: magnitude-agreement threshold ``min_d |F_d| / max_d |F_d|`` in [0, 1].
+        rho: magnitude-agreement threshold ``min_d |F_d| / max_d |F_d|`` in [0, 1]. The default
+            0 keeps sign agreement only, the best setting of our sweep (``docs/RESULTS.md``);
+            the spec's initial value was 0.25.
         alpha: weight of the shared (cross-domain agreeing) spectrum.
         beta: weight of the diversity spectrum (the assigned domain's own deviation).
         mask: ``"hard"`` (thresholds) or ``"soft"`` (``agreement * magnitude ratio``).
@@ -140,7 +142,7 @@ def _parts(update, mean, shared, diversity, stats) -> SGSParts:
 
 
 def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
-                             tau: float = 1.0, rho: float = 0.25, alpha: float = 1.0,
+                             tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
                              beta: float = 0.25, mask: str = "hard", return_parts: bool = False,
                              check_finite: bool = True):
     """The spatial-domain ablation (spec section 6): the agreement mask of

@@ -25,7 +25,7 @@ class SGSConfig:
     per pixel, :func:`~sgs_cuda.ops.spatial_gradient_surgery`).
     """
     tau: float = 1.0
-    rho: float = 0.25
+    rho: float = 0.0  # sign agreement only: docs/RESULTS.md (the spec started at 0.25)
     alpha: float = 1.0
     beta: float = 0.25
     mask: str = "hard"

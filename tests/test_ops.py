@@ -235,14 +235,15 @@ def test_identical_domains_fully_agree(impl, device):
     torch.testing.assert_close(out.diversity, torch.zeros_like(out.diversity), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("D,expected", [(3, 0.19), (4, 0.08)])
-def test_agreement_statistics(impl, device, D, expected):
+# rho = 0.25: the spec's figures; rho = 0 (sign agreement only): all D signs equal, 2 / 2**D
+@pytest.mark.parametrize("D,rho,expected", [(3, 0.25, 0.19), (4, 0.25, 0.08), (3, 0.0, 0.25), (4, 0.0, 0.125)])
+def test_agreement_statistics(impl, device, D, rho, expected):
     gen = torch.Generator().manual_seed(D)
     noise = torch.randn(D, 32, 3, 32, 32, generator=gen).to(device)
-    frac = spectral_gradient_surgery(noise, return_parts=True).diagnostics["mask_fraction"].item()
+    frac = spectral_gradient_surgery(noise, rho=rho, return_parts=True).diagnostics["mask_fraction"].item()
     assert frac == pytest.approx(expected, abs=0.015)  # independent noise: few agree
     shared = torch.randn(1, 32, 3, 32, 32, generator=gen).to(device)
-    frac = spectral_gradient_surgery(shared + 0.1 * noise, return_parts=True).diagnostics["mask_fraction"].item()
+    frac = spectral_gradient_surgery(shared + 0.1 * noise, rho=rho, return_parts=True).diagnostics["mask_fraction"].item()
     assert frac > 0.85  # shared signal plus small per-domain noise: most agree
 
 
@@ -376,7 +377,7 @@ def test_op_rejects_bad_input_directly(monkeypatch):
 # --- the DM-loop helper ------------------------------------------------------------------------
 
 def test_config_validation():
-    assert SGSConfig().op_kwargs() == dict(tau=1.0, rho=0.25, alpha=1.0, beta=0.25, mask="hard")
+    assert SGSConfig().op_kwargs() == dict(tau=1.0, rho=0.0, alpha=1.0, beta=0.25, mask="hard")
     with pytest.raises(ValueError, match="tau must lie in"):
         SGSConfig(tau=2.0)
     with pytest.raises(ValueError, match="assignment must be one of"):
