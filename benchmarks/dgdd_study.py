@@ -10,7 +10,8 @@ same command again after an interruption and finished cells are reused.
 herding at the same IPC next to them (same ``--out``); ``sweep`` runs DM once and DM+SGS for each
 one-at-a-time variation of the defaults (``VARIANTS``). Each prints a markdown table (accuracy
 mean ± std over seeds, each seed being the mean over its evaluation networks) and writes
-``summary.json`` (``baselines.json``) in ``--out``.
+``summary.json`` (``baselines.json``) in ``--out``; ``sweep`` over several targets adds a table
+pooled over targets and seeds. ``--report`` runs nothing and tabulates the finished cells.
 """
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ VARIANTS = {
 }
 
 
-def run_cell(out: Path, preset: str, target: str, seeds, methods, flags, extra) -> None:
-    cmd = [sys.executable, "-m", "sgs_cuda.cli", "run", "--preset", preset, "--target", target,
-           "--seeds", *map(str, seeds), "--method", *methods, "--run-dir", str(out), "--resume",
-           "--no-progress", *flags, *extra]
+def run_cell(args, out: Path, target: str, methods, flags) -> None:
+    """One ``sgs-dgdd run`` (resumed: finished sets and evaluations are reused); nothing with ``--report``."""
+    if args.report:
+        return
+    cmd = [sys.executable, "-m", "sgs_cuda.cli", "run", "--preset", args.preset, "--target", target,
+           "--seeds", *map(str, args.seeds), "--method", *methods, "--run-dir", str(out), "--resume",
+           "--no-progress", *flags, *args.extra]
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True)
@@ -95,7 +99,7 @@ def cmd_loo(args) -> None:
     rows, summary = [], {}
     for t in targets:
         cell = Path(args.out) / t
-        run_cell(cell, args.preset, t, args.seeds, ["dm", "dm_sgs"], INITIAL, args.extra)
+        run_cell(args, cell, t, ["dm", "dm_sgs"], INITIAL)
         dm, sgs = seed_metrics(cell, "dm", args.seeds), seed_metrics(cell, "dm_sgs", args.seeds)
         summary[t] = {"dm": dm, "dm_sgs": sgs}
         rows.append(f"| {t} | {fmt(dm['ood'])} | {fmt(sgs['ood'])} | {paired_delta(dm['ood'], sgs['ood'])} "
@@ -113,7 +117,7 @@ def cmd_baselines(args) -> None:
     rows, summary = [], {}
     for t in targets:
         cell = Path(args.out) / "baselines" / t
-        run_cell(cell, args.preset, t, args.seeds, ["random", "herding"], [], args.extra)
+        run_cell(args, cell, t, ["random", "herding"], [])
         summary[t] = {m: seed_metrics(cell, m, args.seeds) for m in ("random", "herding")}
         loo = Path(args.out) / t
         for m in ("dm", "dm_sgs"):
@@ -133,18 +137,43 @@ def cmd_sweep(args) -> None:
               "| --- | --- | --- | --- | --- | --- |"]
     for t in args.targets:
         base = Path(args.out) / t / "dm"
-        run_cell(base, args.preset, t, args.seeds, ["dm"], [], args.extra)
+        run_cell(args, base, t, ["dm"], [])
         dm = seed_metrics(base, "dm", args.seeds)
         rows.append(f"| {t} | DM (no surgery) | {fmt(dm['ood'])} | | {fmt(dm['in'])} | |")
         summary[t] = {"dm": dm}
         for name in args.variants or list(VARIANTS):
             cell = Path(args.out) / t / name.split(" (")[0].replace(" ", "_").replace("=", "")
-            run_cell(cell, args.preset, t, args.seeds, ["dm_sgs"], INITIAL + VARIANTS[name], args.extra)
-            m = seed_metrics(cell, "dm_sgs", args.seeds)
+            run_cell(args, cell, t, ["dm_sgs"], INITIAL + VARIANTS[name])
+            try:
+                m = seed_metrics(cell, "dm_sgs", args.seeds)
+            except FileNotFoundError:  # --report on a cell that has not finished
+                rows.append(f"| {t} | {name} | not finished | | | |")
+                continue
             summary[t][name] = m
             rows.append(f"| {t} | {name} | {fmt(m['ood'])} | {paired_delta(dm['ood'], m['ood'])} "
                         f"| {fmt(m['in'])} | {paired_delta(dm['in'], m['in'])} |")
+    if len(args.targets) > 1:
+        rows += ["", pooled_table(summary, args)]
     finish(args, header + rows, summary)
+
+
+def pooled_table(summary: dict, args) -> str:
+    """Each variant's paired differences to DM pooled over every target and seed (only variants
+    finished on every target): mean ± standard error, and on how many targets the mean is > 0."""
+    lines = ["| variant (all targets) | pairs | Δ OOD vs DM | targets with Δ OOD > 0 | Δ in-domain vs DM |",
+             "| --- | --- | --- | --- | --- |"]
+    for name in args.variants or list(VARIANTS):
+        if not all(name in summary[t] for t in args.targets):
+            continue
+        cells = [(summary[t]["dm"], summary[t][name]) for t in args.targets]
+        cols = []
+        for key in ("ood", "in"):
+            d = [b - a for dm, m in cells for a, b in zip(dm[key], m[key])]
+            mean, std = mean_std(d)
+            cols.append(f"{mean:+.2f} ± {std / math.sqrt(len(d)):.2f}")
+        wins = sum(mean_std([b - a for a, b in zip(dm["ood"], m["ood"])])[0] > 0 for dm, m in cells)
+        lines.append(f"| {name} | {len(cells) * len(args.seeds)} | {cols[0]} | {wins} of {len(cells)} | {cols[1]} |")
+    return "\n".join(lines)
 
 
 def finish(args, lines, summary, name: str = "summary.json") -> None:
@@ -168,6 +197,7 @@ def main() -> None:
         s.add_argument("--targets", nargs="+", required=name == "sweep")
         s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
         s.add_argument("--out", required=True)
+        s.add_argument("--report", action="store_true", help="run nothing: the table of the finished cells")
         s.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for sgs-dgdd run")
         if name == "sweep":
             s.add_argument("--variants", nargs="+", choices=list(VARIANTS))
