@@ -43,6 +43,7 @@ VARIANTS = {
     "soft mask": ["--mask", "soft"],
     "fixed assignment": ["--assignment", "fixed"],
     "spatial mask": ["--space", "spatial"],
+    "no mask (tau=0, rho=0)": ["--tau", "0", "--rho", "0"],  # every component shared: (1 + alpha) x DM
 }
 
 
