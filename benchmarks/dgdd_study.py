@@ -124,11 +124,12 @@ def cmd_baselines(args) -> None:
         for m in ("dm", "dm_sgs"):
             if all((loo / m / f"seed{s}" / "metrics.json").is_file() for s in args.seeds):
                 summary[t][m] = seed_metrics(loo, m, args.seeds)
-        cells = [fmt(summary[t][m]["ood"]) if m in summary[t] else "not run"
-                 for m in ("random", "herding", "dm", "dm_sgs")]
+        cells = [fmt(summary[t][m][key]) if m in summary[t] else "not run"
+                 for key in ("ood", "in") for m in ("random", "herding", "dm", "dm_sgs")]
         rows.append(f"| {t} | " + " | ".join(cells) + " |")
-    header = ["| target (unseen) | random real OOD % | herding OOD % | DM OOD % | DM+SGS OOD % |",
-              "| --- | --- | --- | --- | --- |"]
+    header = ["| target (unseen) | random real OOD % | herding OOD % | DM OOD % | DM+SGS OOD % "
+              "| random real in-domain % | herding in-domain % | DM in-domain % | DM+SGS in-domain % |",
+              "| --- " * 9 + "|"]
     finish(args, header + rows, summary, name="baselines.json")
 
 
