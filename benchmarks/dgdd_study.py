@@ -44,6 +44,8 @@ VARIANTS = {
     "fixed assignment": ["--assignment", "fixed"],
     "spatial mask": ["--space", "spatial"],
     "no mask (tau=0, rho=0)": ["--tau", "0", "--rho", "0"],  # every component shared: (1 + alpha) x DM
+    # against "no mask": does the surgery add anything to DM with a doubled step?
+    "sign only at lr 2 (rho=0, lr_img=2)": ["--rho", "0", "--lr-img", "2"],
 }
 
 
