@@ -21,6 +21,15 @@ from sgs_cuda import SGSConfig, SpectralGradientSurgery, domain_gradients, sgs_r
 from sgs_cuda import _build
 from sgs_inputs import separated_grads
 
+# The comparisons run at the spec's initial thresholds (tau 1, rho 0.25), where both conditions
+# of the hard mask are live; the op's default rho = 0 switches the magnitude one off.
+SPEC_RHO = 0.25
+
+
+def surgery(grads, assign=None, **kw):
+    return spectral_gradient_surgery(grads, assign, **{"rho": SPEC_RHO, **kw})
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IMPLS = ["ext", "torch"]
 SIZES = [1, 7, 28, 32, 33, 64, 128]
@@ -64,7 +73,7 @@ def shape_cases():
 def test_float64_matches_reference(impl, device, shape, mask):
     grads = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(sum(shape)))
     assign = torch.randint(0, shape[0], (shape[1],))
-    out = spectral_gradient_surgery(grads.to(device), assign.to(device), mask=mask, return_parts=True)
+    out = surgery(grads.to(device), assign.to(device), mask=mask, return_parts=True)
     ref = reference64(grads, assign, mask=mask)
     for got, want in zip(out[:4], ref[:4]):
         assert got.dtype == torch.float64 and got.device.type == device.type
@@ -79,7 +88,7 @@ def test_float64_matches_reference(impl, device, shape, mask):
 def test_float32_matches_float64_reference(impl, device, shape, mask):
     grads = separated_grads(*shape, seed=len(shape) + shape[-1])
     assign = torch.randint(0, shape[0], (shape[1],), generator=torch.Generator().manual_seed(1))
-    out = spectral_gradient_surgery(grads.float().to(device), assign.to(device), mask=mask, return_parts=True)
+    out = surgery(grads.float().to(device), assign.to(device), mask=mask, return_parts=True)
     ref = reference64(grads.float(), assign, mask=mask)
     assert out.update.dtype == torch.float32
     for got, want in zip(out[:4], ref[:4]):
@@ -94,7 +103,7 @@ def test_float32_matches_float64_reference(impl, device, shape, mask):
 def test_half_precision_inputs(impl, device, dtype, shape):
     grads = separated_grads(*shape, seed=3).to(dtype)
     assign = torch.randint(0, shape[0], (shape[1],))
-    out = spectral_gradient_surgery(grads.to(device), assign.to(device))
+    out = surgery(grads.to(device), assign.to(device))
     assert out.dtype == dtype
     ref = reference64(grads, assign)[0]
     # computed in float32; the only extra error is rounding the result to the output dtype
@@ -122,7 +131,7 @@ else:
             for device in DEVICES:
                 with pytest.MonkeyPatch.context() as mp:
                     mp.setenv("SGS_BACKEND", backend)
-                    out = spectral_gradient_surgery(grads.to(device), assign.to(device), **kw)
+                    out = surgery(grads.to(device), assign.to(device), **kw)
                 assert out.shape == (N, C, H, W) and out.dtype == dtype
                 if N:
                     assert rel_err(out, ref) < tol, (backend, device)
@@ -133,13 +142,13 @@ def test_non_contiguous_input(impl, device):
     grads = base.permute(0, 2, 1, 3, 4)[:, ::2]  # [2, 2, 5, 16, 20], non-contiguous
     assert not grads.is_contiguous()
     assign = torch.tensor([1, 0], device=device)
-    out = spectral_gradient_surgery(grads, assign)
+    out = surgery(grads, assign)
     assert rel_err(out, reference64(grads.contiguous(), assign)[0]) < 1e-12
 
 
 def test_empty_batch(impl, device):
     grads = torch.randn(3, 0, 2, 8, 8, device=device)
-    out = spectral_gradient_surgery(grads, return_parts=True)
+    out = surgery(grads, return_parts=True)
     assert out.update.shape == (0, 2, 8, 8) and out.shared.shape == (0, 2, 8, 8)
     assert out.diagnostics["mask_fraction"].item() == 0
 
@@ -148,13 +157,13 @@ def test_empty_batch(impl, device):
 
 def test_alpha_beta_zero_is_plain_dm(impl, device):
     grads = torch.randn(4, 6, 3, 32, 32, device=device)
-    out = spectral_gradient_surgery(grads, alpha=0.0, beta=0.0)
+    out = surgery(grads, alpha=0.0, beta=0.0)
     torch.testing.assert_close(out, grads.mean(0), atol=1e-5, rtol=1e-5)
 
 
 def test_single_domain(impl, device):
     grads = torch.randn(1, 4, 2, 28, 28, dtype=torch.float64, device=device)
-    out = spectral_gradient_surgery(grads, alpha=0.6, return_parts=True)
+    out = surgery(grads, alpha=0.6, return_parts=True)
     torch.testing.assert_close(out.update, 1.6 * grads[0], atol=1e-12, rtol=1e-12)
     assert out.diversity.abs().max().item() < 1e-12
     # every non-zero component kept; the zero ones are the imaginary parts of self-conjugate bins
@@ -165,8 +174,8 @@ def test_single_domain(impl, device):
 def test_scale_invariance(impl, device):
     grads = torch.randn(3, 4, 2, 32, 32, dtype=torch.float64, device=device)
     assign = torch.randint(0, 3, (4,), device=device)
-    base = spectral_gradient_surgery(grads, assign, return_parts=True)
-    scaled = spectral_gradient_surgery(grads * 7.5, assign, return_parts=True)
+    base = surgery(grads, assign, return_parts=True)
+    scaled = surgery(grads * 7.5, assign, return_parts=True)
     assert scaled.diagnostics["mask_fraction"].item() == base.diagnostics["mask_fraction"].item()
     torch.testing.assert_close(scaled.update, 7.5 * base.update, atol=1e-10, rtol=1e-10)
 
@@ -176,19 +185,19 @@ def test_domain_permutation(impl, device):
     assign = torch.randint(0, 4, (5,), device=device)
     perm = torch.tensor([2, 0, 3, 1], device=device)  # new domain i is old domain perm[i]
     relabel = torch.argsort(perm)  # old domain d is new domain relabel[d]
-    out = spectral_gradient_surgery(grads, assign)
-    out_perm = spectral_gradient_surgery(grads[perm], relabel[assign])
+    out = surgery(grads, assign)
+    out_perm = surgery(grads[perm], relabel[assign])
     torch.testing.assert_close(out_perm, out, atol=1e-12, rtol=1e-12)
 
 
 def test_random_assignment_is_seeded_and_diversity_averages_out(impl, device):
     grads = torch.randn(3, 2, 1, 16, 16, dtype=torch.float64, device=device)
     torch.manual_seed(123)
-    a = spectral_gradient_surgery(grads)
+    a = surgery(grads)
     torch.manual_seed(123)
-    b = spectral_gradient_surgery(grads)
+    b = surgery(grads)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
-    draws = torch.stack([spectral_gradient_surgery(grads, return_parts=True).diversity for _ in range(1500)])
+    draws = torch.stack([surgery(grads, return_parts=True).diversity for _ in range(1500)])
     single = draws[0].norm()
     assert draws.mean(0).norm() < 0.1 * single  # expectation is exactly zero; 1/sqrt(1500) ~ 0.026
     assert draws.std(0).norm() > 0.5 * single  # and each draw really is a random domain's deviation
@@ -196,7 +205,7 @@ def test_random_assignment_is_seeded_and_diversity_averages_out(impl, device):
 
 def test_parts_add_up(impl, device):
     grads = torch.randn(3, 4, 3, 28, 33, device=device)
-    out = spectral_gradient_surgery(grads, alpha=0.8, beta=0.3, return_parts=True)
+    out = surgery(grads, alpha=0.8, beta=0.3, return_parts=True)
     torch.testing.assert_close(out.update, out.mean + 0.8 * out.shared + 0.3 * out.diversity, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.mean, grads.mean(0), atol=1e-6, rtol=1e-6)
 
@@ -222,13 +231,13 @@ def test_half_spectrum_equals_full_spectrum(impl, device, H, W):
     assign = torch.tensor([2, 0])
     full = full_spectrum_surgery(grads, assign)
     assert full.imag.abs().max() < 1e-12  # the masked full spectrum stays Hermitian
-    out = spectral_gradient_surgery(grads.to(device), assign.to(device))
+    out = surgery(grads.to(device), assign.to(device))
     assert rel_err(out, full.real) < 1e-12
 
 
 def test_identical_domains_fully_agree(impl, device):
     one = torch.randn(1, 3, 2, 32, 32, dtype=torch.float64, device=device)
-    out = spectral_gradient_surgery(one.expand(4, -1, -1, -1, -1), return_parts=True)
+    out = surgery(one.expand(4, -1, -1, -1, -1), return_parts=True)
     H, Wr = 32, 17
     # all components except the 4 always-zero imaginary parts of self-conjugate bins per plane
     assert out.diagnostics["mask_fraction"].item() == pytest.approx(1 - 4 / (2 * H * Wr))
@@ -240,10 +249,10 @@ def test_identical_domains_fully_agree(impl, device):
 def test_agreement_statistics(impl, device, D, rho, expected):
     gen = torch.Generator().manual_seed(D)
     noise = torch.randn(D, 32, 3, 32, 32, generator=gen).to(device)
-    frac = spectral_gradient_surgery(noise, rho=rho, return_parts=True).diagnostics["mask_fraction"].item()
+    frac = surgery(noise, rho=rho, return_parts=True).diagnostics["mask_fraction"].item()
     assert frac == pytest.approx(expected, abs=0.015)  # independent noise: few agree
     shared = torch.randn(1, 32, 3, 32, 32, generator=gen).to(device)
-    frac = spectral_gradient_surgery(shared + 0.1 * noise, rho=rho, return_parts=True).diagnostics["mask_fraction"].item()
+    frac = surgery(shared + 0.1 * noise, rho=rho, return_parts=True).diagnostics["mask_fraction"].item()
     assert frac > 0.85  # shared signal plus small per-domain noise: most agree
 
 
@@ -265,7 +274,7 @@ def test_torch_compile_without_graph_break(impl, device, return_parts):
     assign = torch.randint(0, 3, (4,), device=device)
 
     def step(g, a):
-        out = spectral_gradient_surgery(g, a, return_parts=return_parts)
+        out = surgery(g, a, return_parts=return_parts)
         return out.update * 2 if return_parts else out * 2
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -276,8 +285,8 @@ def test_torch_compile_inductor(device, monkeypatch):
     monkeypatch.setenv("SGS_BACKEND", "ext")
     torch._dynamo.reset()
     grads, assign = torch.randn(2, 3, 1, 8, 8, device=device), torch.tensor([0, 1, 1], device=device)
-    fn = torch.compile(lambda g, a: spectral_gradient_surgery(g, a) + 1, fullgraph=True)
-    torch.testing.assert_close(fn(grads, assign), spectral_gradient_surgery(grads, assign) + 1)
+    fn = torch.compile(lambda g, a: surgery(g, a) + 1, fullgraph=True)
+    torch.testing.assert_close(fn(grads, assign), surgery(grads, assign) + 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -286,18 +295,18 @@ def test_cuda_graph_capture(impl, shape):
     """No host synchronisation inside the op: it can be captured in a CUDA graph and replayed."""
     grads = torch.randn(shape, device="cuda")
     assign = torch.randint(0, shape[0], shape[1:2], device="cuda")
-    eager = spectral_gradient_surgery(grads, assign)
+    eager = surgery(grads, assign)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs asks
-        spectral_gradient_surgery(grads, assign)
+        surgery(grads, assign)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = spectral_gradient_surgery(grads, assign)
+        captured = surgery(grads, assign)
     grads.copy_(torch.randn_like(grads))
     graph.replay()
-    torch.testing.assert_close(captured, spectral_gradient_surgery(grads, assign))
+    torch.testing.assert_close(captured, surgery(grads, assign))
     assert not torch.equal(captured, eager)
 
 
@@ -319,11 +328,11 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setitem(_build._state, "warned", False)
     grads = torch.randn(2, 2, 1, 8, 8)
     with pytest.warns(RuntimeWarning, match="pure-torch fallback.*no compiler"):
-        out = spectral_gradient_surgery(grads, torch.tensor([0, 1]))
+        out = surgery(grads, torch.tensor([0, 1]))
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call does not warn again
-        spectral_gradient_surgery(grads, torch.tensor([0, 1]))
+        surgery(grads, torch.tensor([0, 1]))
     torch.testing.assert_close(out, reference64(grads, torch.tensor([0, 1]))[0].float())
     assert "no compiler" in sgs_cuda.backend_info()["reason"]
 
@@ -355,13 +364,13 @@ def test_bad_input_errors(impl, kwargs, exc, match):
     args = {"grads": GOOD, "assign": torch.tensor([0, 1]), **kwargs}
     grads, assign = args.pop("grads"), args.pop("assign")
     with pytest.raises(exc, match=match):
-        spectral_gradient_surgery(grads, assign, **args)
+        surgery(grads, assign, **args)
 
 
 def test_nan_check_can_be_skipped(impl):
     grads = GOOD.clone()
     grads[0, 0, 0, 0, 0] = float("nan")
-    out = spectral_gradient_surgery(grads, torch.tensor([0, 1]), check_finite=False)
+    out = surgery(grads, torch.tensor([0, 1]), check_finite=False)
     assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()  # NaN stays in its image
 
 
@@ -417,7 +426,17 @@ def test_surgery_backward_sets_grad_and_reduces_to_dm():
 
 
 def test_fixed_assignment_is_round_robin():
-    sgs = SpectralGradientSurgery(SGSConfig(assignment="fixed", beta=1.0, alpha=0.0))
+    sgs = SpectralGradientSurgery(SGSConfig(assignment="fixed", beta=1.0, alpha=0.0, rho=SPEC_RHO))
     assert sgs.assignment(3, 7, "cpu").tolist() == [0, 1, 2, 0, 1, 2, 0]
     grads = torch.randn(3, 7, 1, 8, 8, dtype=torch.float64)
-    torch.testing.assert_close(sgs(grads), spectral_gradient_surgery(grads, torch.arange(7) % 3, alpha=0.0, beta=1.0))
+    torch.testing.assert_close(sgs(grads), surgery(grads, torch.arange(7) % 3, alpha=0.0, beta=1.0))
+
+
+def test_defaults_are_the_documented_ones(impl, device):
+    """The op's defaults (the sweep's choice, docs/RESULTS.md): tau 1, rho 0, alpha 1, beta 0.25, hard."""
+    grads = torch.randn(3, 2, 2, 16, 16, dtype=torch.float64)
+    assign = torch.tensor([2, 0])
+    out = spectral_gradient_surgery(grads.to(device), assign.to(device))
+    assert rel_err(out, reference64(grads, assign, rho=0.0)[0]) < 1e-12
+    assert rel_err(out, reference64(grads, assign, rho=0.25)[0]) > 1e-6  # the default really differs
+    assert SGSConfig().op_kwargs() == dict(tau=1.0, rho=0.0, alpha=1.0, beta=0.25, mask="hard")
