@@ -72,6 +72,14 @@ def seed_metrics(run_dir: Path, method: str, seeds) -> dict:
     return out
 
 
+def finished_metrics(run_dir: Path, method: str, seeds) -> dict | None:
+    """:func:`seed_metrics`, or None while some seed has not finished (``--report``)."""
+    try:
+        return seed_metrics(run_dir, method, seeds)
+    except FileNotFoundError:
+        return None
+
+
 def mean_std(values) -> tuple[float, float]:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
@@ -124,8 +132,8 @@ def cmd_baselines(args) -> None:
         summary[t] = {m: seed_metrics(cell, m, args.seeds) for m in ("random", "herding")}
         loo = Path(args.out) / t
         for m in ("dm", "dm_sgs"):
-            if all((loo / m / f"seed{s}" / "metrics.json").is_file() for s in args.seeds):
-                summary[t][m] = seed_metrics(loo, m, args.seeds)
+            if (found := finished_metrics(loo, m, args.seeds)) is not None:
+                summary[t][m] = found
         cells = [fmt(summary[t][m][key]) if m in summary[t] else "not run"
                  for key in ("ood", "in") for m in ("random", "herding", "dm", "dm_sgs")]
         rows.append(f"| {t} | " + " | ".join(cells) + " |")
@@ -148,9 +156,8 @@ def cmd_sweep(args) -> None:
         for name in args.variants or list(VARIANTS):
             cell = Path(args.out) / t / name.split(" (")[0].replace(" ", "_").replace("=", "")
             run_cell(args, cell, t, ["dm_sgs"], INITIAL + VARIANTS[name])
-            try:
-                m = seed_metrics(cell, "dm_sgs", args.seeds)
-            except FileNotFoundError:  # --report on a cell that has not finished
+            m = finished_metrics(cell, "dm_sgs", args.seeds)
+            if m is None:
                 rows.append(f"| {t} | {name} | not finished | | | |")
                 continue
             summary[t][name] = m

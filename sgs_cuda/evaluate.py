@@ -8,7 +8,6 @@ real-image baselines at equal IPC (``shared/docs/sgs-spec.md`` section 6).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -17,13 +16,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._config import DictConfig
 from .dm.dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
 from .dm.networks import NORMS, build_convnet
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(DictConfig):
     """Training of the evaluation networks (defaults: the DM reference / the paper)."""
+    _kind = "evaluation"
     epochs: int = 1000
     lr: float = 0.01
     momentum: float = 0.9
@@ -48,16 +49,6 @@ class EvalConfig:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         parse_strategy(self.dsa_strategy)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EvalConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown evaluation option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def _seed_for(seed: int, k: int) -> int:

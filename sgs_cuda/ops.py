@@ -84,6 +84,15 @@ def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite):
     return tau, rho, alpha, beta
 
 
+def _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite):
+    """Validate; return the int64 assignment (a fresh uniform draw from torch's default generator
+    on ``grads.device`` when ``assign`` is None) and the cleaned scalars."""
+    tau, rho, alpha, beta = validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite)
+    D, N = grads.shape[:2]
+    assign = torch.randint(0, D, (N,), device=grads.device) if assign is None else assign.long()
+    return assign, tau, rho, alpha, beta
+
+
 def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
                               tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
                               beta: float = 0.25, mask: str = "hard", return_parts: bool = False,
@@ -110,12 +119,7 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
     Returns:
         ``update`` ``[N, C, H, W]`` in ``grads.dtype``, or an :class:`SGSParts`.
     """
-    tau, rho, alpha, beta = validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite)
-    D, N = grads.shape[:2]
-    if assign is None:
-        assign = torch.randint(0, D, (N,), device=grads.device)
-    else:
-        assign = assign.long()
+    assign, tau, rho, alpha, beta = _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite)
 
     if _build.use_extension(grads.device):
         if return_parts:
@@ -150,9 +154,7 @@ def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = 
     arguments, validation and return values. Plain torch (elementwise, no transform), so it runs
     on any device; it exists to measure what the spectral domain adds.
     """
-    tau, rho, alpha, beta = validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite)
-    D, N = grads.shape[:2]
-    assign = torch.randint(0, D, (N,), device=grads.device) if assign is None else assign.long()
+    assign, tau, rho, alpha, beta = _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite)
     parts = _parts(*spatial_reference(grads, assign, tau, rho, alpha, beta, mask))
     return parts if return_parts else parts.update
 

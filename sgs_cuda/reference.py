@@ -16,6 +16,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def magnitude_agreement(mag: torch.Tensor) -> torch.Tensor:
+    """``min_d |x_d| / max_d |x_d|`` over the domain axis 0, and 0 where every ``|x_d|`` is 0."""
+    mag_max, mag_min = mag.amax(0), mag.amin(0)
+    return torch.where(mag_max > 0, mag_min / torch.where(mag_max > 0, mag_max, 1), 0)
+
+
+def agreement_mask(x: torch.Tensor, mag_agree: torch.Tensor, tau: float, rho: float, mask: str) -> torch.Tensor:
+    """The mask of the real components ``x`` ``[D, ...]``: sign agreement ``|sum_d sgn(x_d)| / D``
+    thresholded with the magnitude agreement (``hard``), or their product (``soft``)."""
+    agree = torch.sign(x).sum(0).abs() / x.shape[0]
+    if mask == "hard":
+        return ((agree >= tau) & (mag_agree >= rho)).to(x.dtype)
+    return agree * mag_agree
+
+
 def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: float, alpha: float,
                   beta: float, mask: str = "hard", return_parts: bool = False):
     """Return ``update`` or, with ``return_parts``, ``(update, mean, shared, diversity, stats)``.
@@ -33,22 +48,10 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
     spec = torch.fft.rfft2(g)  # [D, N, C, H, W//2+1] complex
     re, im = spec.real, spec.imag
 
-    # 1. sign agreement per real component, 2. magnitude agreement per complex bin
-    agree_re = torch.sign(re).sum(0).abs() / D
-    agree_im = torch.sign(im).sum(0).abs() / D
-    mag = spec.abs()
-    mag_max = mag.amax(0)
-    mag_min = mag.amin(0)
-    mag_agree = torch.where(mag_max > 0, mag_min / torch.where(mag_max > 0, mag_max, 1), 0)
-
-    # 3. mask per real component
-    if mask == "hard":
-        keep = mag_agree >= rho
-        mask_re = ((agree_re >= tau) & keep).to(re.dtype)
-        mask_im = ((agree_im >= tau) & keep).to(re.dtype)
-    else:
-        mask_re = agree_re * mag_agree
-        mask_im = agree_im * mag_agree
+    # 1.-3. sign agreement per real component, magnitude agreement per complex bin, the mask
+    mag_agree = magnitude_agreement(spec.abs())
+    mask_re = agreement_mask(re, mag_agree, tau, rho, mask)
+    mask_im = agreement_mask(im, mag_agree, tau, rho, mask)
 
     # 4. masked recombination
     mean_spec = spec.mean(0)
@@ -84,16 +87,9 @@ def spatial_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho
     ``min_d |g_d| / max_d |g_d|`` of that pixel. Returns ``(update, mean, shared, diversity,
     stats)`` like :func:`sgs_reference` with ``return_parts=True`` (``stats`` over the pixels).
     """
-    D, N = grads.shape[:2]
+    N = grads.shape[1]
     g = grads.to(compute_dtype(grads.dtype))
-    agree = torch.sign(g).sum(0).abs() / D
-    mag = g.abs()
-    mag_max, mag_min = mag.amax(0), mag.amin(0)
-    mag_agree = torch.where(mag_max > 0, mag_min / torch.where(mag_max > 0, mag_max, 1), 0)
-    if mask == "hard":
-        m = ((agree >= tau) & (mag_agree >= rho)).to(g.dtype)
-    else:
-        m = agree * mag_agree
+    m = agreement_mask(g, magnitude_agreement(g.abs()), tau, rho, mask)
     mean = g.mean(0)
     shared = m * mean
     diversity = (1 - m) * (g[assign, torch.arange(N, device=g.device)] - mean)

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from .._config import DictConfig
 from ..surgery import SGSConfig, SpectralGradientSurgery
 from .dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
 from .networks import NORMS, build_convnet
@@ -41,8 +42,9 @@ RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "log_every"})
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(DictConfig):
     """Hyper-parameters of one distillation run (defaults: the DM reference / the paper)."""
+    _kind = "distillation"
     method: str = "dm_sgs"
     ipc: int = 10
     iterations: int = 20000
@@ -79,16 +81,6 @@ class DistillConfig:
             raise ValueError(f"need lr_img > 0 and 0 <= momentum < 1, got {self.lr_img}, {self.momentum}")
         parse_strategy(self.dsa_strategy)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DistillConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown distillation option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
