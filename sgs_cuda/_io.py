@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 TMP_MARK = ".tmp"  # temporary names: ".<name>.tmp<pid>"
+UNREADABLE = (errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR)  # the file system's fault, not the file's
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of a complete PNG
 
@@ -88,18 +89,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _Recorder:
+    """A write-only file that remembers the first ``OSError`` of its writes: ``torch.save``
+    replaces a failed write's ``ENOSPC`` by its own ``unexpected pos`` error."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(file)`` atomically and durably (see the module docstring).
 
     Whatever fails (the writer, the disk, an interrupt), the temporary file is removed and the
-    old ``path``, if any, is untouched; an ``OSError`` becomes a one-line :class:`RunFolderError`.
+    old ``path``, if any, is untouched; a failed write to the disk becomes a one-line
+    :class:`RunFolderError`.
     """
     path = Path(path)
     ensure_dir(path.parent)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    recorder = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            recorder = _Recorder(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
@@ -108,8 +130,9 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        if isinstance(exc, OSError):
-            raise RunFolderError(describe_os_error(exc, path)) from exc
+        cause = exc if isinstance(exc, OSError) else getattr(recorder, "error", None)
+        if cause is not None:
+            raise RunFolderError(describe_os_error(cause, path)) from exc
         raise
     _fsync_dir(path.parent)
     return path
@@ -191,10 +214,10 @@ def load_torch(path, hint: str):
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise
-    except (OSError, MemoryError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
+    except OSError as exc:
+        if exc.errno in UNREADABLE:
             raise RunFolderError(f"cannot read {path}: {exc.strerror}") from exc
-        raise _damaged(path, exc, hint) from exc
+        raise _damaged(path, exc, hint) from exc  # a truncated file can give EINVAL
     except Exception as exc:  # truncated zip, bad pickle, EOF ...: torch raises many kinds
         raise _damaged(path, exc, hint) from exc
 
