@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ def _check_type(name: str, default, value) -> None:
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif isinstance(default, str):
-        ok = isinstance(value, str)
+        ok = isinstance(value, (str, os.PathLike))
     elif isinstance(default, dict):
         ok = isinstance(value, dict)
     else:
@@ -393,8 +394,9 @@ class Experiment:
             _io.check_writable_dir(run_dir)  # before the (maybe long) data build
         with self.phase("data"):
             prepared = prepare_data(cfg, data)
-        self.log(f"data ready in {_seconds(self.timings['data'])}")
         self.data, self.target, self.sources = prepared.data, prepared.target, prepared.sources
+        self.log(f"data ready in {_seconds(self.timings['data'])}: {len(self.data.classes)} classes, "
+                 f"target {self.target}, sources {', '.join(self.sources)}")
         self.distill_data, self.distill_domains = prepared.distill_data, prepared.distill_domains
         cfg["target"] = self.target
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, self.target, preset, resume)

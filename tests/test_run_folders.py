@@ -302,3 +302,74 @@ def test_phase_times_printed_and_stored(sgs, tmp_path, monkeypatch):
     assert len(timing) == 1
     for word in ("SGS op load/build", "data", "distillation", "evaluation", "total"):
         assert word in timing[0]
+
+
+# --- the run-folder I/O module itself ---------------------------------------------------------
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from sgs_cuda import _io
+
+    path = _io.write_json(tmp_path / "m.json", {"a": 1})
+    with pytest.raises(ZeroDivisionError):
+        _io.atomic_write(path, lambda f: (f.write(b"{partial"), 1 / 0))
+    assert json.loads(path.read_text()) == {"a": 1} and temporaries(tmp_path) == []
+
+
+def test_atomic_write_to_a_full_device(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC (/dev/full) inside torch.save: one line, the old file kept."""
+    import builtins
+
+    from sgs_cuda import _io
+
+    path = _io.save_torch({"x": 1}, tmp_path / "c.pt")
+    monkeypatch.setattr(_io, "open", lambda name, mode: builtins.open("/dev/full", mode), raising=False)
+    with pytest.raises(_io.RunFolderError, match=r"c\.pt: no space left"):
+        _io.save_torch({"x": torch.zeros(100_000)}, path)
+    monkeypatch.undo()
+    assert _io.load_torch(path, "") == {"x": 1} and temporaries(tmp_path) == []
+
+
+def test_loads_name_the_damaged_file(tmp_path):
+    from sgs_cuda import _io
+
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "cut.json").write_text('{"a": ')
+    (tmp_path / "junk.pt").write_bytes(b"not a zip archive at all")
+    for name, needle in (("list.json", "not a mapping"), ("cut.json", "damaged"), ("junk.pt", "damaged")):
+        load = _io.load_torch if name.endswith(".pt") else _io.load_json
+        with pytest.raises(_io.RunFolderError, match="damaged") as info:
+            load(tmp_path / name, "delete it")
+        message = str(info.value)
+        assert str(tmp_path / name) in message and needle in message and message.endswith("delete it")
+        assert "\n" not in message
+    assert _io.try_load_json(tmp_path / "cut.json") is None and _io.try_load_json(tmp_path / "none.json") is None
+    assert _io.load_json(tmp_path / "list.json", "", mapping=False) == [1]
+
+
+def test_stale_temporaries_and_png_completeness(tmp_path):
+    from sgs_cuda import _io
+    from sgs_cuda.dm.plots import save_image_grid
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    dead = tmp_path / "a" / "b" / f".checkpoint.pt.tmp{2 ** 22 + 1}"
+    mine = tmp_path / f".x.json.tmp{os.getpid()}"  # this process is not writing it: a leftover
+    live = tmp_path / f".y.json.tmp{os.getppid()}"
+    for p in (dead, mine, live):
+        p.write_bytes(b"")
+    assert sorted(_io.clean_stale_temporaries(tmp_path)) == sorted([dead, mine])
+    assert temporaries(tmp_path) == [live]
+    png = save_image_grid(torch.rand(4, 3, 8, 8), torch.tensor([0, 0, 1, 1]), tmp_path / "g.png", [0.0] * 3, [1.0] * 3)
+    assert _io.is_complete_png(png)
+    truncate(png, 0.9)
+    assert not _io.is_complete_png(png) and not _io.is_complete_png(tmp_path / "none.png")
+
+
+def test_check_writable_dir_creates_nothing(tmp_path):
+    from sgs_cuda import _io
+
+    (tmp_path / "f").write_text("")
+    for bad in (tmp_path / "f", tmp_path / "f" / "x" / "y"):
+        with pytest.raises(_io.RunFolderError, match="is a file|which is a file"):
+            _io.check_writable_dir(bad)
+    _io.check_writable_dir(tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
