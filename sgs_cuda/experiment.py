@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import sys
@@ -77,29 +78,25 @@ def load_config_file(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     text = path.read_text()
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as exc:
-                raise ValueError("reading YAML configs needs PyYAML (pip install pyyaml), or use JSON") from exc
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ValueError("reading YAML configs needs PyYAML (pip install pyyaml), or use JSON") from exc
+        try:
             data = yaml.safe_load(text)
-        else:
-            data = _json_loads(text)
-    except ValueError:
-        raise
-    except Exception as exc:  # yaml.YAMLError and friends: name the file
-        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
     return data
-
-
-def _json_loads(text: str):
-    import json
-    return json.loads(text)
 
 
 def load_preset(name: str) -> dict:
@@ -173,7 +170,7 @@ def parse_assignment(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text)
     except ImportError:
         try:
-            value = _json_loads(text)
+            value = json.loads(text)
         except ValueError:
             value = text
     except Exception:  # not YAML (e.g. "a: b: c"): take the text as it is
@@ -667,7 +664,8 @@ def summarize(per_seed: dict[str, dict[int, dict]]) -> dict:
         for key, vals in (("ood_acc", ood), ("in_domain_acc", ind)):
             mean = sum(vals) / len(vals)
             row[f"{key}_mean"] = mean
-            row[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+            row[f"{key}_std"] = math.sqrt(var)
         row["distill_seconds"] = sum(m.get("distill_seconds") or 0.0 for m in seeds.values())
         row["eval_seconds"] = sum(m.get("seconds") or 0.0 for m in seeds.values())
         row["per_seed"] = {str(s): {"ood_acc_mean": m["ood_acc_mean"], "in_domain_acc_mean": m["in_domain_acc_mean"]}

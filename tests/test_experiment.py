@@ -140,3 +140,11 @@ def test_reused_set_must_match_the_settings(tmp_path):
     assert len(longer.produce_set("dm_sgs", 0)["history"]["loss"]) == 6
     assert any("resuming from iteration 4 of 6" in line for line in lines)
     assert torch.load(longer.set_dir("dm_sgs", 0) / "checkpoint.pt", weights_only=False)["iteration"] == 6
+
+
+def test_config_files_that_do_not_parse_are_named(tmp_path):
+    for name, text in (("c.json", '{"distill": {"ipc": 2'), ("c.yaml", "distill: [1, 2"), ("l.json", "[1]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as info:
+            resolve_config(config_file=tmp_path / name)
+        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
