@@ -327,6 +327,25 @@ def test_resume_extends_a_run_and_rejects_other_settings(tmp_path):
                 resume=True, progress=False)
 
 
+def test_damaged_checkpoint_is_one_line_and_resume_is_announced(tmp_path):
+    from sgs_cuda._io import RunFolderError
+
+    cfg = tiny_cfg(iterations=3, checkpoint_every=3)
+    distill(TinyDomains(), ["d0", "d1"], cfg, run_dir=tmp_path, progress=False)
+    lines = []
+    longer = tiny_cfg(iterations=4, checkpoint_every=3)
+    distill(TinyDomains(), ["d0", "d1"], longer, run_dir=tmp_path, resume=True, progress=False, log=lines.append)
+    assert lines == [f"resuming from iteration 3 of 4 ({tmp_path / CHECKPOINT_NAME})"]
+    ckpt = tmp_path / CHECKPOINT_NAME
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(RunFolderError, match="damaged.*delete it") as info:
+        distill(TinyDomains(), ["d0", "d1"], longer, run_dir=tmp_path, resume=True, progress=False)
+    assert str(ckpt) in str(info.value) and "\n" not in str(info.value)
+    torch.save({"images": 1}, ckpt)  # a valid file, but not a checkpoint
+    with pytest.raises(RunFolderError, match="not a checkpoint"):
+        distill(TinyDomains(), ["d0", "d1"], longer, run_dir=tmp_path, resume=True, progress=False)
+
+
 class GappyDomains(TinyDomains):
     """Domain d1 has no images of class 0 (as a pseudo-domain may)."""
 

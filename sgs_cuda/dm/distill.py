@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from .. import _io
 from .._config import DictConfig
 from ..surgery import SGSConfig, SpectralGradientSurgery
 from .dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
@@ -39,6 +40,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # Fields that may differ between a checkpoint and the resuming config (they do not change the
 # trajectory up to the checkpoint): a run can be extended or checkpointed at another interval.
 RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "log_every"})
+CHECKPOINT_KEYS = frozenset({"images", "labels", "optimizer", "iteration", "history", "rng", "config",
+                             "source_domains", "classes"})
 
 
 @dataclass
@@ -150,11 +153,23 @@ def _set_rng_states(states: dict, gens: dict, device: torch.device) -> None:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary file, ``fsync``, then rename (:func:`sgs_cuda._io.save_torch`):
+    neither a kill nor a power cut leaves a torn or empty checkpoint."""
+    _io.save_torch(obj, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`distill`; a damaged one is one line naming it."""
+    hint = "delete it to start this set again from iteration 0, or run without --resume"
+    saved = _io.load_torch(path, hint)
+    missing = CHECKPOINT_KEYS - set(saved) if isinstance(saved, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise _io.RunFolderError(f"{path} is not a checkpoint of this package (no {sorted(missing)}); {hint}")
+    return saved
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def relevant_settings(config: dict) -> dict:
@@ -187,7 +202,8 @@ def _new_history(method: str) -> dict:
 # --- the loop -------------------------------------------------------------------------------
 
 def distill(data, source_domains: Sequence[str], cfg: DistillConfig | None = None, device="cpu",
-            run_dir=None, resume: bool = False, progress: bool = True) -> DistillResult:
+            run_dir=None, resume: bool = False, progress: bool = True,
+            log: Callable[[str], None] | None = None) -> DistillResult:
     """Distil ``cfg.ipc`` images per class from ``source_domains`` of ``data``.
 
     Args:
@@ -198,6 +214,7 @@ def distill(data, source_domains: Sequence[str], cfg: DistillConfig | None = Non
         run_dir: folder for ``checkpoint.pt`` (written every ``cfg.checkpoint_every`` iterations).
         resume: continue from ``run_dir/checkpoint.pt`` when it exists.
         progress: show a tqdm bar with the loss (and the surgery's mask fraction).
+        log: where one-line messages go (resuming from a checkpoint); default: stderr.
     """
     cfg = cfg or DistillConfig()
     device = torch.device(device)
@@ -211,15 +228,15 @@ def distill(data, source_domains: Sequence[str], cfg: DistillConfig | None = Non
         raise ValueError("resume=True needs run_dir (where the checkpoint is)")
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
     if ckpt_path is not None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        _io.ensure_dir(ckpt_path.parent)
 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _distill(data, domains, cfg, device, ckpt_path, resume, progress)
+        return _distill(data, domains, cfg, device, ckpt_path, resume, progress, log or _stderr)
 
 
-def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progress) -> DistillResult:
+def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progress, log) -> DistillResult:
     t0 = time.perf_counter()
     K, D, ipc = len(data.classes), len(domains), cfg.ipc
     n_real = max(1, cfg.batch_real // D)  # per domain: equal sizes make mean_d g_d the pooled gradient
@@ -248,13 +265,14 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     start, history = 0, _new_history(cfg.method)
     saved = None
     if resume and ckpt_path is not None and ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = load_checkpoint(ckpt_path)
         _check_resumable(saved, cfg, domains, data)
         if saved["iteration"] > cfg.iterations:
             raise ValueError(f"cannot resume: the checkpoint is at iteration {saved['iteration']}, "
                              f"beyond iterations={cfg.iterations}")
         images, labels = saved["images"], saved["labels"]
         start, history = saved["iteration"], saved["history"]
+        log(f"resuming from iteration {start} of {cfg.iterations} ({ckpt_path})")
     else:
         images, labels = initial_images(data, domains, ipc, cfg.init, gens["data"])
     syn = images.to(device=device, dtype=torch.float32).clone().requires_grad_(True)

@@ -1,11 +1,13 @@
 """PNG outputs of a run: the synthetic images and the training curves (matplotlib, no pyplot,
-so no global backend state is touched and it works headless)."""
+so no global backend state is touched and it works headless), written atomically."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+
+from .. import _io
 
 
 def _denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -40,10 +42,7 @@ def save_image_grid(images: torch.Tensor, labels: torch.Tensor, path, mean: Sequ
             if j == 0:
                 ax.set_ylabel(str(classes[cls])[:12] if classes else str(cls), fontsize=8)
     fig.tight_layout(pad=0.2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _io.save_figure(fig, path)
 
 
 def save_curves(histories: Mapping[str, dict], path, smooth: int = 0) -> Path:
@@ -71,10 +70,7 @@ def save_curves(histories: Mapping[str, dict], path, smooth: int = 0) -> Path:
         axes[1].set_title("surgery diagnostics", fontsize=9)
         axes[1].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _io.save_figure(fig, path)
 
 
 def _smooth(values: Sequence[float], k: int) -> list[float]:
