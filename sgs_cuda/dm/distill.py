@@ -29,7 +29,8 @@ from typing import Sequence
 import torch
 
 from .._config import DictConfig
-from ..surgery import SGSConfig, SpectralGradientSurgery
+from ..surgery import SGSConfig, SpectralGradientSurgery, domain_gradients
+from .bands import BAND_EDGES, BAND_KEYS, band_diagnostics
 from .dsa import DEFAULT_STRATEGY, DSAParams, parse_strategy
 from .matching import MATCHINGS, matching_losses
 from .networks import NORMS, build_convnet
@@ -277,7 +278,7 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
         its = [i for i, _ in pending]
         rows = torch.stack([v for _, v in pending]).double().cpu().tolist()  # the one host sync
         pending.clear()
-        keys = [k for k in history if k != "iteration"]
+        keys = [k for k in history if k not in ("iteration", "bands")]
         history["iteration"] += its
         for j, k in enumerate(keys):
             history[k] += [r[j] for r in rows]
@@ -312,11 +313,14 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
             if surgery is None:
                 pooled.backward()
                 record = pooled.detach().view(1)
-            else:
-                surgery.backward(losses, syn)
+            else:  # surgery.backward, keeping the domain gradients for the band diagnostics
+                grads = domain_gradients(losses, syn, surgery.grad_mode)
+                syn.grad = surgery(grads).detach()
                 diag = surgery.last.diagnostics
                 record = torch.stack([pooled.detach().double(), losses.detach().mean().double(),
                                       diag["mask_fraction"].double(), diag["shared_energy"].double()])
+                if (it + 1) % cfg.log_every == 0 and cfg.sgs.space == "spectral":
+                    _record_bands(history, it, grads, surgery)
             opt.step()
             pending.append((it, record))
             bar.update(1)
@@ -332,6 +336,16 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     finally:
         bar.close()
     return DistillResult(syn.detach().cpu().clone(), labels.clone(), history, cfg, time.perf_counter() - t0)
+
+
+def _record_bands(history: dict, iteration: int, grads: torch.Tensor, surgery: SpectralGradientSurgery) -> None:
+    """Append this step's per-band diagnostics (:mod:`sgs_cuda.dm.bands`) to ``history["bands"]``."""
+    c = surgery.config
+    bands = history.setdefault("bands", {"edges": list(BAND_EDGES), "iteration": [], **{k: [] for k in BAND_KEYS}})
+    values = band_diagnostics(grads, surgery.last.diversity, c.tau, c.rho, c.mask)
+    bands["iteration"].append(iteration)
+    for k in BAND_KEYS:
+        bands[k].append(values[k].tolist())
 
 
 def draw_class_batches(data, domains, K, n_real, strategy, gens, device, present=None):
