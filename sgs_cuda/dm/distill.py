@@ -6,9 +6,11 @@ domains and its synthetic images; domain losses
 
     L_d = sum_c || mean psi(A(real_{c,d})) - mean psi(A(syn_c)) ||^2        d = 1..D
 
-``dm`` steps the pixels with the gradient of the pooled loss (real batches of all domains
-pooled); ``dm_sgs`` hands the D losses to :class:`~sgs_cuda.surgery.SpectralGradientSurgery`
-(one synthetic forward shared by all domains, one batched backward) and steps with its update.
+(``matching="m3d"``: a Gaussian-kernel MMD per class instead of the mean difference,
+:mod:`sgs_cuda.dm.matching`). ``dm`` steps the pixels with the gradient of the pooled loss
+(real batches of all domains pooled); ``dm_sgs`` hands the D losses to
+:class:`~sgs_cuda.surgery.SpectralGradientSurgery` (one synthetic forward shared by all domains,
+one batched backward) and steps with its update.
 
 All randomness of the loop comes from generators it owns (data, network init, DSA) plus torch's
 default generator (the surgery's random domain assignment), inside ``torch.random.fork_rng`` so
@@ -92,7 +94,8 @@ class DistillConfig(DictConfig):
 class DistillResult:
     images: torch.Tensor  # [K * ipc, C, H, W] float32 on the CPU, normalised like the data
     labels: torch.Tensor  # [K * ipc] int64
-    history: dict  # lists per recorded iteration: iteration, loss (+ domain_loss, mask_fraction, shared_energy)
+    history: dict  # lists per recorded iteration: iteration, loss (+ domain_loss, mask_fraction, shared_energy,
+    # and "bands": per-frequency-band diagnostics every log_every iterations, sgs_cuda.dm.bands)
     config: DistillConfig
     seconds: float = 0.0  # wall time of this call (a resumed call counts only its own part)
 
@@ -343,9 +346,10 @@ def _record_bands(history: dict, iteration: int, grads: torch.Tensor, surgery: S
     c = surgery.config
     bands = history.setdefault("bands", {"edges": list(BAND_EDGES), "iteration": [], **{k: [] for k in BAND_KEYS}})
     values = band_diagnostics(grads, surgery.last.diversity, c.tau, c.rho, c.mask)
+    rows = torch.stack([values[k] for k in BAND_KEYS]).cpu().tolist()  # one host sync
     bands["iteration"].append(iteration)
-    for k in BAND_KEYS:
-        bands[k].append(values[k].tolist())
+    for k, row in zip(BAND_KEYS, rows):
+        bands[k].append(row)
 
 
 def draw_class_batches(data, domains, K, n_real, strategy, gens, device, present=None):
