@@ -86,6 +86,7 @@ def test_matching_losses_m3d_match_direct_embedding_definition():
         direct_pooled += h / 2 * direct_mmd2(torch.cat(r), s, h)
     torch.testing.assert_close(losses.detach(), direct, rtol=1e-9, atol=1e-12)
     assert float(pooled.detach()) == pytest.approx(direct_pooled, rel=1e-9)
+    net, real, syn, params = _setup(seed=1, K=2, D=2, n=3, ipc=2, dtype=torch.float64)  # smaller: gradcheck
     assert torch.autograd.gradcheck(lambda t: matching_losses(net, real, t, params, matching="m3d")[0],
                                     (syn.detach().clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="matching must be one of"):
