@@ -6,9 +6,11 @@ domains and its synthetic images; domain losses
 
     L_d = sum_c || mean psi(A(real_{c,d})) - mean psi(A(syn_c)) ||^2        d = 1..D
 
-``dm`` steps the pixels with the gradient of the pooled loss (real batches of all domains
-pooled); ``dm_sgs`` hands the D losses to :class:`~sgs_cuda.surgery.SpectralGradientSurgery`
-(one synthetic forward shared by all domains, one batched backward) and steps with its update.
+(``matching="m3d"``: a Gaussian-kernel MMD per class instead of the mean difference,
+:mod:`sgs_cuda.dm.matching`). ``dm`` steps the pixels with the gradient of the pooled loss
+(real batches of all domains pooled); ``dm_sgs`` hands the D losses to
+:class:`~sgs_cuda.surgery.SpectralGradientSurgery` (one synthetic forward shared by all domains,
+one batched backward) and steps with its update.
 
 All randomness of the loop comes from generators it owns (data, network init, DSA) plus torch's
 default generator (the surgery's random domain assignment), inside ``torch.random.fork_rng`` so
@@ -30,8 +32,10 @@ import torch
 
 from .. import _io
 from .._config import DictConfig
-from ..surgery import SGSConfig, SpectralGradientSurgery
-from .dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
+from ..surgery import SGSConfig, SpectralGradientSurgery, domain_gradients
+from .bands import BAND_EDGES, BAND_KEYS, band_diagnostics
+from .dsa import DEFAULT_STRATEGY, DSAParams, parse_strategy
+from .matching import MATCHINGS, matching_losses
 from .networks import NORMS, build_convnet
 
 METHODS = ("dm", "dm_sgs")
@@ -60,6 +64,7 @@ class DistillConfig(DictConfig):
     width: int = 128
     depth: int = 3
     norm: str = "instancenorm"
+    matching: str = "dm"  # "dm": feature means; "m3d": Gaussian-kernel MMD (sgs_cuda.dm.matching)
     sgs: SGSConfig = field(default_factory=SGSConfig)
     seed: int = 0
     checkpoint_every: int = 0  # 0: no checkpoints
@@ -74,6 +79,8 @@ class DistillConfig(DictConfig):
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.matching not in MATCHINGS:
+            raise ValueError(f"matching must be one of {MATCHINGS}, got {self.matching!r}")
         for name in ("ipc", "batch_real", "width", "depth", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -90,7 +97,8 @@ class DistillConfig(DictConfig):
 class DistillResult:
     images: torch.Tensor  # [K * ipc, C, H, W] float32 on the CPU, normalised like the data
     labels: torch.Tensor  # [K * ipc] int64
-    history: dict  # lists per recorded iteration: iteration, loss (+ domain_loss, mask_fraction, shared_energy)
+    history: dict  # lists per recorded iteration: iteration, loss (+ domain_loss, mask_fraction, shared_energy,
+    # and "bands": per-frequency-band diagnostics every log_every iterations, sgs_cuda.dm.bands)
     config: DistillConfig
     seconds: float = 0.0  # wall time of this call (a resumed call counts only its own part)
 
@@ -175,7 +183,8 @@ def _stderr(msg: str) -> None:
 def relevant_settings(config: dict) -> dict:
     """The settings that shape a run's trajectory (a config dict without the resumable fields,
     and without the surgery settings for plain DM, which ignores them)."""
-    out = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    added = {"matching": "dm"}  # options added since runs were first saved, at their defaults
+    out = {k: v for k, v in {**added, **config}.items() if k not in RESUMABLE_CHANGES}
     if out.get("method") == "dm":
         out.pop("sgs", None)
     elif isinstance(out.get("sgs"), dict):  # fill options added since the run was saved
@@ -290,7 +299,7 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
         its = [i for i, _ in pending]
         rows = torch.stack([v for _, v in pending]).double().cpu().tolist()  # the one host sync
         pending.clear()
-        keys = [k for k in history if k != "iteration"]
+        keys = [k for k in history if k not in ("iteration", "bands")]
         history["iteration"] += its
         for j, k in enumerate(keys):
             history[k] += [r[j] for r in rows]
@@ -320,16 +329,19 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
             net.reinitialize(gens["net"])
             real, params = draw_class_batches(data, domains, K, n_real, strategy, gens, device, present)
             losses, pooled = matching_losses(net, real, syn, params, pool_all=cfg.norm == "batchnorm",
-                                             present=present, num_domains=D)
+                                             present=present, num_domains=D, matching=cfg.matching)
             opt.zero_grad(set_to_none=True)
             if surgery is None:
                 pooled.backward()
                 record = pooled.detach().view(1)
-            else:
-                surgery.backward(losses, syn)
+            else:  # surgery.backward, keeping the domain gradients for the band diagnostics
+                grads = domain_gradients(losses, syn, surgery.grad_mode)
+                syn.grad = surgery(grads).detach()
                 diag = surgery.last.diagnostics
                 record = torch.stack([pooled.detach().double(), losses.detach().mean().double(),
                                       diag["mask_fraction"].double(), diag["shared_energy"].double()])
+                if (it + 1) % cfg.log_every == 0 and cfg.sgs.space == "spectral":
+                    _record_bands(history, it, grads, surgery)
             opt.step()
             pending.append((it, record))
             bar.update(1)
@@ -347,6 +359,17 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     return DistillResult(syn.detach().cpu().clone(), labels.clone(), history, cfg, time.perf_counter() - t0)
 
 
+def _record_bands(history: dict, iteration: int, grads: torch.Tensor, surgery: SpectralGradientSurgery) -> None:
+    """Append this step's per-band diagnostics (:mod:`sgs_cuda.dm.bands`) to ``history["bands"]``."""
+    c = surgery.config
+    bands = history.setdefault("bands", {"edges": list(BAND_EDGES), "iteration": [], **{k: [] for k in BAND_KEYS}})
+    values = band_diagnostics(grads, surgery.last.diversity, c.tau, c.rho, c.mask)
+    rows = torch.stack([values[k] for k in BAND_KEYS]).cpu().tolist()  # one host sync
+    bands["iteration"].append(iteration)
+    for k, row in zip(BAND_KEYS, rows):
+        bands[k].append(row)
+
+
 def draw_class_batches(data, domains, K, n_real, strategy, gens, device, present=None):
     """Per class: the real batches ``[D_c, n_real, C, H, W]`` of the domains holding the class
     (``present[c]``; all ``D`` when ``None``), on ``device``, and one DSA draw, shared by those
@@ -357,46 +380,3 @@ def draw_class_batches(data, domains, K, n_real, strategy, gens, device, present
         real.append(_domain_batches(data, have, c, n_real, gens["data"]).to(device, non_blocking=True))
         params.append(DSAParams.sample(strategy, gens["dsa"], device=device))
     return real, params
-
-
-def matching_losses(net, real: Sequence[torch.Tensor], syn: torch.Tensor, params: Sequence[DSAParams | None],
-                    pool_all: bool = False, present: Sequence[Sequence[int]] | None = None,
-                    num_domains: int | None = None):
-    """``(L [D], pooled)``: the domain-wise DM losses and the pooled-batch DM loss.
-
-    ``real[c]``: ``[D, n, C, H, W]`` real images of class ``c``; ``syn``: ``[K * ipc, C, H, W]``
-    class-ordered; ``params[c]``: the DSA draw of class ``c`` (applied to both sides).
-    Real features need no gradient; the synthetic images go through the net in one forward
-    (its graph is shared by all D losses). ``pool_all`` (batch norm): the real images of all
-    classes also go through one forward, so both sides see batch statistics over all classes.
-
-    ``present[c]`` (with ``num_domains = D``): the domains ``real[c]`` comes from, when some
-    domain lacks the class (pseudo-domains). A missing domain's class mean is replaced by the
-    mean over the domains that have it, so its term pulls toward the pooled class mean, and
-    ``mean_d L_d`` keeps the pooled loss's gradient.
-    """
-    K = len(real)
-    ipc = syn.shape[0] // K
-    real_aug = [augment(r.flatten(0, 1), p) for r, p in zip(real, params)]
-    syn_aug = [augment(syn[c * ipc:(c + 1) * ipc], p) for c, p in enumerate(params)]
-    with torch.no_grad():
-        if pool_all:
-            feats = net.embed(torch.cat(real_aug)).split([len(r) for r in real_aug])
-        else:
-            feats = [net.embed(r) for r in real_aug]
-        means = [f.view(r.shape[0], r.shape[1], -1).mean(1) for f, r in zip(feats, real)]  # [D_c, F]
-        if present is not None:
-            means = [_fill_missing(m, idx, num_domains) for m, idx in zip(means, present)]
-        mu_real = torch.stack(means)  # [K, D, F]
-    mu_syn = net.embed(torch.cat(syn_aug)).view(K, ipc, -1).mean(1)  # [K, F]
-    losses = ((mu_real - mu_syn[:, None]) ** 2).sum(dim=(0, 2))  # [D]
-    pooled = ((mu_real.mean(1) - mu_syn) ** 2).sum()
-    return losses, pooled
-
-
-def _fill_missing(means: torch.Tensor, present: Sequence[int], num_domains: int) -> torch.Tensor:
-    if len(present) == num_domains:
-        return means
-    full = means.mean(0, keepdim=True).expand(num_domains, -1).clone()
-    full[list(present)] = means
-    return full
