@@ -43,8 +43,8 @@
 // at::fft_irfft2.
 //
 // Both paths: the imaginary parts of the self-conjugate bins are set to zero before the
-// statistics, as the CPU kernel does; the hard-mask thresholds are made immune to approximate
-// device division (device_params below); per-plane (fused) or per-block (fallback) partial diagnostics
+// statistics, as the CPU kernel does; the hard mask is an exact integer and product test
+// (SurgeryParams::kstar, rho2), so approximate device division cannot flip it; per-plane (fused) or per-block (fallback) partial diagnostics
 // are reduced with at::sum (deterministic, no atomics); no host synchronisation anywhere (CUDA graph
 // capture works for the fused path).
 //
@@ -201,38 +201,6 @@ inline FusedPlan plan_fused(int H, int W, int64_t D, int elem, int64_t smem_limi
   }
   q.ok = 0;
   return q;
-}
-
-// Hyper-parameters as the device kernels receive them. recombine_bin computes the sign agreement
-// a = |sum sgn| / D and compares a >= tau. The nvcc flags may include --use_fast_math, under which
-// that division is approximate (1-2 ulp): 3 * rcp(3) can come out as 0.99999994 and reject every
-// unanimous component at tau = 1. Since a only takes the values k/D, the device gets the threshold
-// halfway between the last rejected and the first kept level, with the first kept level k* found
-// here on the host with exactly the CPU kernel's IEEE expression: a device value of k/D off by
-// less than 0.5/D then gives the same decision as the exact one, for any division precision.
-// Likewise the magnitude agreement sqrt(min2/max2) is exactly 1 for equal magnitudes, and an
-// approximate sqrt/division may return 1 - ulp: rho is capped 4 ulp below 1 so that those bins stay
-// kept at rho = 1 (a change only within rounding of the threshold).
-template <typename T>
-inline T first_kept_level(double tau, int D) {  // smallest k with T(k)/T(D) >= T(tau), IEEE
-  const T t = static_cast<T>(tau), d = static_cast<T>(D);
-  for (int k = 0; k <= D; ++k) {
-    volatile T level = static_cast<T>(k) / d;  // volatile: no excess precision, no folding
-    if (level >= t) return static_cast<T>(k);
-  }
-  return static_cast<T>(D) + T(1);  // tau > 1: nothing is kept
-}
-
-template <typename T>
-inline SurgeryParams<T> device_params(int64_t D, double tau, double rho, double alpha, double beta, bool soft) {
-  const T d = static_cast<T>(D);
-  T r = static_cast<T>(rho);
-  const T below_one = T(1) - T(4) * std::numeric_limits<T>::epsilon();
-  r = r > below_one ? below_one : r;
-  // Soft masks use a itself, not the threshold: tau is unused there and passed through.
-  const T t = soft ? static_cast<T>(tau) : (first_kept_level<T>(tau, static_cast<int>(D)) - T(0.5)) / d;
-  return SurgeryParams<T>{static_cast<int>(D), t, soft ? static_cast<T>(rho) : r, static_cast<T>(alpha),
-                          static_cast<T>(beta), soft};
 }
 
 template <typename In, typename T>
@@ -812,7 +780,7 @@ std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "sgs_surgery_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const SurgeryParams<T> p = device_params<T>(D, tau, rho, alpha, beta, soft);
+    const SurgeryParams<T> p = make_params<T>(static_cast<int>(D), tau, rho, alpha, beta, soft);
     FusedPlan plan{};
     if (path != Path::kFallback) plan = device_plan<scalar_t, T>(H, W, D, planes, device);
     TORCH_CHECK(path != Path::kFused || plan.ok, "sgs::surgery (CUDA): SGS_CUDA_PATH=fused but a ", H, "x", W,
