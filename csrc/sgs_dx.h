@@ -59,7 +59,7 @@ struct Shape {
 // The sizes the CUDA build instantiates (sgs_cuda_dx_*.cu). X follows cuFFTDx's sm_90 float32
 // database: lengths 16, 32, 64 have implementations with 2 to 16 threads per FFT, lengths 14 and
 // 28 (factor 7) only with one thread per FFT. P keeps a CTA at 120-272 threads. Other sizes take
-// the portable kernel. A new size needs an entry here and a line in sgs_cuda_dx_sizes.h.
+// the portable kernel. A new size needs an entry here and an entry in SGS_DX_SIZES (sgs_dx_api.h).
 template <int H, int W>
 struct Config;
 template <>
