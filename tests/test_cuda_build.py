@@ -4,7 +4,8 @@
   with ``-DSGS_WITH_CUDA`` in a fresh interpreter (an op library registers once per process) and
   imports it. It needs CUDA torch and nvcc, not a GPU, so CI compiles the CUDA sources on every
   run. Where a GPU is present the same subprocess also runs the CUDA op against the float64
-  reference on both paths (fused, fused on a thread-block cluster, cuFFT fallback).
+  reference on the portable and cuFFT paths (fused, fused on a thread-block cluster, cuFFT
+  fallback); tests/test_cuda_paths.py covers the whole ladder, the cuFFTDx kernel included.
 * ``test_fused_kernel_emulated_*`` compile csrc/sgs_cuda.cu with ``-DSGS_EMULATE`` as plain C++
   (no torch, no CUDA): the shared-memory planner and the block-level algorithm of the fused
   kernel (every index, buffer alias and cluster exchange) run on the host, one std::thread per CTA
@@ -64,11 +65,7 @@ _BUILD_AND_RUN = textwrap.dedent(r"""
 
     def check(shape, dtype=torch.float64, path="auto", smem=None, parts=True, mask="hard"):
         # float64: random inputs, 1e-9. float32: inputs away from the mask's decision boundaries.
-        os.environ["SGS_CUDA_PATH"] = path
-        if smem is None:
-            os.environ.pop("SGS_CUDA_SMEM_LIMIT", None)
-        else:
-            os.environ["SGS_CUDA_SMEM_LIMIT"] = str(smem)
+        torch.ops.sgs.set_cuda_options(path, -1 if smem is None else smem)
         D, N = shape[:2]
         if dtype == torch.float64:
             g, tol, args = torch.randn(shape, dtype=torch.float64, device=dev), 1e-9, (0.9, 0.25, 1.0, 0.5, mask)
@@ -98,7 +95,7 @@ _BUILD_AND_RUN = textwrap.dedent(r"""
         check(shape)
         check(shape, path="fallback")
     check((4, 2, 2, 128, 128), path="fused")         # float64 128x128: cluster of 4 CTAs
-    check((3, 2, 2, 64, 64), smem=48 * 1024)          # cluster of 2 forced at 64x64
+    check((3, 2, 2, 64, 64), smem=48 * 1024)          # float64 64x64 in 48 KB: a cluster of 4
     check((3, 2, 2, 32, 32), smem=10 * 1024)          # cluster of 8 forced at 32x32
     check((3, 2, 3, 33, 30), path="fallback")          # odd H
     check((3, 2, 3, 32, 31))                           # odd W: fallback
@@ -108,8 +105,7 @@ _BUILD_AND_RUN = textwrap.dedent(r"""
         for mask in ("hard", "soft"):
             check(shape, dtype=torch.float32, mask=mask)   # fused; 128x128 on a 2-CTA cluster
         check(shape, dtype=torch.float32, path="fallback")
-    os.environ["SGS_CUDA_PATH"] = "auto"
-    os.environ.pop("SGS_CUDA_SMEM_LIMIT", None)
+    torch.ops.sgs.set_cuda_options("auto", -1)
     # float16/bfloat16: loaded exactly into float32, computed as float32, rounded once at the end
     for dt in (torch.float16, torch.bfloat16):
         for shape in [(3, 2, 3, 32, 32), (3, 1, 2, 128, 128), (3, 2, 1, 32, 31)]:
