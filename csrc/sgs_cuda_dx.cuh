@@ -7,6 +7,14 @@
 // sends a launch there (the portable kernel takes over).
 #pragma once
 
+// torch's extension flags hide the half-precision operators (-D__CUDA_NO_HALF_OPERATORS__ and
+// friends, against clashes with at::Half); cuFFTDx's complex types need them, and these files do
+// no at::Half arithmetic. Must come before the first include of cuda_fp16.h.
+#undef __CUDA_NO_HALF_OPERATORS__
+#undef __CUDA_NO_HALF_CONVERSIONS__
+#undef __CUDA_NO_HALF2_OPERATORS__
+#undef __CUDA_NO_BFLOAT16_CONVERSIONS__
+
 #ifndef CUFFTDX_DISABLE_CUTLASS_DEPENDENCY
 #define CUFFTDX_DISABLE_CUTLASS_DEPENDENCY  // cuFFTDx alone; CUTLASS is not needed
 #endif
