@@ -179,6 +179,25 @@ struct DeviceCtx {
       v[i] = post(t.x, s, o);
     }
   }
+  // Mirror exchange of column FFT 0 (sgs_dx.h): register i receives the value of element
+  // (H - out_index) % H from the thread that holds it (the same FFT id, so the same warp). Warps
+  // without a column FFT 0 skip it (warp-uniform).
+  template <int E, class Get, class Fn>
+  __device__ __forceinline__ void mirror(Get&& get, int r, Fn&& fn) {
+    if (!warp_holds_packed<S>(tid() >> 5, r)) return;
+    Cplx* v = get(t);
+    Cplx other[E];
+    const unsigned mask = lane_mask();
+    const int lane0 = (tid() - t.x) & 31;  // lane of thread x = 0 of this FFT id
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const Cplx s = mirror_value<S, E>(v, t.x, i);
+      const int src = lane0 + mirror_thread<S, E>(t.x, i);
+      other[i] = Cplx{__shfl_sync(mask, s.x, src), __shfl_sync(mask, s.y, src)};
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = fn(t, i, v[i], other[i]);
+  }
   // The block copies `bytes` (a multiple of 16) in 16-byte cp.async chunks, consecutive threads
   // taking consecutive chunks.
   __device__ __forceinline__ void stage_copy(void* dst, const void* src, int64_t bytes) {
@@ -198,7 +217,7 @@ struct DeviceCtx {
     const int lane = tid() & 31, n = S::threads - (tid() & ~31);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      double v = t.sums[q];
+      double v = static_cast<double>(t.sums[q]);
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) {
         const double o = __shfl_down_sync(mask, v, off);

@@ -212,6 +212,19 @@ struct HostCtx {
         for (int i = 0; i < E; ++i) get(ts[y * S::X + x])[i] = post(x, sent[x * E + i], sent[(x ^ m) * E + i]);
     }
   }
+  // Mirror exchange: what each thread would receive by shuffles, then fn in the warps that take part.
+  template <int E, class Get, class Fn>
+  void mirror(Get&& get, int r, Fn&& fn) {
+    std::vector<Cplx> other(static_cast<size_t>(S::threads) * E);
+    for (int i = 0; i < S::threads; ++i)
+      for (int e = 0; e < E; ++e) {
+        const int src = ts[i].y * S::X + mirror_thread<S, E>(ts[i].x, e);
+        other[i * E + e] = mirror_value<S, E>(get(ts[src]), ts[src].x, e);
+      }
+    for (int i = 0; i < S::threads; ++i)
+      if (warp_holds_packed<S>(i / 32, r))
+        for (int e = 0; e < E; ++e) get(ts[i])[e] = fn(ts[i], e, get(ts[i])[e], other[i * E + e]);
+  }
   // Copies complete at stage_wait; until then their destination holds NaN.
   void stage_copy(void* dst, const void* src, int64_t bytes) {
     if (bytes % 16 != 0) { std::fprintf(stderr, "staging copy not in 16-byte chunks\n"); std::exit(3); }
@@ -230,7 +243,7 @@ struct HostCtx {
   }
   void sums_add(double* slots) {
     for (int i = 0; i < S::threads; ++i)
-      for (int q = 0; q < 4; ++q) slots[(i / 32) * 4 + q] += ts[i].sums[q];
+      for (int q = 0; q < 4; ++q) slots[(i / 32) * 4 + q] += static_cast<double>(ts[i].sums[q]);
   }
   void sums_flush(const double* slots, double* out) {
     for (int w = 0; w < S::warps; ++w)
