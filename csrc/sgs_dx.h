@@ -109,7 +109,7 @@ template <>
 struct Config<28, 28> {
   // Split FFTs over 2 threads (rows 7 + 7, columns 14 + 14 elements): 14 bins per thread. The
   // cuFFTDx block FFT of length 28 has one thread per FFT, so a thread held 28 bins and spilled.
-  using S = Shape<28, 28, 2, 8, 1, Fft::kSplit>;  // 224 threads
+  using S = Shape<28, 28, 2, 4, 1, Fft::kSplit>;  // 112 threads (190 registers: 2 CTAs per SM)
 };
 template <>
 struct Config<32, 32> {

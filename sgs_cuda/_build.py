@@ -41,7 +41,8 @@ import torch
 _PKG = Path(__file__).resolve().parent
 CPP_SOURCES = ("bindings.cpp", "sgs_cpu.cpp")
 CUDA_SOURCES = ("sgs_cuda.cu",)
-DX_SOURCES = ("sgs_cuda_dx.cu", "sgs_cuda_dx_28.cu", "sgs_cuda_dx_32.cu", "sgs_cuda_dx_64.cu")
+DX_SOURCES = ("sgs_cuda_dx.cu", "sgs_cuda_dx_28.cu", "sgs_cuda_dx_32.cu", "sgs_cuda_dx_64.cu", "sgs_cuda_dx_128.cu",
+              "sgs_cuda_dx_128p.cu")
 HEADERS = ("sgs_math.h", "sgs_ops.h", "sgs_dx.h", "sgs_dx_api.h", "sgs_cuda_dx.cuh")
 BACKENDS = ("auto", "torch", "ext")
 MANIFEST = "manifest.json"

@@ -40,7 +40,7 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 # exercise ragged groups, several row rounds, X = 1, odd H, split FFTs of 2, 4 and 8 threads,
 # clusters of 2 and 4 (one CTA of which owns no column).
 SHAPES = {
-    (28, 28): (2, 8, 1, True), (32, 32): (4, 2, 1, False), (64, 64): (8, 1, 1, False),
+    (28, 28): (2, 4, 1, True), (32, 32): (4, 2, 1, False), (64, 64): (8, 1, 1, False),
     (32, 64): (8, 1, 1, False), (64, 32): (8, 2, 1, False), (128, 128): (16, 1, 2, False),
     (64, 128): (8, 1, 1, False), (128, 64): (16, 1, 1, False),
     (8, 8): (2, 3, 1, False), (12, 8): (2, 2, 1, False), (6, 4): (1, 2, 1, False), (15, 8): (1, 1, 1, False),
