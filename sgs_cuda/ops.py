@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from . import _build
-from .reference import MASK_MODES, compute_dtype, sgs_reference, sgs_vjp, spatial_reference
+from .reference import MASK_MODES, compute_dtype, sgs_reference, sgs_vjp, spatial_reference, times_pow2
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NORMALIZE_MODES = ("none", "dm_norm", "kept_fraction")
@@ -264,16 +264,6 @@ def _output_bound(kernel: _Kernel, shape, alpha: float, beta: float, parts: bool
     return bound
 
 
-def _times_pow2(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``x * 2**n``, exact (barring underflow), in factors that the dtype represents."""
-    limit = 1000 if x.dtype == torch.float64 else 100
-    while n:
-        step = max(-limit, min(limit, n))
-        x = x * 2.0 ** step
-        n -= step
-    return x
-
-
 def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, planes):
     D, N, C, H, W = grads.shape
     alpha, beta = params[2], params[3]
@@ -324,9 +314,9 @@ def _run_rescaled(kernel: _Kernel, params, grads, assign, parts, plane_max, lo, 
 
     outs, stats = [], []
     for k, g, a, _ in batches:
-        out = kernel.run(_times_pow2(g.to(dtype), -step * k), a, parts, params)
+        out = kernel.run(times_pow2(g.to(dtype), -step * k), a, parts, params)
         out = out if parts else (out,)
-        outs.append([_times_pow2(t, step * k) for t in out[:4]])
+        outs.append([times_pow2(t, step * k) for t in out[:4]])
         if parts:
             stats.append((2 * step * k, out[4]))
     if len(batches) == 1:

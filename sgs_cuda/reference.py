@@ -127,10 +127,15 @@ def spatial_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho
     return update.to(out), mean.to(out), shared.to(out), diversity.to(out), stats
 
 
-def _times_pow2_per_plane(g: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """``g * 2**exponent`` (exact), in two factors so that each is representable."""
+def times_pow2(x: torch.Tensor, exponent: int | torch.Tensor) -> torch.Tensor:
+    """``x * 2**exponent``, exact barring underflow (an int, or an integer tensor that broadcasts),
+    in two factors so that each is representable for exponents up to twice the dtype's largest
+    (a float32 plane between 2**-149 and 2**127 can be brought to 1 and back)."""
+    if isinstance(exponent, int):
+        half = exponent // 2
+        return x * 2.0 ** half * 2.0 ** (exponent - half)
     half = torch.div(exponent, 2, rounding_mode="floor")
-    return g * torch.exp2(half.to(g.dtype)) * torch.exp2((exponent - half).to(g.dtype))
+    return x * torch.exp2(half.to(x.dtype)) * torch.exp2((exponent - half).to(x.dtype))
 
 
 def sgs_vjp(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: float, alpha: float, beta: float,
@@ -160,7 +165,7 @@ def sgs_vjp(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: float, a
     with torch.no_grad():
         g = grads.detach().to(dtype)
         exponent = torch.frexp(g.abs().amax(dim=(0, 3, 4), keepdim=True)).exponent
-        spec = clear_self_conjugate_imag(torch.fft.rfft2(_times_pow2_per_plane(g, -exponent)), W)
+        spec = clear_self_conjugate_imag(torch.fft.rfft2(times_pow2(g, -exponent)), W)
         mask_re, mask_im = spectral_mask(spec, tau, rho, mask)
     size = (H, W)
     s = torch.fft.rfft2(total((g_update, alpha), (g_shared, 1.0)))

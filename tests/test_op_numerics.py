@@ -89,6 +89,8 @@ def test_mixed_planes_in_one_tensor(impl, device, space):
     grads = scaled_planes([[1e38, 1e-30], [3e-42, 1.0]]).float()
     out = run(grads.to(device), ASSIGN.to(device), space)
     assert_matches_reference(out, grads, ASSIGN, space)
+    op = spatial_gradient_surgery if space == "spatial" else spectral_gradient_surgery
+    assert torch.equal(op(grads.to(device), ASSIGN.to(device), **KW), out.update)  # the update alone
 
 
 @pytest.mark.parametrize("scale", [1e300, 1e200, 1e-200, 1e-300, 1e-310])
