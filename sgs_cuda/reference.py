@@ -43,11 +43,10 @@ def clear_self_conjugate_imag(spec: torch.Tensor, W: int) -> torch.Tensor:
     are exactly 0 for real input, and their rounding noise must not count as a sign (sgn(0) = 0),
     as the compiled kernels also ensure."""
     H, Wr = spec.shape[-2:]
-    rows = [0] + ([H // 2] if H % 2 == 0 and H > 1 else [])
-    cols = [0] + ([W // 2] if W % 2 == 0 and W > 1 else [])
-    keep = torch.ones(H, Wr, dtype=spec.real.dtype, device=spec.device)
-    keep[torch.tensor(rows).view(-1, 1), torch.tensor(cols).view(1, -1)] = 0
-    return torch.complex(spec.real, spec.imag * keep)
+    h, k = torch.arange(H, device=spec.device), torch.arange(Wr, device=spec.device)
+    row = (h == 0) | ((h == H // 2) & (H % 2 == 0))
+    col = (k == 0) | ((k == W // 2) & (W % 2 == 0))
+    return torch.complex(spec.real, torch.where(row[:, None] & col[None, :], 0, spec.imag))
 
 
 def spectral_mask(spec: torch.Tensor, tau: float, rho: float, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
