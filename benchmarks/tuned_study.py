@@ -242,8 +242,8 @@ def cmd_report(args) -> None:
             return
         result = experiment.compare_runs([d for k in keys for d in have[k]], baseline=ARM[baseline].label,
                                          arms=[ARM[k].label for k in keys], plot=plot)
-        blocks[name] = "\n\n".join(v for k, v in result["sections"].items() if k != "selection")
-        if name == "xarch":  # the ConvNet rows are in the "dm" block
+        blocks[name] = result["sections"]["main"]  # the ConvNet (the distillation's architecture)
+        if name == "xarch":  # the other evaluation architectures
             blocks[name] = "\n\n".join(v for k, v in result["sections"].items() if k.startswith("arch:"))
         numbers["comparisons"][name] = {k: result[k] for k in ("baseline", "arms", "comparisons", "confidence")}
 
@@ -367,8 +367,9 @@ def bands_report(out: Path, targets, png: Path) -> tuple[str, dict]:
         table[name] = row
         lines.append(f"| {name} | {row['mask_early']:.3f} | {row['mask_late']:.3f} | {row['energy']:.3f} "
                      f"| {row['shared']:.3f} | {row['diversity']:.3f} |")
-    note = (f"Mean over {len(runs)} DM+SGS sets (op defaults; every target and seed finished), "
-            f"recorded every 10 iterations; energies over the second half of training.")
+    every = its[1] - its[0] if len(its) > 1 else 1
+    note = (f"Mean over {len(runs)} DM+SGS sets (op defaults; every finished target and seed), recorded every "
+            f"{every} iterations; energies and the second-half mask fraction over iterations {its[n // 2]}-{its[-1]}.")
     return "\n".join(lines) + "\n\n" + note, {"runs": len(runs), "per_band": table}
 
 

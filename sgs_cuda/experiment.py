@@ -517,7 +517,7 @@ class Experiment:
 
         if method == "dm_sgs":
             self.load_extension()
-        log = self._set_log(method, "selection")
+        log = lambda msg: self.log(f"[{method} lr selection] {msg}")  # noqa: E731
         log(f"selecting lr_img from {sel['lr_grid']} on {100 * sel['fraction']:g}% of the source training "
             f"images held out (seeds {sel['seeds']})")
         with self.phase("select"):
