@@ -16,8 +16,8 @@ from PIL import Image
 from sgs_cuda.data import (PRESETS, FashionMNISTStyles, ImageFolderDomains, InMemoryDomains, MultiDomainDataset,
                            PseudoDomainDataset, assign_pseudo_domains, denormalize, load_dataset,
                            sample_class_balanced, sample_domain_batches, save_sample_grid)
+from sgs_cuda.data import decode_cache
 from sgs_cuda.data import fmnist_styles as fms
-from sgs_cuda.data import folder as folder_mod
 from sgs_cuda.data.idx import read_idx
 from sgs_cuda.data.presets import Preset, get_preset
 from sgs_cuda.data.sampling import draw_indices
@@ -67,6 +67,12 @@ def make_fashion_idx(folder: Path, per_class_train=10, per_class_test=4, gz=True
         write_idx_file(folder / f"{split}-images-idx3-ubyte{ext}", images, gz)
         write_idx_file(folder / f"{split}-labels-idx1-ubyte{ext}", labels, gz)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Each test decodes into its own cache folder (never the user's)."""
+    monkeypatch.setenv("SGS_CACHE_DIR", str(tmp_path / "sgs-cache"))
 
 
 @pytest.fixture
@@ -122,26 +128,27 @@ def test_folder_split_deterministic_disjoint_and_per_domain(tmp_path):
     assert changed
 
 
-def test_folder_decodes_lazily(tree, monkeypatch):
-    def no_decode(*a, **k):
-        raise AssertionError("decoded at construction")
-
-    monkeypatch.setattr(folder_mod, "decode_image", no_decode)
-    monkeypatch.setattr(Image, "open", no_decode)
+def test_folder_decodes_once_into_the_cache(tree, monkeypatch):
     data = ImageFolderDomains(tree, resolution=8)
-    assert data.decode_count == 0
-    monkeypatch.undo()
-    data.real_batch("dA", 1, 2, generator=torch.Generator().manual_seed(0))
-    assert data.decode_count == 2
-    data.real_batch("dA", 1, 4)  # repeat visits hit the LRU cache
-    assert data.decode_count == 4
-    assert ImageFolderDomains(tree, resolution=8, cache_mb=0).real_batch("dA", 0, 2).shape == (2, 3, 8, 8)
+    assert data.decode_count == 2 * 3 * 5 and data.bad_files == []  # every file once, up front
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(decode_cache, "decode_image", no_decode)
+    monkeypatch.setattr(Image, "open", no_decode)
+    again = ImageFolderDomains(tree, resolution=8)  # a later run reuses the cache
+    assert again.decode_count == 0
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(data.real_batch("dA", 1, 6, g1), again.real_batch("dA", 1, 6, g2))  # batches: no decoding
 
 
 def test_folder_parallel_decoding_matches_serial(tmp_path):
     root = make_tree(tmp_path / "d", per_class=8)
-    serial = ImageFolderDomains(root, resolution=8, num_workers=1).split_tensors(["dA", "dB"], "train")
-    parallel = ImageFolderDomains(root, resolution=8, num_workers=3).split_tensors(["dA", "dB"], "train")
+    serial = ImageFolderDomains(root, resolution=8, num_workers=1, cache_dir=tmp_path / "c1")
+    parallel = ImageFolderDomains(root, resolution=8, num_workers=3, cache_dir=tmp_path / "c2")
+    assert serial.decode_count == parallel.decode_count == 48
+    serial, parallel = serial.split_tensors(["dA", "dB"], "train"), parallel.split_tensors(["dA", "dB"], "train")
     assert len(serial[1]) >= 16 and torch.equal(serial[0], parallel[0]) and torch.equal(serial[1], parallel[1])
 
 
@@ -181,12 +188,18 @@ def test_folder_empty_or_missing_class(tmp_path):
         ImageFolderDomains(root)
 
 
-def test_folder_corrupt_image_named_when_decoded(tree):
+def test_folder_corrupt_image_skipped_and_listed(tree):
     bad = tree / "dA" / "cat" / "zz_broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n definitely not a png")
-    data = ImageFolderDomains(tree, test_fraction=0.0)  # construction only scans names
-    with pytest.raises(ValueError, match=r"cannot decode image .*zz_broken\.png"):
-        data.split_tensors(["dA"], "train")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*zz_broken\.png"):
+        data = ImageFolderDomains(tree, test_fraction=0.0, resolution=8)
+    assert [p for p, _ in data.bad_files] == [str(bad)] and data.bad_files[0][1]
+    assert data.count("dA", 1, "train") == 5 and bad not in data.files("dA", 1, "train")
+    assert data.split_tensors(["dA"], "train")[0].shape == (15, 3, 8, 8)
+    for f in (tree / "dB" / "dog").iterdir():  # a class with no readable image at all is an error
+        f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="domain 'dB' has no readable images of class 'dog'"):
+        ImageFolderDomains(tree, resolution=8)
 
 
 # -- presets and load_dataset -----------------------------------------------------------------
