@@ -391,9 +391,10 @@ class DecodeCache:
             pool.shutdown(wait=True, cancel_futures=True)
             for writer in writers.values():
                 writer.abort()
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise OSError(errno.ENOSPC, f"the disk under {self.root} is full while decoding ({e}); nothing "
-                                            f"half-written was kept: free space or set SGS_CACHE_DIR") from e
+            if isinstance(e, OSError):  # decoding errors never get here (they mark the file bad)
+                raise OSError(e.errno, f"cannot write the decode cache under {self.root}: {e.strerror or e}; "
+                                       "nothing half-written was kept: free space, fix the permissions or set "
+                                       "SGS_CACHE_DIR to another folder") from e
             raise
         finally:
             pool.shutdown(wait=True)
