@@ -387,6 +387,24 @@ def purity(pred: torch.Tensor, truth: torch.Tensor) -> float:
     return sum(torch.bincount(truth[pred == j]).max().item() for j in range(k) if (pred == j).any()) / len(pred)
 
 
+def test_low_frequency_features_equal_the_fft_definition():
+    """The partial DFT gives the central window of the centred fft2 (float64 reference), odd sizes
+    and windows wider than the image included."""
+    from sgs_cuda.data.pseudo_domains import low_frequency_features
+
+    g = torch.Generator().manual_seed(0)
+    for shape, window in (((5, 3, 16, 16), 8), ((4, 3, 17, 9), 8), ((3, 1, 5, 7), 8), ((2, 3, 64, 48), 6)):
+        x = torch.rand(shape, generator=g)
+        n, c, h, w = shape
+        wh, ww = min(window, h), min(window, w)
+        spec = torch.fft.fftshift(torch.fft.fft2(x.double()), dim=(-2, -1))
+        top, left = h // 2 - wh // 2, w // 2 - ww // 2
+        ref = torch.log1p(spec[..., top:top + wh, left:left + ww].abs() / (h * w) * 100.0).reshape(n, -1)
+        out = low_frequency_features(x, window)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
+
+
 def test_assign_pseudo_domains_recovers_planted_clusters():
     images, truth = planted_casts()
     perm = torch.randperm(len(truth), generator=torch.Generator().manual_seed(1))

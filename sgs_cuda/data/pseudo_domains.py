@@ -23,6 +23,13 @@ from .sampling import SPLITS, check_split, draw_indices
 CACHE_VERSION = 1  # of the cached assignment; bump when the clustering changes
 
 
+def _dft_rows(n: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the DFT rows for the ``window`` frequencies nearest 0 (``-window//2 ...``)."""
+    freqs = torch.arange(window, dtype=torch.float64) - window // 2
+    angle = 2 * torch.pi * freqs[:, None] * torch.arange(n, dtype=torch.float64)[None, :] / n
+    return torch.cos(angle).to(torch.float32), torch.sin(angle).to(torch.float32)
+
+
 def low_frequency_features(images: torch.Tensor, window: int = 8) -> torch.Tensor:
     """``log(1 + |F|)`` of the central ``window x window`` of each channel's centred ``fft2``.
 
@@ -30,14 +37,21 @@ def low_frequency_features(images: torch.Tensor, window: int = 8) -> torch.Tenso
     the brightness and colour cast, which normalisation could flip in sign and the amplitude lose.
     Returns ``[N, C * window * window]`` float32 (amplitude normalised by the pixel count, so
     the resolution does not change the scale).
+
+    Only those ``window**2`` frequencies are computed (two small real DFT matrix products per
+    plane), not the whole spectrum: the memory is that of the images, at any resolution.
     """
     if images.dim() != 4:
         raise ValueError(f"expected images [N, C, H, W], got shape {tuple(images.shape)}")
     n, c, h, w = images.shape
     win_h, win_w = min(window, h), min(window, w)
-    spec = torch.fft.fftshift(torch.fft.fft2(images.to(torch.float32)), dim=(-2, -1))
-    top, left = h // 2 - win_h // 2, w // 2 - win_w // 2
-    amp = spec[..., top:top + win_h, left:left + win_w].abs() / (h * w)
+    x = images.to(torch.float32)
+    ch, sh = _dft_rows(h, win_h)  # F = (Ch - i Sh) x (Cw - i Sw)^T
+    cw, sw = _dft_rows(w, win_w)
+    p, q = ch @ x, sh @ x  # [N, C, win_h, W]
+    real = p @ cw.T - q @ sw.T
+    imag = p @ sw.T + q @ cw.T  # the sign of the imaginary part does not change the amplitude
+    amp = torch.sqrt(real * real + imag * imag) / (h * w)
     return torch.log1p(amp * 100.0).reshape(n, -1)  # x100: small amplitudes stay distinguishable
 
 
@@ -118,7 +132,7 @@ class PseudoDomainDataset:
     """
 
     def __init__(self, base, k: int, seed: int = 0, window: int = 8, domains: Sequence[str] | None = None,
-                 fit_sample: int = 20000, cache_dir=None, chunk: int = 1024):
+                 fit_sample: int = 20000, cache_dir=None, chunk: int = 256):
         domains = list(domains if domains is not None else base.domains)
         if hasattr(base, "base") and not hasattr(base, "uint8_images") and hasattr(base.base, "uint8_images"):
             base = base.base  # a view restricting the domains (the CLI's DomainSubset): read through it
