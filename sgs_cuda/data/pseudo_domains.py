@@ -20,7 +20,7 @@ from .decode_cache import default_cache_dir, save_npz_atomic
 from .memory import InMemoryDomains
 from .sampling import SPLITS, check_split, draw_indices
 
-CACHE_VERSION = 1  # of the cached assignment; bump when the clustering changes
+CACHE_VERSION = 2  # of the cached assignment; bump when the clustering changes
 
 
 def _dft_rows(n: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
