@@ -26,7 +26,9 @@ import mmap
 import os
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -38,6 +40,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 DECODE_VERSION = 1  # bump when decode_image changes its output
+STALE_SECONDS = 7 * 24 * 3600  # another host's temporary folder this old is debris of a dead build
 CROPS = ("center", "squash")
 
 
@@ -142,6 +145,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temporary_name(key: str) -> str:
+    """``.tmp-<key>.<host>.<pid>.<random>``: which live process owns it can be told (shared caches too)."""
+    host = "".join(ch if ch.isalnum() else "_" for ch in socket.gethostname()) or "host"
+    return f".tmp-{key}.{host}.{os.getpid()}.{secrets.token_hex(3)}"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -157,23 +166,28 @@ class _EntryWriter:
 
     def __init__(self, root: Path, key: str, files: Sequence[str], resolution: int, crop: str):
         self.root, self.key, self.files, self.resolution, self.crop = root, key, tuple(files), resolution, crop
-        self.tmp = root / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.tmp.mkdir(parents=True)
+        self.tmp = root / _temporary_name(key)
         self.row_bytes = 3 * resolution * resolution
         self.bad: dict[int, str] = {}
         self.remaining = len(self.files)
-        self.fd = os.open(self.tmp / "images.npy", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(os.dup(self.fd), "wb") as f:
-            npy_format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
-                                                  "shape": (len(self.files), 3, resolution, resolution)})
-            self.offset = f.tell()
-        size = self.offset + len(self.files) * self.row_bytes
-        try:  # reserve the space now: a full disk fails here, not half-way through the group
-            os.posix_fallocate(self.fd, 0, size)
-        except (AttributeError, OSError) as e:
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise
-            os.ftruncate(self.fd, size)  # file systems without fallocate
+        self.fd = -1
+        try:
+            self.tmp.mkdir(parents=True)
+            self.fd = os.open(self.tmp / "images.npy", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(os.dup(self.fd), "wb") as f:
+                npy_format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (len(self.files), 3, resolution, resolution)})
+                self.offset = f.tell()
+            size = self.offset + len(self.files) * self.row_bytes
+            try:  # reserve the space now: a full disk fails here, not half-way through the group
+                os.posix_fallocate(self.fd, 0, size)
+            except (AttributeError, OSError) as e:
+                if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                    raise
+                os.ftruncate(self.fd, size)  # file systems without fallocate
+        except BaseException:
+            self.abort()
+            raise
 
     def put(self, row: int, image: np.ndarray | None, reason: str | None) -> None:
         if image is None:
@@ -271,6 +285,8 @@ class DecodeCache:
             if size != offset + int(np.prod(expected)):
                 raise ValueError(f"images.npy has {size} bytes, expected {offset + int(np.prod(expected))} (truncated?)")
             bad = {int(i): str(r) for i, r in meta.get("bad", {}).items()}
+            if any(not 0 <= i < len(files) for i in bad):
+                raise ValueError("meta.json lists unreadable rows outside the entry")
         except (OSError, ValueError, TypeError, AttributeError) as e:
             warnings.warn(f"ignoring damaged decode cache entry {folder} ({e}); decoding its images again",
                           stacklevel=3)
@@ -279,7 +295,7 @@ class DecodeCache:
         return DecodedGroup(folder / "images.npy", key, files, self.resolution, offset, bad)
 
     def _remove(self, folder: Path) -> None:
-        trash = folder.with_name(f".tmp-{folder.name}-{os.getpid()}-{secrets.token_hex(3)}")
+        trash = folder.with_name(_temporary_name(folder.name))
         try:
             os.rename(folder, trash)  # out of sight at once, then deleted
         except OSError:
@@ -288,10 +304,17 @@ class DecodeCache:
 
     def _remove_stale_temporaries(self) -> None:
         """Delete the temporary folders that builds killed earlier left behind."""
+        here = _temporary_name("x").split(".")[2]
         for entry in self.root.glob(".tmp-*"):
-            parts = entry.name.split("-")
-            pid = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else None
-            if pid is None or (pid != os.getpid() and not _pid_alive(pid)):
+            parts = entry.name.split(".")
+            if len(parts) != 5 or not parts[3].isdigit():
+                continue  # not ours
+            try:
+                age = time.time() - entry.stat().st_mtime
+            except OSError:
+                continue
+            mine = parts[2] == here
+            if (mine and int(parts[3]) != os.getpid() and not _pid_alive(int(parts[3]))) or age > STALE_SECONDS:
                 shutil.rmtree(entry, ignore_errors=True)
 
     @contextmanager
@@ -365,8 +388,7 @@ class DecodeCache:
         window = 8 * self.num_workers  # bounded in flight: memory does not grow with the data set
 
         def finish(futures) -> None:
-            for fut in futures:
-                slot, row, image, reason = fut.result()
+            for slot, row, image, reason in sorted((f.result() for f in futures), key=lambda r: r[:2]):
                 writer = writers[slot]
                 writer.put(row, image, reason)
                 bar.update(1)

@@ -146,9 +146,9 @@ class PseudoDomainDataset:
         self.bad_files = list(getattr(base, "bad_files", []))
         K = len(self.classes)
         # Every image of the pooled domains, in a fixed order: (base domain, label, position in the cell).
-        items = {split: np.array([(i, c, p) for i, d in enumerate(domains) for c in range(K)
-                                  for p in range(base.count(d, c, split))], dtype=np.int64).reshape(-1, 3)
-                 for split in SPLITS}
+        items = {split: np.concatenate([np.empty((0, 3), dtype=np.int64)] + [
+            np.stack(np.broadcast_arrays(i, c, np.arange(base.count(d, c, split))), axis=1)
+            for i, d in enumerate(domains) for c in range(K)]) for split in SPLITS}
         if len(items["train"]) < k:
             raise ValueError(f"cannot form {k} pseudo-domains from {len(items['train'])} train images")
 
@@ -179,8 +179,6 @@ class PseudoDomainDataset:
         self._items = items
         self.source_domain = {name: {s: torch.from_numpy(items[s][assign[s] == j, 0]) for s in SPLITS}
                               for j, name in enumerate(self.domains)}
-        self._m = torch.tensor(self.mean).view(1, -1, 1, 1)
-        self._s = torch.tensor(self.std).view(1, -1, 1, 1)
 
     # -- building ---------------------------------------------------------------------------
     def _features(self, part: np.ndarray, split: str, window: int, chunk: int) -> torch.Tensor:
@@ -243,7 +241,7 @@ class PseudoDomainDataset:
         return self._cells[domain, split, int(label)]
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return (images_uint8.to(torch.float32) / 255.0 - self._m) / self._s
+        return self.base.normalize(images_uint8)  # batches exactly as the base source gives them
 
     def uint8_images(self, domain: str, label: int, index, split: str = "train") -> torch.Tensor:
         rows = self._cell(domain, label, split)[np.asarray(index, dtype=np.int64).reshape(-1)]
