@@ -1,5 +1,6 @@
-"""pytest-benchmark timings of sgs::surgery on CUDA: the fused op, the eager torch reference and
-torch.compile of the reference, at the project's benchmark shapes (float32, hard mask).
+"""pytest-benchmark timings of sgs::surgery on CUDA: every CUDA path (dx, portable, cufft), the
+op as a DM loop calls it, the eager torch reference and torch.compile of the reference, at the
+project's benchmark shapes (float32, hard mask).
 
     python -m pytest benchmarks/test_bench_cuda.py --benchmark-only --benchmark-json=out.json
 
@@ -15,7 +16,7 @@ pytest.importorskip("pytest_benchmark")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 SHAPES = [(3, 100, 3, 32, 32), (4, 100, 3, 64, 64), (4, 100, 3, 128, 128), (4, 1000, 3, 32, 32),
-          (5, 500, 3, 128, 128)]
+          (5, 500, 3, 128, 128), (4, 100, 3, 28, 28)]
 OP_ARGS = (1.0, 0.25, 1.0, 0.25, "hard")
 
 
@@ -57,11 +58,32 @@ def _bench(benchmark, fn, shape):
     benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
 
 
+@pytest.mark.parametrize("path", ["dx", "portable", "cufft"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused(benchmark, extension, shape):
+def test_cuda_path(benchmark, extension, shape, path):
     grads, assign = _inputs(shape)
     benchmark.group = "x".join(map(str, shape))
-    _bench(benchmark, lambda: torch.ops.sgs.surgery(grads, assign, *OP_ARGS), shape)
+    extension.set_cuda_path(path)
+    try:
+        torch.ops.sgs.surgery(grads, assign, *OP_ARGS)
+    except RuntimeError as exc:
+        extension.set_cuda_path("auto")
+        pytest.skip(str(exc).splitlines()[0])
+    try:
+        _bench(benchmark, lambda: torch.ops.sgs.surgery(grads, assign, *OP_ARGS), shape)
+    finally:
+        extension.set_cuda_path("auto")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dm_loop_call(benchmark, extension, shape):
+    """SpectralGradientSurgery with its defaults, as the distillation loop calls it."""
+    from sgs_cuda import SpectralGradientSurgery
+
+    grads, _ = _inputs(shape)
+    benchmark.group = "x".join(map(str, shape))
+    dm = SpectralGradientSurgery()
+    _bench(benchmark, lambda: dm(grads), shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -219,13 +219,6 @@ void surgery_kernel(const at::Tensor& grads, const at::Tensor& assign, const Sur
   }
 }
 
-template <typename T>
-SurgeryParams<T> make_params(int64_t D, double tau, double rho, double alpha, double beta, bool soft) {
-  // Thresholds are rounded to the compute type, as torch does when comparing a tensor to a scalar.
-  return SurgeryParams<T>{static_cast<int>(D), static_cast<T>(tau), static_cast<T>(rho),
-                          static_cast<T>(alpha), static_cast<T>(beta), soft};
-}
-
 }  // namespace
 
 std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads_in, const at::Tensor& assign_in, double tau,
@@ -239,7 +232,7 @@ std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads_in, const at::T
   const int64_t D = grads.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "sgs_surgery_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    surgery_kernel<scalar_t, T>(grads, assign, make_params<T>(D, tau, rho, alpha, beta, soft), update,
+    surgery_kernel<scalar_t, T>(grads, assign, make_params<T>(static_cast<int>(D), tau, rho, alpha, beta, soft), update,
                                 parts ? &mean : nullptr, parts ? &shared : nullptr,
                                 parts ? &diversity : nullptr, parts ? &stats : nullptr);
   });

@@ -1,6 +1,13 @@
-// CUDA kernels of sgs::surgery (spec sections 3 and 5).
+// CUDA kernels of sgs::surgery (spec sections 3 and 5): a ladder of three paths, the fastest that
+// applies unless SGS_CUDA_PATH=dx|portable|cufft forces one (auto: the default).
+//   dx       the cuFFTDx kernel (sgs_cuda_dx*.cu, sgs_dx.h): compile-time specialised sizes
+//            (SGS_DX_SIZES), float32/float16/bfloat16, update only, sm_90; built only when
+//            nvidia-mathdx is installed (SGS_WITH_DX);
+//   portable the fused kernel below: any even W whose lengths factor into primes <= 13, on one
+//            CTA or a thread-block cluster; also the path for return_parts and float64;
+//   cufft    cuFFT (at::fft_rfft2) plus one kernel over the bins, for everything else.
 //
-// Fused path: one pass per (image, channel) plane. A thread block (or a cluster of `cs` thread
+// Portable (fused) path: one pass per (image, channel) plane. A thread block (or a cluster of `cs` thread
 // blocks, see below) reads the D domain planes of its plane once from global memory, runs the 2-D
 // real FFT in shared memory with the Stockham stages of sgs_math.h (one thread per (butterfly j,
 // lane l) pair, __syncthreads between stages, ping-pong buffers), folds each domain's spectrum into
@@ -27,7 +34,7 @@
 // the transposes hit distinct banks. Float32 (half/bfloat16 inputs alike), H = W, one block per
 // plane: 28x28: 18.1 KB (224 threads), 32x32: 23.2 KB (256), 64x64: 87.9 KB (256; 512 items per
 // FFT stage). The kernel uses ~96 registers per thread (no spills), so registers, not shared
-// memory, bound the residency at 32x32 and 64x64 (~20 warps per SM).
+// memory, bound the residency at 32x32 and 64x64 (16 warps per SM).
 // 128x128 needs S and S2 (2 x 66.5 KB), the row buffers and 8320 bins of statistics (150 KB):
 // about 350 KB, more than the 227 KB a block may have. It runs on a 2-CTA thread block cluster
 // (Hopper, distributed shared memory): CTA r does the row transforms of rows [64r, 64r+64) and
@@ -43,14 +50,16 @@
 // at::fft_irfft2.
 //
 // Both paths: the imaginary parts of the self-conjugate bins are set to zero before the
-// statistics, as the CPU kernel does; the hard-mask thresholds are made immune to approximate
-// device division (device_params below); per-plane (fused) or per-block (fallback) partial diagnostics
+// statistics, as the CPU kernel does; the hard mask is an exact integer and product test
+// (SurgeryParams::kstar, rho2), so approximate device division cannot flip it; per-plane (fused) or per-block (fallback) partial diagnostics
 // are reduced with at::sum (deterministic, no atomics); no host synchronisation anywhere (CUDA graph
 // capture works for the fused path).
 //
-// Test hooks (environment, read on every call): SGS_CUDA_PATH=auto|fused|fallback forces a path
-// (fused raises if the size cannot be fused), SGS_CUDA_SMEM_LIMIT=<bytes> lowers the shared-memory
-// budget (to exercise the cluster path at small sizes).
+// Options (read from the environment once, when the library loads; sgs::set_cuda_options changes
+// them at run time for tests and benchmarks): SGS_CUDA_PATH=auto|dx|portable|cufft (a forced path
+// raises if it cannot take the input; fused/fallback are the old names of portable/cufft),
+// SGS_CUDA_SMEM_LIMIT=<bytes> lowers the portable kernel's shared-memory budget (to exercise its
+// cluster path at small sizes).
 //
 // Compiled with -DSGS_EMULATE (no torch, no CUDA), this file exposes only the planner and the
 // block-level algorithm, templated on an execution context: tests/test_cuda_build.py runs it on the
@@ -88,6 +97,9 @@
 #include <vector>
 
 #include "sgs_ops.h"
+#include "sgs_dx_api.h"
+#include <torch/library.h>
+#include <atomic>
 #define SGS_DEV __device__
 #define SGS_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
 #endif
@@ -201,38 +213,6 @@ inline FusedPlan plan_fused(int H, int W, int64_t D, int elem, int64_t smem_limi
   }
   q.ok = 0;
   return q;
-}
-
-// Hyper-parameters as the device kernels receive them. recombine_bin computes the sign agreement
-// a = |sum sgn| / D and compares a >= tau. The nvcc flags may include --use_fast_math, under which
-// that division is approximate (1-2 ulp): 3 * rcp(3) can come out as 0.99999994 and reject every
-// unanimous component at tau = 1. Since a only takes the values k/D, the device gets the threshold
-// halfway between the last rejected and the first kept level, with the first kept level k* found
-// here on the host with exactly the CPU kernel's IEEE expression: a device value of k/D off by
-// less than 0.5/D then gives the same decision as the exact one, for any division precision.
-// Likewise the magnitude agreement sqrt(min2/max2) is exactly 1 for equal magnitudes, and an
-// approximate sqrt/division may return 1 - ulp: rho is capped 4 ulp below 1 so that those bins stay
-// kept at rho = 1 (a change only within rounding of the threshold).
-template <typename T>
-inline T first_kept_level(double tau, int D) {  // smallest k with T(k)/T(D) >= T(tau), IEEE
-  const T t = static_cast<T>(tau), d = static_cast<T>(D);
-  for (int k = 0; k <= D; ++k) {
-    volatile T level = static_cast<T>(k) / d;  // volatile: no excess precision, no folding
-    if (level >= t) return static_cast<T>(k);
-  }
-  return static_cast<T>(D) + T(1);  // tau > 1: nothing is kept
-}
-
-template <typename T>
-inline SurgeryParams<T> device_params(int64_t D, double tau, double rho, double alpha, double beta, bool soft) {
-  const T d = static_cast<T>(D);
-  T r = static_cast<T>(rho);
-  const T below_one = T(1) - T(4) * std::numeric_limits<T>::epsilon();
-  r = r > below_one ? below_one : r;
-  // Soft masks use a itself, not the threshold: tau is unused there and passed through.
-  const T t = soft ? static_cast<T>(tau) : (first_kept_level<T>(tau, static_cast<int>(D)) - T(0.5)) / d;
-  return SurgeryParams<T>{static_cast<int>(D), t, soft ? static_cast<T>(rho) : r, static_cast<T>(alpha),
-                          static_cast<T>(beta), soft};
 }
 
 template <typename In, typename T>
@@ -602,44 +582,105 @@ __global__ void __launch_bounds__(kBinsThreads) sgs_bins_kernel(const BinsArgs<T
   }
 }
 
-enum class Path { kAuto, kFused, kFallback };
+enum class Path : int { kAuto = 0, kDx = 1, kPortable = 2, kCufft = 3 };
 
-Path requested_path() {
-  const char* v = std::getenv("SGS_CUDA_PATH");
+Path parse_path(const char* v) {
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Path::kAuto;
-  if (std::strcmp(v, "fused") == 0) return Path::kFused;
-  if (std::strcmp(v, "fallback") == 0) return Path::kFallback;
-  TORCH_CHECK(false, "SGS_CUDA_PATH must be auto, fused or fallback, got '", v, "'");
+  if (std::strcmp(v, "dx") == 0) return Path::kDx;
+  if (std::strcmp(v, "portable") == 0 || std::strcmp(v, "fused") == 0) return Path::kPortable;
+  if (std::strcmp(v, "cufft") == 0 || std::strcmp(v, "fallback") == 0) return Path::kCufft;
+  TORCH_CHECK(false, "SGS_CUDA_PATH must be auto, dx, portable or cufft, got '", v, "'");
 }
 
-int64_t smem_limit_override() {
-  const char* v = std::getenv("SGS_CUDA_SMEM_LIMIT");
-  if (v == nullptr || *v == '\0') return -1;
-  return std::strtoll(v, nullptr, 10);
+const char* path_name(Path p) {
+  switch (p) {
+    case Path::kDx: return "dx";
+    case Path::kPortable: return "portable";
+    case Path::kCufft: return "cufft";
+    default: return "auto";
+  }
 }
 
-// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per device, kernel and size, so that a
-// warmed-up call (as CUDA graph capture requires anyway) makes no such call during capture.
-void ensure_smem_attribute(const void* kernel, int64_t bytes, int device) {
+// The options, read from the environment once (not on every call).
+struct Options {
+  std::atomic<int> path;
+  std::atomic<int64_t> smem_limit;  // -1: the device's limit
+  Options() {
+    path = static_cast<int>(parse_path(std::getenv("SGS_CUDA_PATH")));
+    const char* v = std::getenv("SGS_CUDA_SMEM_LIMIT");
+    smem_limit = (v == nullptr || *v == '\0') ? -1 : std::strtoll(v, nullptr, 10);
+  }
+};
+
+Options& options() {
+  static Options o;
+  return o;
+}
+
+// A CUDA error left pending by earlier work must surface as itself, not be cleared by (or blamed
+// on) the host-side queries below.
+void raise_pending_error() { C10_CUDA_CHECK(cudaPeekAtLastError()); }
+
+// The few device attributes the planner needs (cudaDeviceGetAttribute is cheap, unlike
+// cudaGetDeviceProperties).
+struct DeviceInfo {
+  int smem_optin, major, sms;
+};
+
+// Everything cached per device, under one lock: its attributes, the dynamic shared-memory limit
+// set per kernel (so that a warmed-up call, as CUDA graph capture requires anyway, makes no such
+// call during capture), each kernel's static shared memory and whether a cluster plan can launch.
+struct DeviceCache {
+  bool have_info = false;
+  DeviceInfo info{};
+  std::vector<std::pair<const void*, int64_t>> smem_set, static_smem;
+  std::vector<std::pair<std::array<int64_t, 4>, bool>> cluster_ok;  // (kernel, cs, threads, smem)
+};
+
+std::mutex& cache_mutex() {
   static std::mutex mu;
-  static std::vector<std::tuple<int, const void*, int64_t>> done;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const auto& e : done)
-    if (std::get<0>(e) == device && std::get<1>(e) == kernel && std::get<2>(e) >= bytes) return;
+  return mu;
+}
+
+DeviceCache& device_cache(int device) {  // call with cache_mutex() held
+  static std::vector<DeviceCache> caches;
+  if (device >= static_cast<int>(caches.size())) caches.resize(device + 1);
+  return caches[device];
+}
+
+DeviceInfo device_info(int device) {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  DeviceCache& c = device_cache(device);
+  if (!c.have_info) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&c.info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&c.info.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&c.info.sms, cudaDevAttrMultiProcessorCount, device));
+    c.have_info = true;
+  }
+  return c.info;
+}
+
+void ensure_smem_attribute_locked(DeviceCache& c, const void* kernel, int64_t bytes) {
+  for (const auto& e : c.smem_set)
+    if (e.first == kernel && e.second >= bytes) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  done.emplace_back(device, kernel, bytes);
+  c.smem_set.emplace_back(kernel, bytes);
 }
 
-// Static shared memory of a kernel (none is declared; queried to be safe), cached per device.
+void ensure_smem_attribute(const void* kernel, int64_t bytes, int device) {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  ensure_smem_attribute_locked(device_cache(device), kernel, bytes);
+}
+
+// Static shared memory of a kernel (none is declared; queried to be safe).
 int64_t static_smem(const void* kernel, int device) {
-  static std::mutex mu;
-  static std::vector<std::tuple<int, const void*, int64_t>> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const auto& e : cache)
-    if (std::get<0>(e) == device && std::get<1>(e) == kernel) return std::get<2>(e);
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  DeviceCache& c = device_cache(device);
+  for (const auto& e : c.static_smem)
+    if (e.first == kernel) return e.second;
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  cache.emplace_back(device, kernel, static_cast<int64_t>(attr.sharedSizeBytes));
+  c.static_smem.emplace_back(kernel, static_cast<int64_t>(attr.sharedSizeBytes));
   return static_cast<int64_t>(attr.sharedSizeBytes);
 }
 
@@ -662,51 +703,31 @@ cudaLaunchConfig_t cluster_config(const FusedPlan& plan, unsigned blocks, cudaSt
 }
 
 // Whether a cluster launch of `kernel` with this plan can run on the current device. Host-side
-// queries only (no synchronisation); the answer is cached per device, kernel and plan shape.
+// queries only (no synchronisation).
 bool cluster_launch_possible(const void* kernel, const FusedPlan& plan, int device) {
-  static std::mutex mu;
-  static std::vector<std::array<int64_t, 6>> cache;  // device, kernel, cs, threads, smem, ok
-  const int64_t key_kernel = static_cast<int64_t>(reinterpret_cast<uintptr_t>(kernel));
-  std::lock_guard<std::mutex> lock(mu);
-  for (const auto& e : cache)
-    if (e[0] == device && e[1] == key_kernel && e[2] == plan.cs && e[3] == plan.threads && e[4] == plan.smem)
-      return e[5] != 0;
+  raise_pending_error();  // the queries below may fail and are then cleared: nothing else may be
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  DeviceCache& c = device_cache(device);
+  const std::array<int64_t, 4> key{static_cast<int64_t>(reinterpret_cast<uintptr_t>(kernel)), plan.cs, plan.threads,
+                                   plan.smem};
+  for (const auto& e : c.cluster_ok)
+    if (e.first == key) return e.second;
   bool ok = false, failed = false;
   cudaFuncAttributes attr;
   // ptxVersion: code compiled for an older virtual architecture has the cluster paths trapped out.
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     failed = true;
   } else if (attr.ptxVersion >= 90) {
-    ensure_smem_attribute(kernel, plan.smem, device);  // only ever raises the limit
+    ensure_smem_attribute_locked(c, kernel, plan.smem);  // only ever raises the limit
     cudaLaunchAttribute cluster_dim;
     const cudaLaunchConfig_t cfg = cluster_config(plan, static_cast<unsigned>(plan.cs), nullptr, cluster_dim);
     int clusters = 0;
     failed = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess;
     ok = !failed && clusters > 0;
   }
-  if (failed) (void)cudaGetLastError();  // a failed query must not look like a failed launch later
-  cache.push_back({device, key_kernel, plan.cs, plan.threads, plan.smem, ok ? 1 : 0});
+  if (failed) (void)cudaGetLastError();  // our own failed query must not look like a failed launch later
+  c.cluster_ok.emplace_back(key, ok);
   return ok;
-}
-
-// The few device attributes the planner needs (cudaDeviceGetAttribute is cheap, unlike
-// cudaGetDeviceProperties), cached per device.
-struct DeviceInfo {
-  int smem_optin, major, sms;
-};
-
-DeviceInfo device_info(int device) {
-  static std::mutex mu;
-  static std::vector<std::pair<int, DeviceInfo>> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const auto& e : cache)
-    if (e.first == device) return e.second;
-  DeviceInfo info{};
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device));
-  cache.emplace_back(device, info);
-  return info;
 }
 
 // Plans the fused kernel for this device; ok == 0 when it cannot run it.
@@ -714,7 +735,7 @@ template <typename In, typename T>
 FusedPlan device_plan(int H, int W, int64_t D, int64_t planes, int device) {
   const DeviceInfo dev = device_info(device);
   int64_t limit = dev.smem_optin;
-  const int64_t user = smem_limit_override();
+  const int64_t user = options().smem_limit.load();
   if (user >= 0 && user < limit) limit = user;
   limit -= static_smem(reinterpret_cast<const void*>(sgs_fused_kernel<In, T, false>), device);
   const int max_cluster = dev.major >= 9 ? kMaxCluster : 1;
@@ -792,6 +813,50 @@ void run_fallback(const at::Tensor& grads, const at::Tensor& assign, const Surge
 }  // namespace
 }  // namespace cuda_detail
 
+namespace cuda_detail {
+namespace {
+
+// Why the dx kernel cannot take this call ("" if it can).
+std::string dx_refusal(const at::Tensor& grads, bool parts) {
+#if defined(SGS_WITH_DX)
+  const int H = static_cast<int>(grads.size(3)), W = static_cast<int>(grads.size(4));
+  const auto t = grads.scalar_type();
+  if (parts) return "return_parts takes the portable kernel";
+  if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) return "float64 takes the portable kernel";
+  if (!dx::applies(H, W, grads.get_device()))
+    return std::to_string(H) + "x" + std::to_string(W) +
+           " is not an instantiated size or the device is not sm_90 (instantiated: " + dx::describe() + ")";
+  if (reinterpret_cast<uintptr_t>(grads.const_data_ptr()) % 16 != 0) return "input not 16-byte aligned";
+  if ((grads.size(1) * grads.size(2) + 1) > static_cast<int64_t>(INT32_MAX)) return "too many planes";
+  return "";
+#else
+  (void)grads;
+  (void)parts;
+  return "this build has no cuFFTDx kernel (nvidia-mathdx was not installed when it was compiled)";
+#endif
+}
+
+// The path this call takes (raises when a forced path cannot take it). plan: the portable plan,
+// computed when that path is a candidate.
+template <typename scalar_t, typename T>
+Path choose_path(const at::Tensor& grads, bool parts, FusedPlan& plan) {
+  const Path want = static_cast<Path>(options().path.load());
+  const int64_t D = grads.size(0), planes = grads.size(1) * grads.size(2);
+  const int H = static_cast<int>(grads.size(3)), W = static_cast<int>(grads.size(4));
+  if (want == Path::kAuto || want == Path::kDx) {
+    const std::string why = dx_refusal(grads, parts);
+    TORCH_CHECK(want != Path::kDx || why.empty(), "sgs::surgery (CUDA): SGS_CUDA_PATH=dx but ", why);
+    if (why.empty()) return Path::kDx;
+  }
+  if (want != Path::kCufft) plan = device_plan<scalar_t, T>(H, W, D, planes, grads.get_device());
+  TORCH_CHECK(want != Path::kPortable || plan.ok, "sgs::surgery (CUDA): SGS_CUDA_PATH=portable but a ", H, "x", W,
+              " plane with D=", D, " cannot take the portable kernel on this device");
+  return plan.ok ? Path::kPortable : Path::kCufft;
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
 std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::Tensor& assign_in, double tau,
                                           double rho, double alpha, double beta, bool soft, bool parts) {
   using namespace cuda_detail;
@@ -806,18 +871,32 @@ std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::
   const int64_t D = grads.size(0), N = grads.size(1), C = grads.size(2);
   const int H = static_cast<int>(grads.size(3)), W = static_cast<int>(grads.size(4));
   const int64_t planes = N * C;
-  const Path path = requested_path();
   const int device = grads.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "sgs_surgery_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const SurgeryParams<T> p = device_params<T>(D, tau, rho, alpha, beta, soft);
+    const SurgeryParams<T> p = make_params<T>(static_cast<int>(D), tau, rho, alpha, beta, soft);
     FusedPlan plan{};
-    if (path != Path::kFallback) plan = device_plan<scalar_t, T>(H, W, D, planes, device);
-    TORCH_CHECK(path != Path::kFused || plan.ok, "sgs::surgery (CUDA): SGS_CUDA_PATH=fused but a ", H, "x", W,
-                " plane with D=", D, " cannot take the fused path on this device");
-    if (plan.ok) {
+    const Path path = choose_path<scalar_t, T>(grads, parts, plan);
+    if (path == Path::kDx) {
+#if defined(SGS_WITH_DX)
+      dx::Call c;  // (float64 never gets here: dx_refusal)
+      c.grads = grads.const_data_ptr();
+      c.in_type = std::is_same_v<scalar_t, at::Half>       ? dx::InType::kHalf
+                  : std::is_same_v<scalar_t, at::BFloat16> ? dx::InType::kBFloat16
+                                                           : dx::InType::kFloat;
+      c.assign = assign.const_data_ptr<int64_t>();
+      c.update = update.data_ptr();
+      c.planes = planes;
+      c.channels = C;
+      c.domains = static_cast<int>(D);
+      c.p = make_params<float>(static_cast<int>(D), tau, rho, alpha, beta, soft);
+      c.stream = stream;
+      c.device = device;
+      dx::run(H, W, c);
+#endif
+    } else if (path == Path::kPortable) {
       at::Tensor plane_stats;
       if (parts) plane_stats = at::empty({planes * plan.cs, 4}, grads.options().dtype(at::kDouble));
       FusedArgs<scalar_t, T> args;
@@ -848,6 +927,48 @@ std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::
   return outs.list();
 }
 
+namespace {
+
+// sgs::cuda_path(grads, parts): which path such a call takes now ("dx", "portable", "cufft").
+std::string cuda_path(const at::Tensor& grads, bool parts) {
+  using namespace cuda_detail;
+  TORCH_CHECK(grads.is_cuda() && grads.dim() == 5, "sgs::cuda_path: grads must be a 5-d CUDA tensor");
+  const c10::cuda::CUDAGuard guard(grads.device());
+  std::string name;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "sgs_cuda_path", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    FusedPlan plan{};
+    name = path_name(choose_path<scalar_t, T>(grads.contiguous(), parts, plan));
+  });
+  return name;
+}
+
+// sgs::cuda_build_info(): the paths this build has, in one line (no GPU needed).
+std::string cuda_build_info() {
+#if defined(SGS_WITH_DX)
+  return "dx: " + dx::describe() + "; portable; cufft";
+#else
+  return "dx: not built; portable; cufft";
+#endif
+}
+
+// sgs::set_cuda_options(path, smem_limit): "" keeps the path, smem_limit -1 restores the device's.
+void set_cuda_options(c10::string_view path, int64_t smem_limit) {
+  using namespace cuda_detail;
+  if (!path.empty()) options().path = static_cast<int>(parse_path(std::string(path).c_str()));
+  options().smem_limit = smem_limit;
+}
+
+std::string get_cuda_path_option() { return cuda_detail::path_name(static_cast<cuda_detail::Path>(cuda_detail::options().path.load())); }
+
+}  // namespace
 }  // namespace sgs
+
+TORCH_LIBRARY_FRAGMENT(sgs, m) {
+  m.def("cuda_path(Tensor grads, bool parts) -> str", &sgs::cuda_path);
+  m.def("cuda_build_info() -> str", &sgs::cuda_build_info);
+  m.def("set_cuda_options(str path, int smem_limit) -> ()", &sgs::set_cuda_options);
+  m.def("cuda_path_option() -> str", &sgs::get_cuda_path_option);
+}
 
 #endif  // !SGS_EMULATE

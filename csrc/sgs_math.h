@@ -229,7 +229,29 @@ struct SurgeryParams {
   int num_domains;
   T tau, rho, alpha, beta;
   bool soft;  // soft mask a * m instead of the hard thresholds
+  // The hard mask as exact tests, so that no kernel depends on how precisely its device divides or
+  // takes square roots: a real component is kept when |sum of signs| >= kstar, a bin when
+  // min2 >= rho2 * max2 (see make_params).
+  int kstar;
+  T rho2;
 };
+
+// Host-side setup of the parameters. kstar is the smallest k with T(k)/T(D) >= T(tau), found with
+// exactly the IEEE expression the reference evaluates (thresholds are rounded to the compute type,
+// as torch does when comparing a tensor with a scalar); D + 1 when tau > 1 keeps nothing.
+template <typename T>
+inline SurgeryParams<T> make_params(int D, double tau, double rho, double alpha, double beta, bool soft) {
+  const T t = static_cast<T>(tau), d = static_cast<T>(D), r = static_cast<T>(rho);
+  int kstar = D + 1;
+  for (int k = 0; k <= D; ++k) {
+    volatile T level = static_cast<T>(k) / d;  // volatile: no excess precision, no folding
+    if (level >= t) {
+      kstar = k;
+      break;
+    }
+  }
+  return SurgeryParams<T>{D, t, r, static_cast<T>(alpha), static_cast<T>(beta), soft, kstar, r * r};
+}
 
 // What the recombination of one bin yields (spectral values).
 template <typename T>
@@ -249,16 +271,17 @@ SGS_HD BinResult<T> recombine_bin(const SurgeryParams<T>& p, const BinStats<T>& 
   const T D = static_cast<T>(p.num_domains);
   r.mean_re = s.sum_re / D;
   r.mean_im = s.sum_im / D;
-  const T agree_re = static_cast<T>(s.sgn_re < 0 ? -s.sgn_re : s.sgn_re) / D;
-  const T agree_im = static_cast<T>(s.sgn_im < 0 ? -s.sgn_im : s.sgn_im) / D;
-  const T mag = s.max2 > T(0) ? sqrt(s.min2 / s.max2) : T(0);
+  const int count_re = s.sgn_re < 0 ? -s.sgn_re : s.sgn_re;
+  const int count_im = s.sgn_im < 0 ? -s.sgn_im : s.sgn_im;
   if (p.soft) {
-    r.mask_re = agree_re * mag;
-    r.mask_im = agree_im * mag;
+    const T mag = s.max2 > T(0) ? sqrt(s.min2 / s.max2) : T(0);
+    r.mask_re = static_cast<T>(count_re) / D * mag;
+    r.mask_im = static_cast<T>(count_im) / D * mag;
   } else {
-    const bool keep = mag >= p.rho;
-    r.mask_re = (keep && agree_re >= p.tau) ? T(1) : T(0);
-    r.mask_im = (keep && agree_im >= p.tau) ? T(1) : T(0);
+    // min/max >= rho without a division; an all-zero bin (max2 = 0) has agreement 0.
+    const bool keep = s.min2 >= p.rho2 * s.max2 && (s.max2 > T(0) || p.rho2 == T(0));
+    r.mask_re = (keep && count_re >= p.kstar) ? T(1) : T(0);
+    r.mask_im = (keep && count_im >= p.kstar) ? T(1) : T(0);
   }
   r.sh_re = r.mask_re * r.mean_re;
   r.sh_im = r.mask_im * r.mean_im;

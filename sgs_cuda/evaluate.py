@@ -8,6 +8,7 @@ real-image baselines at equal IPC (``shared/docs/sgs-spec.md`` section 6).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._config import DictConfig
+from .dm.architectures import build_network, parse_archs
 from .dm.dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
 from .dm.networks import NORMS, build_convnet
 
@@ -37,6 +39,9 @@ class EvalConfig(DictConfig):
     depth: int = 3
     norm: str = "instancenorm"
     test_batch: int = 1024
+    # evaluation network(s): "convnet", "alexnet", "vgg11", "resnet18", comma-separated, each
+    # optionally with its own width ("convnet,vgg11:16"; no width: `width`); depth: ConvNet only
+    arch: str = "convnet"
 
     def __post_init__(self):
         for name in ("epochs", "batch", "num_eval", "width", "depth", "test_batch"):
@@ -48,6 +53,12 @@ class EvalConfig(DictConfig):
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         parse_strategy(self.dsa_strategy)
+        parse_archs(self.arch)
+
+    def per_arch(self) -> dict[str, "EvalConfig"]:
+        """One single-architecture config per listed architecture (its width filled in)."""
+        return {name: dataclasses.replace(self, arch=name, width=width or self.width)
+                for name, width in parse_archs(self.arch)}
 
 
 
@@ -57,10 +68,15 @@ def _seed_for(seed: int, k: int) -> int:
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: EvalConfig,
                      device="cpu", seed: int = 0):
-    """Train one fresh ConvNet on ``(images, labels)``; returns ``(net, final_train_loss)``."""
+    """Train one fresh network of ``cfg.arch`` (one architecture) on ``(images, labels)``;
+    returns ``(net, final_train_loss)``."""
     device = torch.device(device)
+    (arch, width), *more = parse_archs(cfg.arch)
+    if more:
+        raise ValueError(f"train_classifier trains one architecture, got arch={cfg.arch!r} (see EvalConfig.per_arch)")
     gen = torch.Generator().manual_seed(_seed_for(seed, 0))
-    net = build_convnet(images.shape[1:], num_classes, cfg.width, cfg.depth, cfg.norm, generator=gen, device=device)
+    net = build_network(arch, images.shape[1:], num_classes, width or cfg.width, cfg.depth, cfg.norm,
+                        generator=gen, device=device)
     net.train()
     x, y = images.to(device, torch.float32), labels.to(device, torch.long)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -98,11 +114,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_domains: Sequence[str],
                        target_domain: str, cfg: EvalConfig | None = None, device="cpu", seed: int = 0) -> dict:
-    """Train ``cfg.num_eval`` fresh ConvNets on ``(images, labels)`` and test them.
+    """Train ``cfg.num_eval`` fresh networks of each architecture of ``cfg.arch`` on
+    ``(images, labels)`` and test them.
 
     Returns a dict with ``ood_acc`` (target-domain test accuracy, one per net), ``in_domain_acc``
     (pooled test split of the source domains), their ``*_mean``/``*_std`` (sample std over
-    nets), ``per_domain`` (mean accuracy per domain) and ``train_loss`` (final loss per net).
+    nets), ``per_domain`` (mean accuracy per domain) and ``train_loss`` (final loss per net), for
+    the first architecture listed, and ``per_arch``: the same numbers for every architecture.
     Accuracies are fractions in [0, 1].
     """
     cfg = cfg or EvalConfig()
@@ -119,7 +137,17 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
     tests = {d: data.split_tensors([d], "test") for d in [target_domain, *source_domains]}
     if len(tests[target_domain][1]) == 0:
         raise ValueError(f"the target domain {target_domain!r} has no test images")
-    K = len(data.classes)
+    per_arch = {name: _evaluate_arch(images, labels, len(data.classes), tests, source_domains, target_domain,
+                                     arch_cfg, device, seed)
+                for name, arch_cfg in cfg.per_arch().items()}
+    first = next(iter(per_arch.values()))
+    return {"target_domain": target_domain, "source_domains": source_domains, "num_eval": cfg.num_eval,
+            **{k: v for k, v in first.items() if k not in ("width", "seconds")},
+            "per_arch": per_arch, "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
+
+
+def _evaluate_arch(images, labels, K, tests, source_domains, target_domain, cfg: EvalConfig, device, seed) -> dict:
+    t0 = time.perf_counter()
     ood, ind, per_domain, losses = [], [], {d: [] for d in tests}, []
     for k in range(cfg.num_eval):
         net, loss = train_classifier(images, labels, K, cfg, device, seed=_seed_for(seed, k + 1))
@@ -133,11 +161,19 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
         n_src = sum(correct[d][1] for d in source_domains)
         ind.append(sum(correct[d][0] for d in source_domains) / n_src if n_src else float("nan"))
     (om, osd), (im, isd) = _mean_std(ood), _mean_std(ind)
-    return {"target_domain": target_domain, "source_domains": source_domains, "num_eval": cfg.num_eval,
-            "ood_acc_mean": om, "ood_acc_std": osd, "ood_acc": ood,
+    return {"width": cfg.width, "ood_acc_mean": om, "ood_acc_std": osd, "ood_acc": ood,
             "in_domain_acc_mean": im, "in_domain_acc_std": isd, "in_domain_acc": ind,
             "per_domain": {d: _mean_std(v)[0] for d, v in per_domain.items()},
-            "train_loss": losses, "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
+            "train_loss": losses, "seconds": time.perf_counter() - t0}
+
+
+def same_eval_config(saved: dict | None, cfg: EvalConfig) -> bool:
+    """Whether a saved evaluation config (e.g. a ``metrics.json``'s ``config``, possibly written
+    before some option existed: missing options take their defaults) equals ``cfg``."""
+    try:
+        return saved is not None and EvalConfig.from_dict(saved) == cfg
+    except (TypeError, ValueError):
+        return False
 
 
 # --- baselines ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_domains import TinyDomains as _TinyDomains
 
-from sgs_cuda import cli
+from sgs_cuda import cli, experiment
 
 
 class TinyDomains(_TinyDomains):
@@ -30,14 +30,14 @@ TINY = {"distill": {"ipc": 2, "iterations": 4, "batch_real": 6, "width": 8, "dep
 
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
-    """Route the CLI's data loading to TinyDomains; returns a helper that runs ``main``."""
+    """Route the pipeline's data loading to TinyDomains; returns a helper that runs ``main``."""
     made = []
 
     def load(name, root=None, **kw):
         made.append(TinyDomains(**kw))
         return made[-1]
 
-    monkeypatch.setattr(cli, "load_data", load)
+    monkeypatch.setattr(experiment, "load_data", load)
     cfg_path = tmp_path / "tiny.json"
     cfg_path.write_text(json.dumps(TINY))
 
@@ -133,13 +133,13 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path, monkeypa
         return real_batch(*a, **kw)
 
     crashing.real_batch = dying
-    monkeypatch.setattr(cli, "load_data", lambda *a, **kw: crashing)
+    monkeypatch.setattr(experiment, "load_data", lambda *a, **kw: crashing)
     with pytest.raises(Crash):
         tiny("run", "--run-dir", str(tmp_path / "cut"), "--method", "dm_sgs", "--iterations", "6")
     ckpt = torch.load(tmp_path / "cut" / "dm_sgs" / "seed0" / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 4
 
-    monkeypatch.setattr(cli, "load_data", lambda *a, **kw: TinyDomains())
+    monkeypatch.setattr(experiment, "load_data", lambda *a, **kw: TinyDomains())
     # --resume starts from the folder's config.json: no need to repeat the flags
     assert cli.main(["run", "--run-dir", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
     resumed = torch.load(tmp_path / "cut" / "dm_sgs" / "seed0" / "synthetic.pt", weights_only=False)
@@ -148,7 +148,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, tmp_path, monkeypa
 
     # a second --resume reuses the finished sets and evaluations: no real batch is drawn
     fresh = TinyDomains()
-    monkeypatch.setattr(cli, "load_data", lambda *a, **kw: fresh)
+    monkeypatch.setattr(experiment, "load_data", lambda *a, **kw: fresh)
     assert cli.main(["run", "--run-dir", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
     assert not fresh.calls
 

@@ -228,10 +228,12 @@ def test_history_and_reproducibility():
     a = distill(data, ["d0", "d1"], tiny_cfg(iterations=5, log_every=2), progress=False)
     b = distill(data, ["d0", "d1"], tiny_cfg(iterations=5, log_every=3), progress=False)
     assert a.history["iteration"] == list(range(5))
-    assert set(a.history) == {"iteration", "loss", "domain_loss", "mask_fraction", "shared_energy"}
-    assert all(len(v) == 5 for v in a.history.values())
+    assert set(a.history) == {"iteration", "loss", "domain_loss", "mask_fraction", "shared_energy", "bands"}
+    per_step = {k: v for k, v in a.history.items() if k != "bands"}  # bands: every log_every iterations
+    assert all(len(v) == 5 for v in per_step.values())
     assert all(0 <= m <= 1 for m in a.history["mask_fraction"] + a.history["shared_energy"])
-    assert torch.equal(a.images, b.images) and a.history == b.history
+    assert torch.equal(a.images, b.images) and per_step == {k: v for k, v in b.history.items() if k != "bands"}
+    assert a.history["bands"]["iteration"] == [1, 3] and b.history["bands"]["iteration"] == [2]
     c = distill(data, ["d0", "d1"], tiny_cfg(iterations=5, seed=1), progress=False)
     assert not torch.equal(a.images, c.images)
     assert a.labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -325,6 +327,25 @@ def test_resume_extends_a_run_and_rejects_other_settings(tmp_path):
     with pytest.raises(ValueError, match="beyond"):
         distill(TinyDomains(), ["d0", "d1"], tiny_cfg(iterations=2, checkpoint_every=3), run_dir=tmp_path,
                 resume=True, progress=False)
+
+
+def test_damaged_checkpoint_is_one_line_and_resume_is_announced(tmp_path):
+    from sgs_cuda._io import RunFolderError
+
+    cfg = tiny_cfg(iterations=3, checkpoint_every=3)
+    distill(TinyDomains(), ["d0", "d1"], cfg, run_dir=tmp_path, progress=False)
+    lines = []
+    longer = tiny_cfg(iterations=4, checkpoint_every=3)
+    distill(TinyDomains(), ["d0", "d1"], longer, run_dir=tmp_path, resume=True, progress=False, log=lines.append)
+    assert lines == [f"resuming from iteration 3 of 4 ({tmp_path / CHECKPOINT_NAME})"]
+    ckpt = tmp_path / CHECKPOINT_NAME
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(RunFolderError, match="damaged.*delete it") as info:
+        distill(TinyDomains(), ["d0", "d1"], longer, run_dir=tmp_path, resume=True, progress=False)
+    assert str(ckpt) in str(info.value) and "\n" not in str(info.value)
+    torch.save({"images": 1}, ckpt)  # a valid file, but not a checkpoint
+    with pytest.raises(RunFolderError, match="not a checkpoint"):
+        distill(TinyDomains(), ["d0", "d1"], longer, run_dir=tmp_path, resume=True, progress=False)
 
 
 class GappyDomains(TinyDomains):

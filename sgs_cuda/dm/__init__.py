@@ -7,8 +7,9 @@
 from .distill import (METHODS, DistillConfig, DistillResult, class_domains, distill, draw_class_batches,
                       initial_images, matching_losses)
 from .dsa import DEFAULT_STRATEGY, DSAParams, augment, augment_pair
+from .matching import MATCHINGS
 from .networks import ConvNet, build_convnet
 
 __all__ = ["ConvNet", "build_convnet", "DSAParams", "augment", "augment_pair", "DEFAULT_STRATEGY",
            "DistillConfig", "DistillResult", "distill", "initial_images", "matching_losses",
-           "draw_class_batches", "class_domains", "METHODS"]
+           "draw_class_batches", "class_domains", "METHODS", "MATCHINGS"]

@@ -6,9 +6,11 @@ domains and its synthetic images; domain losses
 
     L_d = sum_c || mean psi(A(real_{c,d})) - mean psi(A(syn_c)) ||^2        d = 1..D
 
-``dm`` steps the pixels with the gradient of the pooled loss (real batches of all domains
-pooled); ``dm_sgs`` hands the D losses to :class:`~sgs_cuda.surgery.SpectralGradientSurgery`
-(one synthetic forward shared by all domains, one batched backward) and steps with its update.
+(``matching="m3d"``: a Gaussian-kernel MMD per class instead of the mean difference,
+:mod:`sgs_cuda.dm.matching`). ``dm`` steps the pixels with the gradient of the pooled loss
+(real batches of all domains pooled); ``dm_sgs`` hands the D losses to
+:class:`~sgs_cuda.surgery.SpectralGradientSurgery` (one synthetic forward shared by all domains,
+one batched backward) and steps with its update.
 
 All randomness of the loop comes from generators it owns (data, network init, DSA) plus torch's
 default generator (the surgery's random domain assignment), inside ``torch.random.fork_rng`` so
@@ -19,18 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from .. import _io
 from .._config import DictConfig
-from ..surgery import SGSConfig, SpectralGradientSurgery
-from .dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
+from ..surgery import SGSConfig, SpectralGradientSurgery, domain_gradients
+from .bands import BAND_EDGES, BAND_KEYS, band_diagnostics
+from .dsa import DEFAULT_STRATEGY, DSAParams, parse_strategy
+from .matching import MATCHINGS, matching_losses
 from .networks import NORMS, build_convnet
 
 METHODS = ("dm", "dm_sgs")
@@ -39,6 +44,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # Fields that may differ between a checkpoint and the resuming config (they do not change the
 # trajectory up to the checkpoint): a run can be extended or checkpointed at another interval.
 RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "log_every"})
+CHECKPOINT_KEYS = frozenset({"images", "labels", "optimizer", "iteration", "history", "rng", "config",
+                             "source_domains", "classes"})
 
 
 @dataclass
@@ -57,6 +64,7 @@ class DistillConfig(DictConfig):
     width: int = 128
     depth: int = 3
     norm: str = "instancenorm"
+    matching: str = "dm"  # "dm": feature means; "m3d": Gaussian-kernel MMD (sgs_cuda.dm.matching)
     sgs: SGSConfig = field(default_factory=SGSConfig)
     seed: int = 0
     checkpoint_every: int = 0  # 0: no checkpoints
@@ -71,6 +79,8 @@ class DistillConfig(DictConfig):
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.matching not in MATCHINGS:
+            raise ValueError(f"matching must be one of {MATCHINGS}, got {self.matching!r}")
         for name in ("ipc", "batch_real", "width", "depth", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -87,7 +97,8 @@ class DistillConfig(DictConfig):
 class DistillResult:
     images: torch.Tensor  # [K * ipc, C, H, W] float32 on the CPU, normalised like the data
     labels: torch.Tensor  # [K * ipc] int64
-    history: dict  # lists per recorded iteration: iteration, loss (+ domain_loss, mask_fraction, shared_energy)
+    history: dict  # lists per recorded iteration: iteration, loss (+ domain_loss, mask_fraction, shared_energy,
+    # and "bands": per-frequency-band diagnostics every log_every iterations, sgs_cuda.dm.bands)
     config: DistillConfig
     seconds: float = 0.0  # wall time of this call (a resumed call counts only its own part)
 
@@ -150,17 +161,30 @@ def _set_rng_states(states: dict, gens: dict, device: torch.device) -> None:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a torn checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary file, ``fsync``, then rename (:func:`sgs_cuda._io.save_torch`):
+    neither a kill nor a power cut leaves a torn or empty checkpoint."""
+    _io.save_torch(obj, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`distill`; a damaged one is one line naming it."""
+    hint = "delete it to start this set again from iteration 0, or run without --resume"
+    saved = _io.load_torch(path, hint)
+    missing = CHECKPOINT_KEYS - set(saved) if isinstance(saved, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise _io.RunFolderError(f"{path} is not a checkpoint of this package (no {sorted(missing)}); {hint}")
+    return saved
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def relevant_settings(config: dict) -> dict:
     """The settings that shape a run's trajectory (a config dict without the resumable fields,
     and without the surgery settings for plain DM, which ignores them)."""
-    out = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    added = {"matching": "dm"}  # options added since runs were first saved, at their defaults
+    out = {k: v for k, v in {**added, **config}.items() if k not in RESUMABLE_CHANGES}
     if out.get("method") == "dm":
         out.pop("sgs", None)
     elif isinstance(out.get("sgs"), dict):  # fill options added since the run was saved
@@ -187,7 +211,8 @@ def _new_history(method: str) -> dict:
 # --- the loop -------------------------------------------------------------------------------
 
 def distill(data, source_domains: Sequence[str], cfg: DistillConfig | None = None, device="cpu",
-            run_dir=None, resume: bool = False, progress: bool = True) -> DistillResult:
+            run_dir=None, resume: bool = False, progress: bool = True,
+            log: Callable[[str], None] | None = None) -> DistillResult:
     """Distil ``cfg.ipc`` images per class from ``source_domains`` of ``data``.
 
     Args:
@@ -198,6 +223,7 @@ def distill(data, source_domains: Sequence[str], cfg: DistillConfig | None = Non
         run_dir: folder for ``checkpoint.pt`` (written every ``cfg.checkpoint_every`` iterations).
         resume: continue from ``run_dir/checkpoint.pt`` when it exists.
         progress: show a tqdm bar with the loss (and the surgery's mask fraction).
+        log: where one-line messages go (resuming from a checkpoint); default: stderr.
     """
     cfg = cfg or DistillConfig()
     device = torch.device(device)
@@ -211,15 +237,15 @@ def distill(data, source_domains: Sequence[str], cfg: DistillConfig | None = Non
         raise ValueError("resume=True needs run_dir (where the checkpoint is)")
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
     if ckpt_path is not None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        _io.ensure_dir(ckpt_path.parent)
 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _distill(data, domains, cfg, device, ckpt_path, resume, progress)
+        return _distill(data, domains, cfg, device, ckpt_path, resume, progress, log or _stderr)
 
 
-def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progress) -> DistillResult:
+def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progress, log) -> DistillResult:
     t0 = time.perf_counter()
     K, D, ipc = len(data.classes), len(domains), cfg.ipc
     n_real = max(1, cfg.batch_real // D)  # per domain: equal sizes make mean_d g_d the pooled gradient
@@ -248,13 +274,14 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     start, history = 0, _new_history(cfg.method)
     saved = None
     if resume and ckpt_path is not None and ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = load_checkpoint(ckpt_path)
         _check_resumable(saved, cfg, domains, data)
         if saved["iteration"] > cfg.iterations:
             raise ValueError(f"cannot resume: the checkpoint is at iteration {saved['iteration']}, "
                              f"beyond iterations={cfg.iterations}")
         images, labels = saved["images"], saved["labels"]
         start, history = saved["iteration"], saved["history"]
+        log(f"resuming from iteration {start} of {cfg.iterations} ({ckpt_path})")
     else:
         images, labels = initial_images(data, domains, ipc, cfg.init, gens["data"])
     syn = images.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
@@ -272,7 +299,7 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
         its = [i for i, _ in pending]
         rows = torch.stack([v for _, v in pending]).double().cpu().tolist()  # the one host sync
         pending.clear()
-        keys = [k for k in history if k != "iteration"]
+        keys = [k for k in history if k not in ("iteration", "bands")]
         history["iteration"] += its
         for j, k in enumerate(keys):
             history[k] += [r[j] for r in rows]
@@ -302,16 +329,19 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
             net.reinitialize(gens["net"])
             real, params = draw_class_batches(data, domains, K, n_real, strategy, gens, device, present)
             losses, pooled = matching_losses(net, real, syn, params, pool_all=cfg.norm == "batchnorm",
-                                             present=present, num_domains=D)
+                                             present=present, num_domains=D, matching=cfg.matching)
             opt.zero_grad(set_to_none=True)
             if surgery is None:
                 pooled.backward()
                 record = pooled.detach().view(1)
-            else:
-                surgery.backward(losses, syn)
+            else:  # surgery.backward, keeping the domain gradients for the band diagnostics
+                grads = domain_gradients(losses, syn, surgery.grad_mode)
+                syn.grad = surgery(grads).detach()
                 diag = surgery.last.diagnostics
                 record = torch.stack([pooled.detach().double(), losses.detach().mean().double(),
                                       diag["mask_fraction"].double(), diag["shared_energy"].double()])
+                if (it + 1) % cfg.log_every == 0 and cfg.sgs.space == "spectral":
+                    _record_bands(history, it, grads, surgery)
             opt.step()
             pending.append((it, record))
             bar.update(1)
@@ -329,6 +359,17 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     return DistillResult(syn.detach().cpu().clone(), labels.clone(), history, cfg, time.perf_counter() - t0)
 
 
+def _record_bands(history: dict, iteration: int, grads: torch.Tensor, surgery: SpectralGradientSurgery) -> None:
+    """Append this step's per-band diagnostics (:mod:`sgs_cuda.dm.bands`) to ``history["bands"]``."""
+    c = surgery.config
+    bands = history.setdefault("bands", {"edges": list(BAND_EDGES), "iteration": [], **{k: [] for k in BAND_KEYS}})
+    values = band_diagnostics(grads, surgery.last.diversity, c.tau, c.rho, c.mask)
+    rows = torch.stack([values[k] for k in BAND_KEYS]).cpu().tolist()  # one host sync
+    bands["iteration"].append(iteration)
+    for k, row in zip(BAND_KEYS, rows):
+        bands[k].append(row)
+
+
 def draw_class_batches(data, domains, K, n_real, strategy, gens, device, present=None):
     """Per class: the real batches ``[D_c, n_real, C, H, W]`` of the domains holding the class
     (``present[c]``; all ``D`` when ``None``), on ``device``, and one DSA draw, shared by those
@@ -339,46 +380,3 @@ def draw_class_batches(data, domains, K, n_real, strategy, gens, device, present
         real.append(_domain_batches(data, have, c, n_real, gens["data"]).to(device, non_blocking=True))
         params.append(DSAParams.sample(strategy, gens["dsa"], device=device))
     return real, params
-
-
-def matching_losses(net, real: Sequence[torch.Tensor], syn: torch.Tensor, params: Sequence[DSAParams | None],
-                    pool_all: bool = False, present: Sequence[Sequence[int]] | None = None,
-                    num_domains: int | None = None):
-    """``(L [D], pooled)``: the domain-wise DM losses and the pooled-batch DM loss.
-
-    ``real[c]``: ``[D, n, C, H, W]`` real images of class ``c``; ``syn``: ``[K * ipc, C, H, W]``
-    class-ordered; ``params[c]``: the DSA draw of class ``c`` (applied to both sides).
-    Real features need no gradient; the synthetic images go through the net in one forward
-    (its graph is shared by all D losses). ``pool_all`` (batch norm): the real images of all
-    classes also go through one forward, so both sides see batch statistics over all classes.
-
-    ``present[c]`` (with ``num_domains = D``): the domains ``real[c]`` comes from, when some
-    domain lacks the class (pseudo-domains). A missing domain's class mean is replaced by the
-    mean over the domains that have it, so its term pulls toward the pooled class mean, and
-    ``mean_d L_d`` keeps the pooled loss's gradient.
-    """
-    K = len(real)
-    ipc = syn.shape[0] // K
-    real_aug = [augment(r.flatten(0, 1), p) for r, p in zip(real, params)]
-    syn_aug = [augment(syn[c * ipc:(c + 1) * ipc], p) for c, p in enumerate(params)]
-    with torch.no_grad():
-        if pool_all:
-            feats = net.embed(torch.cat(real_aug)).split([len(r) for r in real_aug])
-        else:
-            feats = [net.embed(r) for r in real_aug]
-        means = [f.view(r.shape[0], r.shape[1], -1).mean(1) for f, r in zip(feats, real)]  # [D_c, F]
-        if present is not None:
-            means = [_fill_missing(m, idx, num_domains) for m, idx in zip(means, present)]
-        mu_real = torch.stack(means)  # [K, D, F]
-    mu_syn = net.embed(torch.cat(syn_aug)).view(K, ipc, -1).mean(1)  # [K, F]
-    losses = ((mu_real - mu_syn[:, None]) ** 2).sum(dim=(0, 2))  # [D]
-    pooled = ((mu_real.mean(1) - mu_syn) ** 2).sum()
-    return losses, pooled
-
-
-def _fill_missing(means: torch.Tensor, present: Sequence[int], num_domains: int) -> torch.Tensor:
-    if len(present) == num_domains:
-        return means
-    full = means.mean(0, keepdim=True).expand(num_domains, -1).clone()
-    full[list(present)] = means
-    return full

@@ -1,11 +1,13 @@
 """PNG outputs of a run: the synthetic images and the training curves (matplotlib, no pyplot,
-so no global backend state is touched and it works headless)."""
+so no global backend state is touched and it works headless), written atomically."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+
+from .. import _io
 
 
 def _denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -40,10 +42,7 @@ def save_image_grid(images: torch.Tensor, labels: torch.Tensor, path, mean: Sequ
             if j == 0:
                 ax.set_ylabel(str(classes[cls])[:12] if classes else str(cls), fontsize=8)
     fig.tight_layout(pad=0.2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _io.save_figure(fig, path)
 
 
 def save_curves(histories: Mapping[str, dict], path, smooth: int = 0) -> Path:
@@ -71,10 +70,7 @@ def save_curves(histories: Mapping[str, dict], path, smooth: int = 0) -> Path:
         axes[1].set_title("surgery diagnostics", fontsize=9)
         axes[1].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _io.save_figure(fig, path)
 
 
 def _smooth(values: Sequence[float], k: int) -> list[float]:
@@ -88,3 +84,37 @@ def _smooth(values: Sequence[float], k: int) -> list[float]:
             acc -= values[i - k]
         out.append(acc / min(i + 1, k))
     return out
+
+
+def save_band_curves(histories: Mapping[str, dict], path, smooth: int = 0) -> Path:
+    """The surgery's diagnostics per radial frequency band over the iterations
+    (``history["bands"]``, :mod:`sgs_cuda.dm.bands`): mask fraction, shared energy and diversity
+    energy, one colour per band (low to high frequency), one line style per history."""
+    from matplotlib.figure import Figure
+
+    from .bands import BAND_EDGES, band_labels
+
+    runs = {label: h["bands"] for label, h in histories.items() if h.get("bands", {}).get("iteration")}
+    if not runs:
+        raise ValueError("no history has band diagnostics (a DM+SGS run with the spectral mask records them)")
+    panels = (("mask_fraction", "mask fraction"), ("shared_energy", "shared energy / mean energy"),
+              ("diversity_energy", "diversity energy / mean energy"))
+    fig = Figure(figsize=(13, 3.8), dpi=100)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    styles = ("-", "--", ":", "-.")
+    for r, (label, bands) in enumerate(runs.items()):
+        names = band_labels(bands.get("edges", BAND_EDGES))
+        for (key, title), ax in zip(panels, axes):
+            columns = list(zip(*bands[key]))  # per band: its values over the recorded iterations
+            for b, values in enumerate(columns):
+                ax.plot(bands["iteration"], _smooth(list(values), smooth), color=f"C{b}", ls=styles[r % len(styles)],
+                        lw=1, label=f"{label}: radius {names[b]}" if len(runs) > 1 else f"radius {names[b]}")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("iteration")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -1,0 +1,75 @@
+"""Where do the domains agree? The surgery's diagnostics per radial frequency band.
+
+The half-spectrum bins of ``rfft2`` on an ``H x W`` grid have frequencies ``(fy, fx)`` in cycles
+per pixel (``fy`` in [-1/2, 1/2), ``fx`` in [0, 1/2]); a bin's *normalised radius* is
+``sqrt(fy^2 + fx^2) / (1/2)``: 0 at the mean (DC), 1 at the Nyquist frequency of an axis,
+up to sqrt(2) in the corners. ``BAND_EDGES`` cut it into bands (the last band takes the
+corners). Per band, over all images and channels of one step:
+
+- ``mask_fraction``: mean of the agreement mask over the band's real and imaginary components
+  (the hard mask's kept fraction; the soft mask's mean), as the op's ``mask_fraction``;
+- ``shared_energy``: ``sum |Sh|^2 / sum |Fbar|^2`` in the band (``Sh`` the shared spectrum,
+  ``Fbar`` the mean of the domain spectra), as the op's ``shared_energy``;
+- ``diversity_energy``: ``sum |Div|^2 / sum |Fbar|^2`` in the band (the assigned domains'
+  deviations in the components the mask leaves out; it can exceed 1);
+- ``energy``: the band's share of ``sum |Fbar|^2`` (where the mean gradient's energy lies).
+
+Sums run over the half-spectrum without Hermitian weights, like the op's diagnostics, so the
+band values recombine into the op's totals (the tests check that).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..reference import agreement_mask, compute_dtype, magnitude_agreement
+
+BAND_EDGES = (0.25, 0.5, 0.75)  # normalised radius: bands [0, .25), [.25, .5), [.5, .75), [.75, sqrt 2]
+BAND_KEYS = ("mask_fraction", "shared_energy", "diversity_energy", "energy")
+
+
+def band_index(height: int, width: int, edges: Sequence[float] = BAND_EDGES, device=None) -> torch.Tensor:
+    """``[H, W // 2 + 1]`` int64: the band of every half-spectrum bin."""
+    fy = torch.fft.fftfreq(height, device=device, dtype=torch.float64)
+    fx = torch.fft.rfftfreq(width, device=device, dtype=torch.float64)
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / 0.5
+    return torch.bucketize(radius, torch.tensor(list(edges), dtype=torch.float64, device=device), right=True)
+
+
+def band_labels(edges: Sequence[float] = BAND_EDGES) -> list[str]:
+    bounds = [0.0, *edges, math.sqrt(2)]
+    return [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+@torch.no_grad()
+def band_diagnostics(grads: torch.Tensor, diversity: torch.Tensor, tau: float, rho: float, mask: str,
+                     edges: Sequence[float] = BAND_EDGES) -> dict[str, torch.Tensor]:
+    """Per-band diagnostics (``BAND_KEYS`` -> float64 tensor ``[len(edges) + 1]``) of one surgery
+    step on ``grads`` ``[D, N, C, H, W]``; ``diversity`` ``[N, C, H, W]`` is the op's spatial
+    diversity part (``SGSParts.diversity``: it carries the step's random domain assignment).
+    The mask is recomputed with the reference's functions, as the op defines it.
+    """
+    H, W = grads.shape[-2:]
+    spec = torch.fft.rfft2(grads.to(compute_dtype(grads.dtype)))
+    mag_agree = magnitude_agreement(spec.abs())
+    mask_re = agreement_mask(spec.real, mag_agree, tau, rho, mask)
+    mask_im = agreement_mask(spec.imag, mag_agree, tau, rho, mask)
+    mean = spec.mean(0)
+    shared = (mask_re * mean.real) ** 2 + (mask_im * mean.imag) ** 2
+    div = torch.fft.rfft2(diversity.to(spec.real.dtype)).abs().square()
+    idx = band_index(H, W, edges, device=grads.device).flatten()
+    nb = len(edges) + 1
+
+    def per_band(x: torch.Tensor) -> torch.Tensor:  # sum over images/channels, then over each band's bins
+        return torch.zeros(nb, dtype=torch.float64, device=x.device).index_add_(
+            0, idx, x.reshape(-1, idx.numel()).sum(0).double())
+
+    total = per_band(mean.abs().square())
+    tiny = torch.finfo(torch.float64).tiny
+    bins = torch.bincount(idx, minlength=nb).double() * 2 * mean[..., 0, 0].numel()  # re + im, all images
+    return {"mask_fraction": per_band(mask_re + mask_im) / bins.clamp_min(1),
+            "shared_energy": per_band(shared) / total.clamp_min(tiny),
+            "diversity_energy": per_band(div) / total.clamp_min(tiny),
+            "energy": total / total.sum().clamp_min(tiny)}

@@ -1,0 +1,115 @@
+"""Selecting ``lr_img`` by training-domain validation (no peeking at the target).
+
+For each learning rate of a grid, distil from the training part of the source domains
+(:func:`~sgs_cuda.data.holdout.hold_out`), train evaluation networks on the synthetic set and
+measure their accuracy on the held-out images of the source domains; the best mean accuracy
+wins (ties: the first in the grid). The result is a JSON-able record of the grid, the scores and
+the choice, to be stored in the run folder. With ``run_dir`` every finished grid point is saved
+to ``run_dir/lr_selection.json`` as soon as it is done, and a rerun with the same settings reuses
+them (an interrupted selection resumes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data.holdout import hold_out
+from .dm.distill import DistillConfig, distill
+from .evaluate import EvalConfig, _seed_for, predict, train_classifier
+
+DEFAULT_GRID = (0.5, 1.0, 2.0, 4.0, 8.0)
+SELECTION_NAME = "lr_selection.json"
+
+
+def validation_accuracy(images: torch.Tensor, labels: torch.Tensor, view, domains: Sequence[str],
+                        cfg: EvalConfig, device="cpu", seed: int = 0) -> list[float]:
+    """Accuracy of ``cfg.num_eval`` fresh networks (the first architecture of ``cfg.arch``),
+    trained on ``(images, labels)``, on the pooled ``test`` split of ``domains`` of ``view``."""
+    x, y = view.split_tensors(list(domains), "test")
+    if len(y) == 0:
+        raise ValueError(f"no validation images in {list(domains)}")
+    cfg = next(iter(cfg.per_arch().values()))
+    accs = []
+    for k in range(cfg.num_eval):
+        net, _ = train_classifier(images, labels, len(view.classes), cfg, device, seed=_seed_for(seed, k + 1))
+        accs.append(float((predict(net, x, device, cfg.test_batch) == y).double().mean()))
+    return accs
+
+
+def select_lr(data, source_domains: Sequence[str], distill_cfg: DistillConfig, eval_cfg: EvalConfig,
+              grid: Sequence[float] = DEFAULT_GRID, seeds: Sequence[int] = (0,), fraction: float = 0.2,
+              holdout_seed: int = 0, device="cpu", run_dir=None, progress: bool = False) -> dict:
+    """Pick ``lr_img`` for ``distill_cfg`` (its method, matching and surgery) on the held-out part
+    of ``source_domains``; ``distill_cfg.lr_img`` and ``seed`` are replaced by the grid and ``seeds``.
+
+    Returns ``{"selected_lr_img", "grid", "validation_acc" {lr: mean over seeds and nets},
+    "per_seed" {lr: {seed: [acc per net]}}, "seeds", "holdout" {...}, "settings" {...},
+    "seconds"}`` (learning rates as strings in the JSON keys).
+    """
+    grid = [float(lr) for lr in grid]
+    if not grid or any(not lr > 0 for lr in grid):
+        raise ValueError(f"the lr_img grid needs positive values, got {grid}")
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"the lr_img grid lists a value twice: {grid}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("select_lr needs at least one seed")
+    source_domains = list(source_domains)
+    view = hold_out(data, source_domains, fraction, holdout_seed)
+    n_train = sum(len(view.split_tensors([d], "train")[1]) for d in source_domains)
+    n_val = len(view.split_tensors(source_domains, "test")[1])
+    settings = {"source_domains": source_domains, "fraction": fraction, "holdout_seed": holdout_seed,
+                "distill": {k: v for k, v in distill_cfg.to_dict().items()
+                            if k not in ("lr_img", "seed", "checkpoint_every", "log_every")},
+                "eval": eval_cfg.to_dict()}
+    path = Path(run_dir) / SELECTION_NAME if run_dir is not None else None
+    per_seed = _load_finished(path, settings)
+    t0 = time.perf_counter()
+    for lr in grid:
+        for seed in seeds:
+            if str(seed) in per_seed.get(str(lr), {}):
+                continue
+            cfg = dataclasses.replace(distill_cfg, lr_img=lr, seed=seed, checkpoint_every=0)
+            result = distill(view, source_domains, cfg, device=device, progress=progress)
+            accs = validation_accuracy(result.images, result.labels, view, source_domains, eval_cfg, device, seed)
+            per_seed.setdefault(str(lr), {})[str(seed)] = accs
+            if path is not None:
+                _save(path, {"settings": settings, "per_seed": per_seed})
+    scores = {str(lr): _mean([a for s in seeds for a in per_seed[str(lr)][str(s)]]) for lr in grid}
+    best = max(grid, key=lambda lr: (scores[str(lr)], -grid.index(lr)))
+    record = {"selected_lr_img": best, "grid": grid, "validation_acc": scores,
+              "per_seed": {str(lr): {str(s): per_seed[str(lr)][str(s)] for s in seeds} for lr in grid},
+              "seeds": seeds, "holdout": {"fraction": fraction, "seed": holdout_seed, "train_images": n_train,
+                                          "validation_images": n_val},
+              "settings": settings, "seconds": time.perf_counter() - t0}
+    if path is not None:
+        _save(path, {**record, "per_seed_all": per_seed})
+    return record
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _load_finished(path: Path | None, settings: dict) -> dict:
+    """Grid points finished by an earlier call with the same settings (``{}`` when none)."""
+    if path is None or not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != json.loads(json.dumps(settings)):
+        raise ValueError(f"{path} holds a learning-rate selection with other settings; "
+                         "use another run folder or delete it to start again")
+    return saved.get("per_seed_all", saved.get("per_seed", {}))
+
+
+def _save(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

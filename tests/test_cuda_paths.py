@@ -1,0 +1,126 @@
+"""The ladder of CUDA paths on a GPU: every path against the float64 reference on every shape,
+and the paths against each other. Skipped without a GPU (they run in benchmarks/gpu_check.sh).
+
+Paths (``sgs_cuda.backend_info("cuda")`` names them): ``dx`` the cuFFTDx kernel (instantiated
+sizes, float32/float16/bfloat16, update only, sm_90), ``portable`` the fused shared-memory kernel,
+``cufft`` cuFFT plus the bins kernel. A path that cannot take a case is skipped for it, except
+that ``dx`` must take every instantiated size when it was built.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgs_cuda import _build, sgs_reference
+from sgs_inputs import separated_grads
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+PATHS = ("dx", "portable", "cufft")
+# [D, N, C, H, W]: the benchmark sizes (small N), the pairs, ragged plane groups, odd sizes.
+SHAPES = [(3, 4, 3, 28, 28), (3, 5, 3, 32, 32), (4, 3, 3, 64, 64), (4, 2, 3, 128, 128), (2, 3, 2, 32, 64),
+          (3, 3, 1, 64, 32), (5, 3, 1, 32, 32), (1, 3, 2, 32, 32), (3, 2, 2, 28, 32), (3, 2, 1, 30, 30),
+          (3, 2, 1, 33, 31)]
+DX_SIZES = {(28, 28), (32, 32), (64, 64), (32, 64), (64, 32)}
+PARAMS = dict(tau=1.0, rho=0.25, alpha=1.0, beta=0.5)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not _build.use_extension(torch.device("cuda")):
+        pytest.skip(f"CUDA extension unavailable: {_build.backend_info('cuda')}")
+    yield
+    _build.set_cuda_path("auto")
+
+
+def run(path, grads, assign, mask="hard"):
+    _build.set_cuda_path(path)
+    try:
+        return torch.ops.sgs.surgery(grads, assign, PARAMS["tau"], PARAMS["rho"], PARAMS["alpha"], PARAMS["beta"], mask)
+    except RuntimeError as exc:
+        if f"SGS_CUDA_PATH={path}" in str(exc):
+            if path == "dx" and _build._state["dx"] and tuple(grads.shape[3:]) in DX_SIZES and grads.dtype != torch.float64:
+                raise  # dx was built and must take its sizes
+            pytest.skip(f"{path} does not take this case: {str(exc).splitlines()[0]}")
+        raise
+    finally:
+        _build.set_cuda_path("auto")
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask", ["hard", "soft"])
+def test_path_matches_float64_reference(ext, path, shape, mask):
+    grads = separated_grads(*shape, rho=PARAMS["rho"], seed=sum(shape))
+    assign = torch.arange(shape[1]) % shape[0]
+    ref = sgs_reference(grads, assign, **PARAMS, mask=mask)
+    out = run(path, grads.float().cuda(), assign.cuda(), mask)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel_err(out.cpu(), ref) <= 1e-5, (path, shape, mask)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hw", [(28, 28), (32, 32), (64, 64)])
+def test_path_half_inputs_compute_in_float32(ext, path, dtype, hw):
+    """Half inputs are loaded exactly into float32, computed in float32, rounded once."""
+    grads = separated_grads(3, 4, 2, *hw, seed=5).to(dtype).cuda()
+    assign = torch.tensor([0, 1, 2, 1]).cuda()
+    out = run(path, grads, assign)
+    ref32 = run(path, grads.float(), assign)
+    assert out.dtype == dtype and torch.equal(out, ref32.to(dtype))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_paths_agree(ext, shape):
+    grads = separated_grads(*shape, seed=11).float().cuda()
+    assign = (torch.arange(shape[1]) * 7 % shape[0]).cuda()
+    outs = {}
+    for path in PATHS:
+        try:
+            outs[path] = run(path, grads, assign)
+        except pytest.skip.Exception:
+            continue
+    assert "cufft" in outs
+    base = outs["cufft"].double()
+    for path, out in outs.items():
+        assert ((out.double() - base).abs().max() / base.abs().max()).item() <= 2e-6, path
+
+
+def test_backend_info_names_the_paths(ext):
+    info = _build.backend_info("cuda")
+    assert info["implementation"] == "extension (cuda)"
+    by_size = info["cuda_path_by_size"]
+    assert set(by_size.values()) <= set(PATHS)
+    if _build._state["dx"] and torch.cuda.get_device_capability() == (9, 0):
+        assert by_size["32x32"] == "dx" and by_size["64x64"] == "dx"
+    assert by_size["128x128"] in ("portable", "cufft")
+
+
+def test_dx_random_inputs_and_graph_capture(ext):
+    """dx on plain random inputs (masks may flip within rounding of a threshold, so the check is
+    against the float32 portable/cuFFT result up to those flips) and under CUDA graph capture."""
+    if not _build._state["dx"]:
+        pytest.skip("dx kernel not built")
+    g = torch.randn(4, 64, 3, 32, 32, device="cuda")
+    a = torch.randint(0, 4, (64,), device="cuda")
+    eager = run("dx", g, a)
+    other = run("cufft", g, a)
+    assert ((eager - other).abs() > 1e-3 * other.abs().max()).float().mean().item() < 0.01
+    _build.set_cuda_path("dx")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.ops.sgs.surgery(g, a, 1.0, 0.25, 1.0, 0.5, "hard")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.sgs.surgery(g, a, 1.0, 0.25, 1.0, 0.5, "hard")
+    graph.replay()
+    torch.cuda.synchronize()
+    _build.set_cuda_path("auto")
+    assert torch.equal(captured, eager)

@@ -1,0 +1,150 @@
+"""The pipeline's Python API (sgs_cuda.experiment), which the CLI and later distributed workers
+call: configuration layers, one set at a time, the whole run, reuse, bad-image lists."""
+import json
+
+import pytest
+import torch
+from tiny_domains import TinyDomains as _TinyDomains
+
+from sgs_cuda import experiment
+from sgs_cuda.experiment import Experiment, RunFolderError, resolve_config
+
+
+class TinyDomains(_TinyDomains):
+    def __init__(self, **kw):
+        super().__init__(D=3, K=3, size=8, n_train=12, n_test=6, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+TINY = {"distill.ipc": 2, "distill.iterations": 4, "distill.batch_real": 6, "distill.width": 8,
+        "distill.depth": 2, "distill.checkpoint_every": 2, "distill.log_every": 2, "eval.epochs": 4,
+        "eval.num_eval": 2, "eval.width": 8, "eval.depth": 2, "progress": False}
+
+
+def tiny_config(**more):
+    return resolve_config({**TINY, **more})
+
+
+def test_resolve_config_layers(tmp_path):
+    quick = resolve_config(preset="quick")
+    assert quick["distill"]["iterations"] == 200 and quick["methods"] == ["dm", "dm_sgs"]
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  iterations: 77\n  ipc: 3\nseeds: 4\n")
+    cfg = resolve_config({"distill.ipc": 5, "methods": "both random", "sgs.alpha": 0.5}, preset="quick",
+                         config_file=path)
+    assert cfg["distill"]["iterations"] == 77 and cfg["distill"]["ipc"] == 5  # file < overrides
+    assert cfg["distill"]["width"] == quick["distill"]["width"] and cfg["seeds"] == [4]
+    assert cfg["methods"] == ["dm", "dm_sgs", "random"] and cfg["sgs"]["alpha"] == 0.5
+    # a resumed run's saved config replaces the defaults; later layers still apply
+    again = resolve_config({"eval.epochs": 3}, saved=cfg)
+    assert again["distill"]["iterations"] == 77 and again["eval"]["epochs"] == 3
+    assert experiment.parse_assignment("sgs.beta=0") == ("sgs.beta", 0)
+    assert experiment.parse_assignment("device = cuda:1") == ("device", "cuda:1")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"distill.iterations": "abc"}, "'distill.iterations' must be an integer, got 'abc'"),
+    ({"distill.iterations": 2.5}, "'distill.iterations' must be an integer"),
+    ({"sgs.tau": True}, "'sgs.tau' must be a number"),
+    ({"eval.dsa": "yes"}, "'eval.dsa' must be true or false"),
+    ({"sgs.mask": 1}, "'sgs.mask' must be a string"),
+    ({"data_kwargs": [1]}, "'data_kwargs' must be a mapping"),
+    ({"seeds": ["x"]}, "'seeds' must be integers"),
+    ({"distill.ipcs": 1}, "unknown config option 'distill.ipcs'"),
+    ({"nope.x": 1}, "unknown config section 'nope'"),
+])
+def test_resolve_config_names_the_option(overrides, message):
+    with pytest.raises(ValueError) as info:
+        resolve_config(overrides)
+    assert message in str(info.value)
+
+
+def test_sets_one_at_a_time_then_the_whole_run(tmp_path):
+    lines = []
+    exp = Experiment(tiny_config(target="d1"), tmp_path / "r", data=TinyDomains(), log=lines.append)
+    assert (exp.target, exp.sources, exp.distill_domains) == ("d1", ["d0", "d2"], ["d0", "d2"])
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["target"] == "d1" and saved["resolved"]["classes"] == ["c0", "c1", "c2"]
+
+    payload = exp.produce_set("dm_sgs", 0)
+    assert payload["images"].shape == (6, 3, 8, 8) and payload["sgs_backend"] == exp.backend
+    assert {p.name for p in exp.set_dir("dm_sgs", 0).iterdir()} == {"synthetic.pt", "synthetic.png",
+                                                                     "curves.png", "checkpoint.pt"}
+    metrics = exp.evaluate_set(payload)
+    assert len(metrics["ood_acc"]) == 2 and metrics["target_domain"] == "d1"
+    assert json.loads((exp.set_dir("dm_sgs", 0) / "metrics.json").read_text())["ood_acc"] == metrics["ood_acc"]
+    assert exp.timings["extension"] >= 0 and exp.timings["distill"] > 0 and exp.timings["evaluate"] > 0
+    assert any(line.startswith("[dm_sgs seed 0] distilling") for line in lines)
+
+    summary = exp.run()  # dm is made now; dm_sgs is made again (no resume) with the same result
+    assert list(summary["methods"]) == ["dm", "dm_sgs"]
+    assert summary["methods"]["dm_sgs"]["ood_acc_mean"] == pytest.approx(sum(metrics["ood_acc"]) / 2)
+    record = experiment.load_run(tmp_path / "r")
+    assert record.metrics == json.loads(json.dumps(summary)) and record.config["target"] == "d1"
+    text = experiment.describe_run(record)
+    assert "4 iterations" in text and "dm_sgs" in text and "d1" in text
+
+    fresh, more = TinyDomains(), []
+    again = Experiment(tiny_config(target="d1"), tmp_path / "r", resume=True, data=fresh, log=more.append).run()
+    assert not fresh.calls  # every set and evaluation reused
+    assert again["methods"] == summary["methods"] and sum("reusing" in line for line in more) == 4
+    assert again["sgs_backend"] == summary["sgs_backend"]  # kept from the command that distilled
+
+
+def test_evaluate_only_needs_the_sets(tmp_path):
+    exp = Experiment(tiny_config(methods=["dm", "random"]), tmp_path / "r", data=TinyDomains(), log=lambda m: None)
+    with pytest.raises(FileNotFoundError, match="synthetic.pt not found"):
+        exp.run(distil=False)
+    exp.produce_set("dm", 0)
+    summary = exp.run(distil=False)  # random is made (a baseline), dm is loaded
+    assert set(summary["methods"]) == {"dm", "random"}
+    assert summary["sgs_backend"] == {"implementation": "not used by this command"}
+
+
+class WithBadFiles(TinyDomains):
+    def __init__(self, bad):
+        super().__init__()
+        self.bad_files = bad
+
+
+def test_bad_images_are_listed_in_the_run_folder(tmp_path):
+    lines = []
+    bad = [("/data/PACS/photo/dog/1.jpg", "truncated JPEG"), ("/data/PACS/sketch/cat/x.png", "not an image")]
+    exp = Experiment(tiny_config(), tmp_path / "r", data=WithBadFiles(bad), log=lines.append)
+    listed = (exp.run_dir / "bad_images.txt").read_text().splitlines()
+    assert [tuple(line.split("\t")) for line in listed] == bad
+    assert [line for line in lines if "unreadable" in line] == [
+        f"skipped 2 unreadable image(s): listed in {exp.run_dir / 'bad_images.txt'}"]
+    Experiment(tiny_config(), tmp_path / "clean", data=WithBadFiles([]), log=lines.append)
+    assert not (tmp_path / "clean" / "bad_images.txt").exists()
+
+
+def test_an_unusable_run_dir_fails_before_the_data_is_built(tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(experiment, "load_data", lambda *a, **kw: loads.append(1) or TinyDomains())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunFolderError, match="is a file"):
+        Experiment(tiny_config(), tmp_path / "file" / "run", log=lambda m: None)
+    assert not loads
+    Experiment(tiny_config(), tmp_path / "ok", log=lambda m: None)
+    assert loads == [1]
+
+
+def test_reused_set_must_match_the_settings(tmp_path):
+    Experiment(tiny_config(), tmp_path / "r", data=TinyDomains(), log=lambda m: None).produce_set("dm_sgs", 0)
+    other = Experiment(tiny_config(**{"sgs.beta": 0.7}), tmp_path / "r", resume=True, data=TinyDomains(),
+                       log=lambda m: None)
+    with pytest.raises(ValueError, match=r"other settings for \['sgs'\]"):
+        other.produce_set("dm_sgs", 0)
+    longer = Experiment(tiny_config(**{"distill.iterations": 6}), tmp_path / "r", resume=True, data=TinyDomains(),
+                        log=(lines := []).append)
+    assert len(longer.produce_set("dm_sgs", 0)["history"]["loss"]) == 6
+    assert any("resuming from iteration 4 of 6" in line for line in lines)
+    assert torch.load(longer.set_dir("dm_sgs", 0) / "checkpoint.pt", weights_only=False)["iteration"] == 6
+
+
+def test_config_files_that_do_not_parse_are_named(tmp_path):
+    for name, text in (("c.json", '{"distill": {"ipc": 2'), ("c.yaml", "distill: [1, 2"), ("l.json", "[1]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as info:
+            resolve_config(config_file=tmp_path / name)
+        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
