@@ -202,6 +202,34 @@ def test_folder_corrupt_image_skipped_and_listed(tree):
         ImageFolderDomains(tree, resolution=8)
 
 
+def test_hold_out_of_a_folder_source_reads_by_position(tmp_path, monkeypatch):
+    """Training-domain validation on a folder source: the same split as the copying path, without
+    copying the source's train split into memory."""
+    from sgs_cuda.data.holdout import HeldOutPositions, hold_out
+
+    data = ImageFolderDomains(make_tree(tmp_path / "d", per_class=9), resolution=8, test_fraction=0.2)
+
+    class ProtocolOnly:  # the same source, seen through the protocol alone (the copying path)
+        def __init__(self, base):
+            self.base, self.domains, self.classes = base, base.domains, base.classes
+            self.image_shape, self.mean, self.std = base.image_shape, base.mean, base.std
+
+        def split_tensors(self, domains, split="test"):
+            return self.base.split_tensors(domains, split)
+
+    copied = hold_out(ProtocolOnly(data), ["dA", "dB"], fraction=0.3, seed=1)
+    monkeypatch.setattr(data, "split_tensors", lambda *a, **k: pytest.fail("copied the train split"))
+    view = hold_out(data, ["dA", "dB"], fraction=0.3, seed=1)
+    assert isinstance(view, HeldOutPositions) and view.domains == ["dA", "dB"]
+    for split in ("train", "test"):
+        for d in ("dA", "dB"):
+            x, y = view.split_tensors([d], split)
+            cx, cy = copied.split_tensors([d], split)
+            assert torch.equal(x, cx) and torch.equal(y, cy)
+    assert [view.count("dA", c, "test") for c in range(3)] == [2, 2, 2]  # round(0.3 * 7)
+    assert view.real_batch("dB", 2, 4, torch.Generator().manual_seed(0), split="test").shape == (4, 3, 8, 8)
+
+
 # -- presets and load_dataset -----------------------------------------------------------------
 def test_presets_and_load_dataset(tree, idx_dir, tmp_path):
     assert PRESETS["PACS"].domains == ("art_painting", "cartoon", "photo", "sketch")
