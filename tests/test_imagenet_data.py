@@ -54,7 +54,8 @@ def make_imagenet_tree(root: Path) -> dict[str, Path]:
     seed = iter(range(10**6))
     for c, w in enumerate(NETTE):
         for i in range(4):
-            write(root / "imagenet" / "train" / w / f"{w}_{i}.JPEG", colour(c), next(seed), (30, 22) if i % 2 else (22, 30))
+            size = (30, 22) if i % 2 else (22, 30)
+            write(root / "imagenet" / "train" / w / f"{w}_{i}.JPEG", colour(c), next(seed), size)
         for i in range(2):
             write(root / "imagenet" / "val" / w / f"ILSVRC2012_val_{c}{i}.JPEG", colour(c), next(seed))
         write(root / "sketch_dl" / "sketch" / w / f"sketch_{c}.JPEG", colour(c) + 8, next(seed))

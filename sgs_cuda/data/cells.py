@@ -44,7 +44,8 @@ class DecodedCells:
             raise ValueError(f"mean/std need 3 channels, got {len(self.mean)}/{len(self.std)}")
         empty = (None, np.empty(0, dtype=np.int64))
         self._cells: dict[tuple[str, str, int], Cell] = {
-            (d, s, c): cells.get((d, s, c), empty) for d in self.domains for s in SPLITS for c in range(len(self.classes))}
+            (d, s, c): cells.get((d, s, c), empty)
+            for d in self.domains for s in SPLITS for c in range(len(self.classes))}
         self.bad_files: list[tuple[str, str]] = list(bad_files)
         if self.bad_files:
             warnings.warn(summarize_bad_files(self.bad_files) + "; the full list is in .bad_files", stacklevel=3)

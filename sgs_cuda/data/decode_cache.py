@@ -281,9 +281,9 @@ class DecodeCache:
             expected = (len(files), 3, self.resolution, self.resolution)
             if shape != expected or fortran or dtype != np.uint8:
                 raise ValueError(f"images.npy holds {dtype}{list(shape)}, expected uint8{list(expected)}")
-            size = os.path.getsize(folder / "images.npy")
-            if size != offset + int(np.prod(expected)):
-                raise ValueError(f"images.npy has {size} bytes, expected {offset + int(np.prod(expected))} (truncated?)")
+            size, want = os.path.getsize(folder / "images.npy"), offset + int(np.prod(expected))
+            if size != want:
+                raise ValueError(f"images.npy has {size} bytes, expected {want} (truncated?)")
             bad = {int(i): str(r) for i, r in meta.get("bad", {}).items()}
             if any(not 0 <= i < len(files) for i in bad):
                 raise ValueError("meta.json lists unreadable rows outside the entry")
@@ -381,7 +381,8 @@ class DecodeCache:
         self._check_space(total)
         done: dict[Hashable, DecodedGroup] = {}
         writers: dict[int, _EntryWriter] = {}
-        bar = tqdm(total=total, unit="img", desc=f"{desc} ({len(todo)} folder{'s' * (len(todo) > 1)}, {self.resolution}px)",
+        folders = f"{len(todo)} folder{'s' * (len(todo) > 1)}"
+        bar = tqdm(total=total, unit="img", desc=f"{desc} ({folders}, {self.resolution}px)",
                    disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="sgs-decode")
         pending: set = set()

@@ -154,7 +154,8 @@ class PseudoDomainDataset:
 
         key = getattr(base, "cache_key", None)
         if key is not None:
-            key = hashlib.sha256(repr((CACHE_VERSION, key, domains, k, seed, window, fit_sample)).encode()).hexdigest()[:32]
+            key = repr((CACHE_VERSION, key, domains, k, seed, window, fit_sample))
+            key = hashlib.sha256(key.encode()).hexdigest()[:32]
             self.cache_path = Path(cache_dir or default_cache_dir()).expanduser() / "pseudo_domains" / f"{key}.npz"
         else:
             self.cache_path = None
@@ -258,10 +259,11 @@ class PseudoDomainDataset:
         return self.normalize(self.uint8_images(domain, label, draw_indices(available, n, generator).numpy(), split))
 
     def split_tensors(self, domains: Sequence[str], split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self._cell(d, c, split) for d in domains for c in range(len(self.classes))]
-        labels = torch.cat([torch.full((len(r),), c % len(self.classes), dtype=torch.long) for c, r in enumerate(rows)]) \
-            if rows else torch.empty(0, dtype=torch.long)
-        rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+        K = len(self.classes)
+        rows = [self._cell(d, c, split) for d in domains for c in range(K)]
+        labels = torch.cat([torch.full((len(r),), i % K, dtype=torch.long) for i, r in enumerate(rows)] +
+                           [torch.empty(0, dtype=torch.long)])
+        rows = np.concatenate(rows + [np.empty(0, dtype=np.int64)])
         return self.normalize(self._read(self._items[split][rows], split)), labels
 
     def __repr__(self) -> str:
