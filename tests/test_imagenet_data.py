@@ -234,6 +234,12 @@ def test_pseudo_domains_bounded_sample_and_cached(tree, monkeypatch):
         with pytest.raises(AssertionError, match="clustered again"):  # other settings: another cache entry
             PseudoDomainDataset(data, 2, seed=1, domains=data.train_domains, fit_sample=12)
 
+    pseudo.cache_path.write_bytes(b"PK\x03\x04 truncated")  # a damaged cache: said, then clustered again
+    with pytest.warns(UserWarning, match="ignoring unreadable pseudo-domain cache"):
+        redone = PseudoDomainDataset(data, 2, seed=0, domains=data.train_domains, fit_sample=12)
+    assert not redone.from_cache and all(torch.equal(redone.source_domain[d]["test"], pseudo.source_domain[d]["test"])
+                                         for d in pseudo.domains)
+
     class View:  # a view restricting the domains, like the CLI's DomainSubset
         def __init__(self, base, domains):
             self.base, self.domains = base, domains
