@@ -4,7 +4,10 @@
     sgs-dgdd run --preset paper --target sketch --seeds 0 1 2
     sgs-dgdd distill --config my.yaml --method dm_sgs --alpha 1 --beta 0
     sgs-dgdd evaluate --run-dir runs/X --method random herding dm dm_sgs
+    sgs-dgdd run --preset medium --matching m3d --eval-arch convnet,alexnet:32,vgg11:16,resnet18:16
+    sgs-dgdd run --preset medium --select-lr 0.5,1,2,4,8 --select-seeds 10   # lr_img per method, no target peeking
     sgs-dgdd show runs/X
+    sgs-dgdd compare runs/photo runs/sketch --plot pairs.png               # paired differences, 95% CIs
 
 Configuration: built-in defaults (the paper's), then ``--preset`` (``sgs_cuda/configs/*.yaml``),
 then ``--config FILE`` (YAML or JSON), then the flags; ``--set section.key=value`` reaches any
@@ -32,10 +35,12 @@ FLAG_PATHS = [
     ("pseudo_domains", "pseudo_domains"),
     ("ipc", "distill.ipc"), ("iterations", "distill.iterations"), ("batch_real", "distill.batch_real"),
     ("lr_img", "distill.lr_img"), ("init", "distill.init"), ("width", "distill.width"),
-    ("checkpoint_every", "distill.checkpoint_every"),
+    ("matching", "distill.matching"), ("checkpoint_every", "distill.checkpoint_every"),
     ("tau", "sgs.tau"), ("rho", "sgs.rho"), ("alpha", "sgs.alpha"), ("beta", "sgs.beta"),
-    ("mask", "sgs.mask"), ("assignment", "sgs.assignment"), ("space", "sgs.space"),
+    ("mask", "sgs.mask"), ("assignment", "sgs.assignment"), ("space", "sgs.space"), ("normalize", "sgs.normalize"),
     ("eval_epochs", "eval.epochs"), ("num_eval", "eval.num_eval"), ("eval_width", "eval.width"),
+    ("eval_arch", "eval.arch"), ("label", "label"),
+    ("select_seeds", "select.seeds"), ("holdout_fraction", "select.fraction"),
 ]
 
 
@@ -54,6 +59,8 @@ def overrides_from_args(args) -> dict:
         out["distill.dsa"] = out["eval.dsa"] = args.dsa
     if getattr(args, "progress", None) is not None:
         out["progress"] = args.progress
+    if getattr(args, "select_lr", None) is not None:
+        out["select.lr_grid"] = experiment.parse_grid(args.select_lr)
     for item in getattr(args, "set", None) or []:
         key, value = experiment.parse_assignment(item)
         out.pop(key, None)  # re-insert: --set comes last
@@ -102,6 +109,20 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_select_lr(args) -> int:
+    print(experiment.format_selection(_experiment(args).select_all()))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    result = experiment.compare_runs(args.run_dirs, baseline=args.baseline, arms=args.arms,
+                                     confidence=args.confidence, plot=args.plot)
+    print(result["markdown"])
+    if args.json:
+        experiment.write_comparison(result, args.json)
+    return 0
+
+
 # --- argument parsing -----------------------------------------------------------------------
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -125,6 +146,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-img", type=float)
     g.add_argument("--init", choices=["real", "noise"])
     g.add_argument("--width", type=int, help="width of the embedding ConvNet")
+    g.add_argument("--matching", choices=["dm", "m3d"],
+                   help="dm: feature means (DM); m3d: Gaussian-kernel MMD (M3D), in DM units")
     g.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=None,
                    help="differentiable Siamese augmentation (distillation and evaluation)")
     g = p.add_argument_group("spectral gradient surgery")
@@ -136,16 +159,29 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--assignment", choices=["random", "fixed"])
     g.add_argument("--space", choices=["spectral", "spatial"],
                    help="where agreement is measured: per frequency (SGS) or per pixel (ablation)")
+    g.add_argument("--normalize", choices=["none", "dm_norm", "kept_fraction"],
+                   help="matched step: dm_norm rescales each image's update to its DM gradient's norm; "
+                        "kept_fraction divides the shared part by the fraction kept (AND-mask)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-epochs", type=int)
     g.add_argument("--num-eval", type=int, help="evaluation networks per synthetic set")
     g.add_argument("--eval-width", type=int, help="width of the evaluation ConvNet")
+    g.add_argument("--eval-arch", metavar="ARCHS",
+                   help="evaluation networks, comma-separated, each optionally name:width "
+                        "(convnet, alexnet, vgg11, resnet18; e.g. convnet,alexnet:32,vgg11:16,resnet18:16)")
+    g = p.add_argument_group("lr_img selection (training-domain validation: the target is never read)")
+    g.add_argument("--select-lr", metavar="GRID",
+                   help="pick lr_img per method from this grid (e.g. 0.5,1,2,4,8) on held-out source images")
+    g.add_argument("--select-seeds", nargs="+", type=int, metavar="SEED",
+                   help="seeds of the selection's distillations (default 10; keep them apart from --seeds)")
+    g.add_argument("--holdout-fraction", type=float, help="share of each source domain held out (default 0.2)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", help="auto (cuda when available), cpu, cuda or cuda:N")
     g.add_argument("--run-dir", help="output folder (default: runs/<dataset>-<target>-<preset>)")
     g.add_argument("--resume", action="store_true", help="continue the run folder's checkpoints and results")
     g.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N iterations (0: never)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    g.add_argument("--label", help="name of this run's arm in `sgs-dgdd compare` (default: from the settings)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,13 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("run", cmd_run, "distil and evaluate, then print the comparison"),
                              ("distill", cmd_distill, "distil synthetic sets only"),
-                             ("evaluate", cmd_evaluate, "evaluate the sets of a run folder (and baselines)")):
+                             ("evaluate", cmd_evaluate, "evaluate the sets of a run folder (and baselines)"),
+                             ("select-lr", cmd_select_lr, "pick lr_img per method on held-out source images only")):
         p = sub.add_parser(name, help=text, description=text)
         _add_common(p)
         p.set_defaults(func=func)
     p = sub.add_parser("show", help="print a run folder's metrics")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_show)
+    text = "paired comparison of run folders: per target and pooled, 95% CIs, positive pairs"
+    p = sub.add_parser("compare", help=text.replace("%", "%%"), description=text + ". Each evaluated method of each folder is an "
+                       "arm, named by the folder's --label or its settings (DM, DM+SGS, M3D, ...); arms span folders.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--baseline", help="the arm the others are compared with (default: DM, else the first)")
+    p.add_argument("--arms", nargs="+", metavar="NAME", help="only these arms, in this order")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--plot", metavar="PNG", help="write the per-seed pairs plot of OOD accuracy")
+    p.add_argument("--json", metavar="PATH", help="write the accuracies and paired statistics as JSON")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

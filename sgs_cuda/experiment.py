@@ -24,6 +24,7 @@ derived files (metrics, plots) that are missing or damaged are rebuilt.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,21 +40,22 @@ import torch
 from . import _io
 from ._io import RunFolderError
 from .dm.distill import DistillConfig, distill, relevant_settings
-from .evaluate import BASELINES, EvalConfig, evaluate_synthetic
+from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config
 from .surgery import SGSConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 DISTILLED = ("dm", "dm_sgs")
 METHOD_ALIASES = {"both": ["dm", "dm_sgs"], "all": ["random", "herding", "dm", "dm_sgs"]}
 ALL_METHODS = (*BASELINES, *DISTILLED)
-PHASES = {"extension": "SGS op load/build", "data": "data", "distill": "distillation",
+PHASES = {"extension": "SGS op load/build", "data": "data", "select": "lr selection", "distill": "distillation",
           "evaluate": "evaluation"}
 BAD_IMAGES_NAME = "bad_images.txt"
 
 __all__ = ["Experiment", "RunRecord", "RunFolderError", "resolve_config", "default_config", "available_presets",
            "load_config_file", "parse_assignment", "parse_methods", "distill_config", "resolve_device",
            "prepare_data", "PreparedData", "load_run", "load_saved_config", "summarize", "format_table",
-           "describe_run", "DISTILLED", "ALL_METHODS", "METHOD_ALIASES"]
+           "describe_run", "DISTILLED", "ALL_METHODS", "METHOD_ALIASES", "arm_name", "collect_arms", "compare_runs",
+           "selection_table", "format_selection", "parse_grid", "write_comparison"]
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -65,7 +67,39 @@ def default_config() -> dict:
         distill_cfg.pop(key)
     return {"dataset": "fmnist-styles", "data_root": None, "data_kwargs": {}, "pseudo_domains": None,
             "target": None, "methods": ["dm", "dm_sgs"], "seeds": [0], "device": "auto",
-            "progress": True, "distill": distill_cfg, "sgs": sgs, "eval": EvalConfig().to_dict()}
+            "progress": True, "label": None, "distill": distill_cfg, "sgs": sgs, "eval": EvalConfig().to_dict(),
+            "select": dict(SELECT_DEFAULTS)}
+
+
+# lr_img selection by training-domain validation (sgs_cuda.selection): off while lr_grid is empty;
+# per distilled method, pick lr_img on `fraction` of the source training images held out (split
+# seed `holdout_seed`), distilling with `seeds` (keep them apart from the test seeds).
+SELECT_DEFAULTS = {"lr_grid": [], "seeds": [10], "fraction": 0.2, "holdout_seed": 0}
+
+
+def check_select(select: dict) -> None:
+    """Refuse a malformed ``select`` section with one line naming the option."""
+    grid = select["lr_grid"]
+    if not isinstance(grid, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                             for v in grid):
+        raise ValueError(f"config option 'select.lr_grid' must be a list of positive numbers, got {grid!r}")
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"config option 'select.lr_grid' lists a value twice: {grid!r}")
+    seeds = select["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise ValueError(f"config option 'select.seeds' must be a non-empty list of integers, got {seeds!r}")
+    if not 0 < float(select["fraction"]) < 1:
+        raise ValueError(f"config option 'select.fraction' must lie in (0, 1), got {select['fraction']!r}")
+
+
+def parse_grid(text) -> list[float]:
+    """``"0.5,1,2"`` (or a list) -> ``[0.5, 1.0, 2.0]`` (the ``--select-lr`` grid)."""
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(",", " ").split()
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise ValueError(f"--select-lr expects comma-separated learning rates (e.g. 0.5,1,2,4,8), got {text!r}") from None
 
 
 def available_presets() -> list[str]:
@@ -210,6 +244,11 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, *, preset: str | 
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"config option 'seeds' must be integers, got {cfg['seeds']!r}")
     cfg["seeds"] = [int(s) for s in seeds]
+    if cfg["label"] is not None and not isinstance(cfg["label"], str):
+        raise ValueError(f"config option 'label' must be a string, got {cfg['label']!r}")
+    if isinstance(cfg["select"]["seeds"], int) and not isinstance(cfg["select"]["seeds"], bool):
+        cfg["select"]["seeds"] = [cfg["select"]["seeds"]]
+    check_select(cfg["select"])
     distill_config(cfg, cfg["methods"][0] if cfg["methods"][0] in DISTILLED else "dm", 0)  # validates
     EvalConfig.from_dict(cfg["eval"])
     return cfg
@@ -383,8 +422,10 @@ class Experiment:
     def __init__(self, cfg: dict, run_dir=None, *, resume: bool = False, preset: str | None = None,
                  data=None, log: Callable[[str], None] | None = None):
         self.cfg, self.resume, self.log = cfg, resume, log or _stderr
-        self.timings = {phase: 0.0 for phase in PHASES}
+        # the selection phase only in runs that select lr_img
+        self.timings = {phase: 0.0 for phase in PHASES if phase != "select" or cfg["select"]["lr_grid"]}
         self.backend: dict | None = None  # backend_info() once the op is loaded for a distillation
+        self.selections: dict[str, dict] = {}  # method -> its lr_img selection record (select_lr)
         self._t0 = time.perf_counter()
         self.device = resolve_device(cfg["device"])
         if run_dir is not None:
@@ -457,6 +498,54 @@ class Experiment:
             self.log(f"SGS op: {self.backend.get('implementation')} ({_seconds(self.timings['extension'])})")
         return self.backend
 
+    # --- lr_img selection ---------------------------------------------------------------------
+
+    def select_lr(self, method: str) -> dict | None:
+        """Pick ``lr_img`` for ``method`` on held-out source images (:func:`sgs_cuda.selection.select_lr`)
+        when ``select.lr_grid`` is set (None otherwise, and for baselines). The grid, the validation
+        accuracies and the choice go to ``<method>/lr_selection.json``; finished grid points are
+        reused, so an interrupted selection resumes."""
+        sel = self.cfg["select"]
+        if not sel["lr_grid"] or method not in DISTILLED:
+            return None
+        if method in self.selections:
+            return self.selections[method]
+        if self.cfg["pseudo_domains"]:
+            raise ValueError("--select-lr holds out images of the real source domains: it does not combine "
+                             "with --pseudo-domains")
+        from .selection import select_lr
+
+        if method == "dm_sgs":
+            self.load_extension()
+        log = lambda msg: self.log(f"[{method} lr selection] {msg}")  # noqa: E731
+        log(f"selecting lr_img from {sel['lr_grid']} on {100 * sel['fraction']:g}% of the source training "
+            f"images held out (seeds {sel['seeds']})")
+        with self.phase("select"):
+            record = select_lr(self.data, self.sources, distill_config(self.cfg, method, sel["seeds"][0]),
+                               EvalConfig.from_dict(self.cfg["eval"]), grid=sel["lr_grid"], seeds=sel["seeds"],
+                               fraction=sel["fraction"], holdout_seed=sel["holdout_seed"], device=self.device,
+                               run_dir=self.run_dir / method, progress=self.cfg["progress"], log=log)
+        log(f"selected lr_img {record['selected_lr_img']:g} (validation accuracy "
+            + ", ".join(f"{lr}: {100 * a:.1f}%" for lr, a in record["validation_acc"].items()) + ")")
+        self.selections[method] = record
+        return record
+
+    def distill_config(self, method: str, seed: int) -> DistillConfig:
+        """:func:`distill_config`, with ``lr_img`` the selected one when the run selects it."""
+        dcfg = distill_config(self.cfg, method, seed)
+        record = self.select_lr(method)
+        return dcfg if record is None else dataclasses.replace(dcfg, lr_img=float(record["selected_lr_img"]))
+
+    def set_config(self, method: str, seed: int) -> dict:
+        """What determines a training set of this run (:func:`set_config`, with the selected ``lr_img``)."""
+        return self.distill_config(method, seed).to_dict() if method in DISTILLED else set_config(method, seed, self.cfg)
+
+    def select_all(self) -> dict[str, dict]:
+        """The selection of every distilled method of the run (the ``select-lr`` command)."""
+        if not self.cfg["select"]["lr_grid"]:
+            raise ValueError("no lr_img grid to select from: give --select-lr (e.g. 0.5,1,2,4,8)")
+        return {m: self.select_lr(m) for m in self.cfg["methods"] if m in DISTILLED}
+
     # --- one training set -------------------------------------------------------------------
 
     def _reusable(self, payload: dict, method: str, seed: int) -> bool:
@@ -467,7 +556,7 @@ class Experiment:
         if where != (self.target, self.sources, self.distill_domains):
             raise ValueError(f"{method} seed {seed} in {self.run_dir} was made for target/sources/distillation "
                              f"domains {where}, not {(self.target, self.sources, self.distill_domains)}")
-        wanted, saved = set_config(method, seed, self.cfg), payload.get("config") or {}
+        wanted, saved = self.set_config(method, seed), payload.get("config") or {}
         if method in BASELINES:
             return wanted == saved  # cheap to redo when anything differs
         if relevant_settings(wanted) == relevant_settings(saved):
@@ -506,13 +595,13 @@ class Experiment:
         if method == "dm_sgs":
             self.load_extension()
         data, device, cfg = self.data, self.device, self.cfg
-        history, config = {}, set_config(method, seed, cfg)
+        history, config = {}, self.set_config(method, seed)
         with self.phase("distill"):
             t0 = time.perf_counter()
             if method in DISTILLED:
-                dcfg = distill_config(cfg, method, seed)
+                dcfg = self.distill_config(method, seed)
                 log(f"distilling {dcfg.ipc} img/class from {self.distill_domains} for {dcfg.iterations} "
-                    f"iterations on {device}")
+                    f"iterations on {device} (lr_img {dcfg.lr_img:g}, {dcfg.matching} matching)")
                 result = distill(self.distill_data, self.distill_domains, dcfg, device=device, run_dir=out,
                                  resume=self.resume, progress=cfg["progress"], log=log)
                 images, labels, history = result.images, result.labels, result.history
@@ -559,18 +648,21 @@ class Experiment:
             saved = _io.try_load_json(path)
             if saved is None:
                 log(f"{path} is damaged: evaluating again")
-            elif (saved.get("config") == ecfg.to_dict() and saved.get("target_domain") == self.target
+            elif (same_eval_config(saved.get("config"), ecfg) and saved.get("target_domain") == self.target
                     and saved.get("synthetic_sha1", digest) == digest):
                 log(f"reusing {path}")
                 return saved
         if payload["target"] != self.target:
             raise ValueError(f"{method} seed {seed} was distilled for target {payload['target']!r}, "
                              f"not {self.target!r}")
-        log(f"training {ecfg.num_eval} ConvNets for {ecfg.epochs} epochs")
+        archs = ", ".join(ecfg.per_arch())
+        log(f"training {ecfg.num_eval} network(s) of each of {archs} for {ecfg.epochs} epochs")
         with self.phase("evaluate"):
             metrics = evaluate_synthetic(payload["images"], payload["labels"], self.data, self.sources,
                                          self.target, ecfg, device=self.device, seed=seed)
         metrics["distill_seconds"] = payload.get("seconds")
+        if method in DISTILLED:
+            metrics["lr_img"] = (payload.get("config") or {}).get("lr_img")
         metrics["synthetic_sha1"] = digest  # ties the numbers to the exact set they were measured on
         _io.write_json(path, metrics)
         log(f"OOD {100 * metrics['ood_acc_mean']:.1f}%  in-domain {100 * metrics['in_domain_acc_mean']:.1f}%  "
@@ -637,6 +729,10 @@ class Experiment:
                    "methods": summarize(per_seed)}
         backend = self.backend or (old or {}).get("sgs_backend") or {"implementation": "not used by this command"}
         metrics["sgs_backend"] = backend
+        selections = {m: {k: r[k] for k in ("selected_lr_img", "grid", "validation_acc", "seeds")}
+                      for m, r in self.selections.items() if m in metrics["methods"]}
+        if selections:
+            metrics["lr_selection"] = selections
         metrics["phase_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
         if old is not None and old.get("target") == self.target and isinstance(old.get("methods"), dict):
             metrics["methods"] = {**{k: v for k, v in old["methods"].items() if k not in metrics["methods"]},
@@ -648,7 +744,7 @@ class Experiment:
     def report_timings(self) -> None:
         """One line: the wall time of each phase of this command."""
         total = time.perf_counter() - self._t0
-        parts = [f"{PHASES[k]} {_seconds(self.timings[k])}" for k in PHASES]
+        parts = [f"{PHASES[k]} {_seconds(self.timings[k])}" for k in PHASES if k in self.timings]
         self.log(f"time: {', '.join(parts)}; total {_seconds(total)}")
 
 
@@ -683,6 +779,18 @@ def format_table(metrics: dict) -> str:
                      f"{100 * row['in_domain_acc_mean']:>11.2f} ± {100 * row['in_domain_acc_std']:<4.2f}"
                      f"{row['num_nets']:>6}{row['distill_seconds']:>10.1f}{row['eval_seconds']:>9.1f}")
     lines.append("(mean ± sample std over all evaluation nets of all seeds; per-seed means in metrics.json)")
+    if metrics.get("lr_selection"):
+        lines.append("lr_img selected on held-out source images: "
+                     + ", ".join(f"{m} {r['selected_lr_img']:g}" for m, r in metrics["lr_selection"].items()))
+    return "\n".join(lines)
+
+
+def format_selection(records: Mapping[str, dict]) -> str:
+    """The validation accuracy of every grid point and the choice, one line per method."""
+    lines = []
+    for method, r in records.items():
+        scores = "  ".join(f"{lr}: {100 * a:.1f}%" for lr, a in r["validation_acc"].items())
+        lines.append(f"{method:<8} lr_img {r['selected_lr_img']:g} selected   (validation accuracy  {scores})")
     return "\n".join(lines)
 
 
@@ -717,11 +825,189 @@ def describe_run(record: RunRecord) -> str:
     if record.config is not None:
         try:
             d, s, e = record.config["distill"], record.config["sgs"], record.config["eval"]
+            normalize = s.get("normalize", "none")
             lines.append(f"ipc {d['ipc']}, {d['iterations']} iterations, real batch {d['batch_real']}, "
-                         f"width {d['width']}; SGS tau {s['tau']} rho {s['rho']} alpha {s['alpha']} beta {s['beta']} "
-                         f"{s['mask']} {s['assignment']}{' spatial' if s.get('space') == 'spatial' else ''}; "
-                         f"eval {e['num_eval']} nets x {e['epochs']} epochs")
+                         f"width {d['width']}, lr_img {d['lr_img']:g}, {d.get('matching', 'dm')} matching; "
+                         f"SGS tau {s['tau']} rho {s['rho']} alpha {s['alpha']} beta {s['beta']} "
+                         f"{s['mask']} {s['assignment']}{' spatial' if s.get('space') == 'spatial' else ''}"
+                         f"{'' if normalize == 'none' else f' normalize {normalize}'}; "
+                         f"eval {e['num_eval']} nets x {e['epochs']} epochs ({e.get('arch', 'convnet')})")
         except (KeyError, TypeError) as exc:
             raise RunFolderError(f"{record.run_dir / 'config.json'} is damaged (no {exc}); fix or delete it") from exc
     lines.append(format_table(record.metrics))
     return "\n".join(lines)
+
+
+# --- comparisons across run folders (sgs-dgdd compare) ----------------------------------------
+
+MATCHING_NAMES = {"dm": "DM", "m3d": "M3D"}
+
+
+def arm_name(config: Mapping | None, method: str, methods_in_folder: int = 1) -> str:
+    """The name of one method of one run folder in a comparison: the folder's ``label`` when it
+    has one (followed by the method when the folder holds several), else the method as DM / DM+SGS
+    (M3D / M3D+SGS with ``m3d`` matching), with the surgery settings that differ from
+    :class:`~sgs_cuda.surgery.SGSConfig`'s defaults in brackets."""
+    config = config or {}
+    if method in BASELINES:
+        name = method
+    else:
+        matching = (config.get("distill") or {}).get("matching", "dm")
+        name = MATCHING_NAMES.get(matching, matching) + ("+SGS" if method == "dm_sgs" else "")
+        if method == "dm_sgs" and isinstance(config.get("sgs"), Mapping):
+            defaults = dataclasses.asdict(SGSConfig())
+            diffs = [f"{k}={v}" for k, v in config["sgs"].items() if k in defaults and v != defaults[k]]
+            if diffs:
+                name += f" ({', '.join(diffs)})"
+    label = config.get("label")
+    if label:
+        return label if methods_in_folder == 1 else f"{label}: {name}"
+    return name
+
+
+def _folder_methods(run_dir: Path) -> list[str]:
+    return [m for m in ALL_METHODS if any((run_dir / m).glob("seed*/metrics.json"))]
+
+
+def collect_arms(run_dirs: Sequence) -> dict[str, dict]:
+    """``{arm name: {"method": m, "dirs": [run folders]}}`` over every evaluated method of every
+    run folder (:func:`arm_name`), in the order met. An arm spans folders (one per target, or
+    seeds spread over folders); one name for two different methods is an error."""
+    arms: dict[str, dict] = {}
+    for run in run_dirs:
+        run = Path(run)
+        if not run.is_dir():
+            raise FileNotFoundError(f"run folder {run} does not exist")
+        config = load_saved_config(run)
+        methods = _folder_methods(run)
+        for method in methods:
+            name = arm_name(config, method, len(methods))
+            arm = arms.setdefault(name, {"method": method, "dirs": []})
+            if arm["method"] != method:
+                raise ValueError(f"the name {name!r} is given to {arm['method']} (in {arm['dirs'][0]}) and to "
+                                 f"{method} (in {run}): give the folders different labels (--label)")
+            arm["dirs"].append(run)
+    if not arms:
+        raise FileNotFoundError(f"no evaluated set (<method>/seed<k>/metrics.json) in {[str(r) for r in run_dirs]}")
+    return arms
+
+
+def _common_archs(seed_metrics: Mapping) -> list[str]:
+    """The architectures every per-seed metrics of an arm was evaluated on (``per_arch``)."""
+    names = None
+    for seeds in seed_metrics.values():
+        for m in seeds.values():
+            have = list((m.get("per_arch") or {}).keys()) or [parse_first_arch(m)]
+            names = have if names is None else [n for n in names if n in have]
+    return names or []
+
+
+def parse_first_arch(metrics: Mapping) -> str:
+    from .dm.architectures import parse_archs
+    return parse_archs((metrics.get("config") or {}).get("arch", "convnet"))[0][0]
+
+
+def compare_runs(run_dirs: Sequence, baseline: str | None = None, arms: Sequence[str] | None = None,
+                 confidence: float = 0.95, plot=None) -> dict:
+    """Paired comparison of the arms found in ``run_dirs`` (:func:`collect_arms`) with
+    ``baseline`` (default: the arm named ``DM`` if there is one, else the first), per target and
+    pooled: accuracy mean ± sd over seeds, paired differences with their standard error, Student-t
+    ``confidence`` interval and positive pairs (:mod:`sgs_cuda.stats`), OOD and in-domain, first
+    for the first evaluation architecture, then for every further architecture that the baseline
+    and some other arm were both evaluated on. ``arms`` picks and orders the arms.
+
+    Returns ``{"markdown": tables, "sections" {"main", "arch:<name>", "selection": each table}, "baseline", "arms" {name: {"method", "dirs", "accuracy" {key:
+    {target: {seed: %}}}, "lr_img" {target: {seed: lr}}}}, "comparisons" {key: {arm: {"per_target"
+    {target: {"differences", "summary"}}, "pooled"}}}, "selection": selection_table rows}``; with
+    ``plot`` also the per-seed pairs plot of OOD accuracy (PNG).
+    """
+    from . import stats
+
+    found = collect_arms(run_dirs)
+    if arms:
+        missing = [a for a in arms if a not in found]
+        if missing:
+            raise ValueError(f"no arm named {missing} in these folders; found {list(found)}")
+        found = {a: found[a] for a in arms}
+    baseline = baseline or ("DM" if "DM" in found else next(iter(found)))
+    if baseline not in found:
+        raise ValueError(f"baseline {baseline!r} is not one of the arms {list(found)}")
+    seed_metrics = {name: stats.load_seed_metrics(a["dirs"], a["method"]) for name, a in found.items()}
+    archs = {name: _common_archs(sm) for name, sm in seed_metrics.items()}
+    keys = list(stats.METRICS)
+    out_arms = {}
+    for name, a in found.items():
+        acc = {k: stats.accuracies(seed_metrics[name], k) for k in keys}
+        for arch in archs[name]:
+            for k in keys:
+                with contextlib.suppress(KeyError):
+                    acc[f"per_arch.{arch}.{k}"] = stats.accuracies(seed_metrics[name], f"per_arch.{arch}.{k}")
+        lrs = {t: {s: m.get("lr_img") for s, m in seeds.items()} for t, seeds in seed_metrics[name].items()}
+        out_arms[name] = {"method": a["method"], "dirs": [str(d) for d in a["dirs"]], "accuracy": acc, "lr_img": lrs}
+    comparisons = {}
+    for key in out_arms[baseline]["accuracy"]:
+        for name, arm in out_arms.items():
+            if name != baseline and key in arm["accuracy"]:
+                c = stats.compare(out_arms[baseline]["accuracy"][key], arm["accuracy"][key], confidence)
+                comparisons.setdefault(key, {})[name] = {
+                    "per_target": {t: {"differences": r["differences"], "summary": r["summary"].to_dict()}
+                                   for t, r in c["per_target"].items()},
+                    "pooled": c["pooled"].to_dict()}
+    sections = {"main": stats.markdown_tables({n: (found[n]["dirs"], found[n]["method"]) for n in found}, baseline,
+                                              confidence=confidence)}
+    first = archs[baseline][0] if archs[baseline] else None
+    for arch in archs[baseline]:
+        if arch == first:
+            continue
+        with_arch = [n for n in found if arch in archs[n]]
+        if len(with_arch) < 2:
+            continue
+        sections[f"arch:{arch}"] = f"Evaluated by {arch}:\n\n" + stats.markdown_tables(
+            {n: (found[n]["dirs"], found[n]["method"]) for n in with_arch}, baseline,
+            keys=[f"per_arch.{arch}.{k}" for k in keys], confidence=confidence)
+    selection = selection_table([d for a in found.values() for d in a["dirs"]])
+    if selection["rows"]:
+        sections["selection"] = selection["markdown"]
+    result = {"markdown": "\n\n".join(sections.values()), "sections": sections, "baseline": baseline,
+              "arms": out_arms, "comparisons": comparisons, "selection": selection["rows"], "confidence": confidence}
+    if plot is not None:
+        stats.save_pairs_plot({n: a["accuracy"]["ood_acc_mean"] for n, a in out_arms.items()}, plot)
+        result["plot"] = str(plot)
+    return result
+
+
+def write_comparison(result: dict, path) -> Path:
+    """:func:`compare_runs`' numbers as JSON (atomically; the markdown included)."""
+    path = Path(path)
+    _io.ensure_dir(path.parent)
+    return _io.write_json(path, result)
+
+
+def selection_table(run_dirs: Sequence) -> dict:
+    """The lr_img selections (``<run>/<method>/lr_selection.json``) of ``run_dirs``: ``{"rows":
+    [{"target", "arm", "grid", "validation_acc" {lr: %}, "selected_lr_img", "seeds", "dir"}],
+    "markdown": a table}``."""
+    from .selection import SELECTION_NAME
+
+    rows = []
+    for run in dict.fromkeys(Path(r) for r in run_dirs):
+        config = load_saved_config(run) or {}
+        methods = [m for m in DISTILLED if (run / m / SELECTION_NAME).is_file()]
+        for method in methods:
+            path = run / method / SELECTION_NAME
+            rec = _io.load_json(path, "delete it to select again")
+            if "selected_lr_img" not in rec:
+                continue  # an interrupted selection
+            rows.append({"target": config.get("target"), "arm": arm_name(config, method, len(_folder_methods(run))),
+                         "grid": rec["grid"], "selected_lr_img": rec["selected_lr_img"], "seeds": rec["seeds"],
+                         "validation_acc": {lr: 100 * a for lr, a in rec["validation_acc"].items()}, "dir": str(run)})
+    grid = list(dict.fromkeys(str(lr) for r in rows for lr in r["validation_acc"]))
+    head = ["target", "method"] + [f"lr {float(lr):g}" for lr in grid] + ["selected lr_img"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        best = str(float(r["selected_lr_img"]))
+        cells = [f"**{r['validation_acc'][lr]:.1f}**" if lr == best else
+                 (f"{r['validation_acc'][lr]:.1f}" if lr in r["validation_acc"] else "") for lr in grid]
+        lines.append("| " + " | ".join([str(r["target"]), r["arm"], *cells, f"{r['selected_lr_img']:g}"]) + " |")
+    note = "Validation accuracy % (held-out source training images) of each lr_img of the grid; bold: selected."
+    return {"rows": rows, "markdown": "\n".join(lines) + "\n\n" + note if rows else ""}

@@ -1,24 +1,47 @@
-"""The public operator: validation, dispatch to the compiled ``sgs::surgery`` op or the torch
-reference, and the fake (meta) kernels that let ``torch.compile`` trace through the op."""
+"""The public operator: validation, the numeric range, dispatch to the compiled ``sgs::surgery`` op
+or the torch reference, the optional matched-step normalisation, and what ``torch.library`` needs
+besides the kernels: the fake (meta) kernels that let ``torch.compile`` trace through the op and
+the backward formula (the mask held fixed).
+
+Numeric range. The op is positively homogeneous per (image, channel) plane: scaling every domain's
+plane ``n, c`` by the same ``s > 0`` leaves its mask unchanged and scales its outputs by ``s``. The
+kernels compute in float32 (float64 for float64 input), where the forward transforms of a plane
+whose values are near the dtype's limits overflow (and ``|F|^2`` underflows for tiny ones). So the
+finite check also measures each plane's largest ``|value|``; only when a plane lies outside the
+range that the kernels compute safely, or the result might not fit the output dtype, are the
+planes scaled by exact powers of two, computed, scaled back and checked: every finite input gives
+the right finite result, or a ``ValueError`` when the true result is not representable in the
+output dtype. In range (the common case) the check is the one reduction and one host
+synchronisation that the finite check always cost.
+"""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from . import _build
-from .reference import MASK_MODES, compute_dtype, sgs_reference, spatial_reference
+from .reference import MASK_MODES, compute_dtype, sgs_reference, sgs_vjp, spatial_reference, times_pow2
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NORMALIZE_MODES = ("none", "dm_norm", "kept_fraction")
 
 
 class SGSParts(NamedTuple):
     """What ``spectral_gradient_surgery(..., return_parts=True)`` returns.
 
-    ``update == mean + alpha * shared + beta * diversity`` (to rounding). ``diagnostics`` holds
-    ``mask_fraction`` (fraction of the half-spectrum's real and imaginary components kept by the
-    hard mask, or the mean of the soft mask) and ``shared_energy`` (share of ``|mean_d F_d|^2``
-    kept in the shared spectrum), as 0-d float64 tensors (no host synchronisation).
+    ``update == mean + alpha * shared + beta * diversity`` (to rounding) when ``normalize="none"``.
+    ``diagnostics`` holds ``mask_fraction`` (fraction of the half-spectrum's real and imaginary
+    components kept by the hard mask, or the mean of the soft mask) and ``shared_energy`` (share of
+    ``|mean_d F_d|^2`` kept in the shared spectrum), as 0-d float64 tensors (no host
+    synchronisation). The parts are never normalised; with ``normalize`` the diagnostics say what
+    was applied to the update:
+
+    - ``"dm_norm"``: ``update_scale`` ``[N]`` (float64), and
+      ``update == update_scale[n] * (mean + alpha * shared + beta * diversity)``;
+    - ``"kept_fraction"``: ``shared_scale`` (0-d float64, ``1 / mask_fraction``), and
+      ``update == mean + alpha * shared_scale * shared + beta * diversity``.
     """
     update: torch.Tensor
     mean: torch.Tensor
@@ -34,14 +57,35 @@ def _check_unit(name: str, value: float) -> float:
     return value
 
 
+def check_normalize(normalize) -> str:
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    return normalize
+
+
 def _tracing_or_capturing(grads: torch.Tensor) -> bool:
     """Whether value checks (host synchronisations) must be skipped: torch.compile tracing, or a
     CUDA graph capture, which a synchronisation would invalidate."""
     return torch.compiler.is_compiling() or (grads.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite):
-    """Raise a clear ``TypeError``/``ValueError`` naming what is wrong; return cleaned scalars."""
+class PlaneRange(NamedTuple):
+    """The finite check's one reduction: the largest ``|value|`` of each (image, channel) plane."""
+    top: float  # largest |value| of grads; NaN or inf when grads is not finite
+    low: float  # smallest non-zero plane maximum; inf when every plane is zero
+    plane_max: torch.Tensor  # [N, C], in grads' dtype, on its device
+
+
+def plane_range(grads: torch.Tensor) -> PlaneRange:
+    # max(amax, -amin): two reads and no temporary (faster than abs().amax() or a norm); NaN propagates
+    plane_max = torch.maximum(grads.amax(dim=(0, 3, 4)), -grads.amin(dim=(0, 3, 4)))
+    top, low = torch.stack([plane_max.amax(), torch.where(plane_max > 0, plane_max, math.inf).amin()]).tolist()
+    return PlaneRange(top, low, plane_max)
+
+
+def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite, normalize="none"):
+    """Raise a clear ``TypeError``/``ValueError`` naming what is wrong; return the cleaned scalars
+    and, when ``check_finite``, the :class:`PlaneRange` of ``grads`` (else None)."""
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
     if grads.dim() != 5:
@@ -71,38 +115,62 @@ def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite):
                 raise ValueError(f"assign values must lie in [0, D) = [0, {D}), got range [{lo}, {hi}]")
     if mask not in MASK_MODES:
         raise ValueError(f"mask must be one of {MASK_MODES}, got {mask!r}")
+    check_normalize(normalize)
     tau, rho = _check_unit("tau", tau), _check_unit("rho", rho)
     alpha, beta = float(alpha), float(beta)
     for name, v in (("alpha", alpha), ("beta", beta)):
         if v != v or v in (float("inf"), float("-inf")):
             raise ValueError(f"{name} must be finite, got {v}")
     # The check costs a host synchronisation; inside torch.compile or a CUDA graph capture a NaN
-    # input simply propagates.
+    # input simply propagates, and no plane is rescaled.
+    planes = None
     if check_finite and grads.numel() and not _tracing_or_capturing(grads):
-        if not bool(torch.isfinite(grads).all()):
+        planes = plane_range(grads)
+        if not math.isfinite(planes.top):
             raise ValueError("grads contains NaN or Inf values (pass check_finite=False to skip this check)")
-    return tau, rho, alpha, beta
+    return tau, rho, alpha, beta, planes
 
 
-def _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite):
+def _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite, normalize):
     """Validate; return the int64 assignment (a fresh uniform draw from torch's default generator
-    on ``grads.device`` when ``assign`` is None) and the cleaned scalars."""
-    tau, rho, alpha, beta = validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite)
+    on ``grads.device`` when ``assign`` is None), the cleaned scalars and the plane range."""
+    tau, rho, alpha, beta, planes = validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite,
+                                                    normalize)
     D, N = grads.shape[:2]
     assign = torch.randint(0, D, (N,), device=grads.device) if assign is None else assign.long()
-    return assign, tau, rho, alpha, beta
+    return assign, tau, rho, alpha, beta, planes
+
+
+# --- the kernels: (grads, assign, parts, params) -> update | (update, mean, shared, diversity, stats) ---
+
+def _spectral_kernel(grads, assign, parts, params):
+    if _build.use_extension(grads.device):
+        op = torch.ops.sgs.surgery_parts if parts else torch.ops.sgs.surgery
+        return op(grads, assign, *params)
+    return sgs_reference(grads, assign, *params, return_parts=parts)
+
+
+def _spatial_kernel(grads, assign, parts, params):
+    out = spatial_reference(grads, assign, *params)
+    return out if parts else out[0]
+
+
+class _Kernel(NamedTuple):
+    run: object  # one of the functions above
+    gain: int  # bound of |F| / max|g| (H*W for the 2-D transform, 1 per pixel)
+    components: int  # real components over which the mask fraction is taken
 
 
 def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
                               tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
-                              beta: float = 0.25, mask: str = "hard", return_parts: bool = False,
-                              check_finite: bool = True):
+                              beta: float = 0.25, mask: str = "hard", normalize: str = "none",
+                              return_parts: bool = False, check_finite: bool = True):
     """Spectral Gradient Surgery of D domain-wise gradients (``shared/docs/sgs-spec.md`` sec. 3).
 
     Args:
         grads: ``[D, N, C, H, W]`` gradients of the DM loss of each source domain with respect
             to the N synthetic images (float16/bfloat16/float32 computed in float32; float64 in
-            float64). Any strides.
+            float64). Any strides, any finite values (see the module docstring).
         assign: ``[N]`` integer tensor, the source domain whose specific components each image
             takes this step. ``None`` draws a fresh uniform domain per image from torch's default
             generator on ``grads.device`` (reproducible under ``torch.manual_seed``).
@@ -113,28 +181,177 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
         alpha: weight of the shared (cross-domain agreeing) spectrum.
         beta: weight of the diversity spectrum (the assigned domain's own deviation).
         mask: ``"hard"`` (thresholds) or ``"soft"`` (``agreement * magnitude ratio``).
+        normalize: matched-step variants, so that a comparison with DM isolates the direction the
+            surgery chooses from the size of its step. ``"none"`` (default): the update above.
+            ``"dm_norm"``: each image's update is rescaled to the norm of its plain DM gradient
+            ``mean_d grads[d]`` (over C, H, W). ``"kept_fraction"``: the shared part is divided by
+            the fraction of components the mask kept, as the AND-mask does (Parascandolo et al.,
+            2021, ``scale_grad_inverse_sparsity``). The fraction is taken per call, over all
+            images, not per image: the AND-mask takes it per parameter tensor, and the synthetic
+            set of a DM loop is one tensor; it is the ``mask_fraction`` the kernels already sum,
+            so the rescale needs no second pass over the spectra; and a per-image fraction would
+            blow up the shared part of an image whose domains happen to agree on few components.
         return_parts: also return the mean, shared and diversity parts and the diagnostics.
-        check_finite: raise on NaN/Inf in ``grads`` (costs one host synchronisation).
+        check_finite: raise on NaN/Inf in ``grads`` and bring planes outside the kernels' safe
+            range into it (one reduction and one host synchronisation). ``False`` skips both:
+            NaN/Inf propagate, and a plane whose values lie outside about ``[1e-12, 1e15]``
+            (float32 compute, 32x32; the bounds depend on the size) may come back wrong (NaN, or
+            a mask that lost small components). Inside ``torch.compile`` and CUDA graph capture
+            the check is skipped the same way.
 
     Returns:
         ``update`` ``[N, C, H, W]`` in ``grads.dtype``, or an :class:`SGSParts`.
+
+    Raises:
+        ValueError: bad arguments, a non-finite input, or a true result that overflows the output
+            dtype (e.g. a float16 update larger than 65504).
+
+    Autograd: differentiable in ``grads`` with the mask held fixed (it is piecewise constant for
+    the hard mask; the soft mask's magnitude ratio is held fixed too), the same gradient on every
+    backend. The diagnostics carry no gradient.
     """
-    assign, tau, rho, alpha, beta = _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite)
+    assign, tau, rho, alpha, beta, planes = _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite,
+                                                     normalize)
+    D, N, C, H, W = grads.shape
+    kernel = _Kernel(_spectral_kernel, H * W, 2 * N * C * H * (W // 2 + 1))
+    return _surgery(kernel, (tau, rho, alpha, beta, mask), grads, assign, normalize, return_parts, planes)
 
-    if _build.use_extension(grads.device):
-        if return_parts:
-            update, mean, shared, diversity, stats = torch.ops.sgs.surgery_parts(
-                grads, assign, tau, rho, alpha, beta, mask)
-        else:
-            return torch.ops.sgs.surgery(grads, assign, tau, rho, alpha, beta, mask)
-    elif return_parts:
-        update, mean, shared, diversity, stats = sgs_reference(
-            grads, assign, tau, rho, alpha, beta, mask, return_parts=True)
+
+def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
+                             tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
+                             beta: float = 0.25, mask: str = "hard", normalize: str = "none",
+                             return_parts: bool = False, check_finite: bool = True):
+    """The spatial-domain ablation (spec section 6): the agreement mask of
+    :func:`spectral_gradient_surgery` computed per pixel instead of per frequency, with the same
+    arguments, validation, numeric range, normalisation, autograd and return values (the
+    ``kept_fraction`` is then the fraction of pixels kept). Plain torch (elementwise, no
+    transform), so it runs on any device; it exists to measure what the spectral domain adds.
+    """
+    assign, tau, rho, alpha, beta, planes = _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite,
+                                                     normalize)
+    kernel = _Kernel(_spatial_kernel, 1, grads[0].numel())
+    return _surgery(kernel, (tau, rho, alpha, beta, mask), grads, assign, normalize, return_parts, planes)
+
+
+# --- numeric range ---------------------------------------------------------------------------------
+
+def _safe_exponents(dtype: torch.dtype, num_domains: int, gain: int, alpha: float, beta: float) -> tuple[int, int]:
+    """``(lo, hi)``: a plane whose largest ``|value|`` lies in ``[2**lo, 2**hi]`` is computed in the
+    compute dtype without overflow and without its mask losing components to underflow."""
+    fi = torch.finfo(compute_dtype(dtype))
+    k = 1 + abs(alpha) + 2 * abs(beta)
+    # A spectral component eps * max|F| still has a normal square (the kernels compare |F|^2).
+    lo = math.ceil(math.log2(math.sqrt(fi.tiny) / fi.eps))
+    # |F| <= gain * max|g|: its square, the sum over the domains and the inverse transform's
+    # partial sums (at most k * gain**1.5 * max|g|) stay below the largest value, with margin.
+    hi = math.floor(math.log2(min(math.sqrt(fi.max) / (4 * gain),
+                                  fi.max / (8 * gain * max(num_domains, k * math.sqrt(gain))))))
+    return lo, hi
+
+
+def _output_bound(kernel: _Kernel, shape, alpha: float, beta: float, parts: bool, normalize: str) -> float:
+    """A bound of ``max |output| / max |grads|`` over the outputs the kernel writes and the op
+    returns: the mean is at most max|g|, the inverse transform of a masked spectrum at most
+    ``sqrt(gain)`` times it (Cauchy-Schwarz and Parseval), the diversity part twice that."""
+    s = math.sqrt(kernel.gain)
+    bound = 1 + (abs(alpha) + 2 * abs(beta)) * s
+    if parts:
+        bound = max(bound, 2 * s)
+    if normalize == "dm_norm":  # the norm of an image's DM gradient
+        bound = max(bound, math.sqrt(math.prod(shape[2:])))
+    if normalize == "kept_fraction":  # |shared| / fraction <= components * |mean spectrum|
+        bound = max(bound, 1 + (abs(alpha) * kernel.components + 2 * abs(beta)) * s)
+    return bound
+
+
+def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, planes):
+    D, N, C, H, W = grads.shape
+    alpha, beta = params[2], params[3]
+    parts = return_parts or normalize != "none"
+    lo, hi = _safe_exponents(grads.dtype, D, kernel.gain, alpha, beta)
+    rescale = planes is not None and (
+        planes.low < 2.0 ** lo or
+        planes.top > min(2.0 ** hi, torch.finfo(grads.dtype).max /
+                         (2 * _output_bound(kernel, grads.shape, alpha, beta, parts, normalize))))
+    if rescale:
+        out = _run_rescaled(kernel, params, grads, assign, parts, planes.plane_max, lo, hi)
     else:
-        return sgs_reference(grads, assign, tau, rho, alpha, beta, mask)
+        out = kernel.run(grads, assign, parts, params)
+    if not parts:
+        if rescale:
+            out = out.to(grads.dtype)
+            _check_representable((out,), grads.dtype)
+        return out
+    result = _normalize(_parts(*out), alpha, normalize)
+    if rescale:  # computed in the compute dtype: round once, and say if the result does not fit
+        result = result._replace(**{k: getattr(result, k).to(grads.dtype) for k in ("update", "mean", "shared",
+                                                                                    "diversity")})
+        _check_representable(result if return_parts else result[:1], grads.dtype)
+    return result if return_parts else result.update
 
-    return _parts(update, mean, shared, diversity, stats)
 
+def _run_rescaled(kernel: _Kernel, params, grads, assign, parts, plane_max, lo, hi):
+    """The kernel on planes scaled by exact powers of two into ``[2**lo, 2**hi]``, with its outputs
+    scaled back, in the compute dtype. Planes are scaled by ``2**(-step * k)``, k an integer per
+    plane, so that a call needs one kernel launch per distinct k (at most a handful)."""
+    dtype = compute_dtype(grads.dtype)
+    D, N, C, H, W = grads.shape
+    center = (lo + hi) // 2
+    half = max(min(center - lo - 1, hi - center), 0)
+    step = 2 * half + 1  # a plane max in [2**(e-1), 2**e) lands in [2**(center-half-1), 2**(center+half))
+    exponent = torch.frexp(plane_max.double()).exponent
+    group = torch.where(plane_max > 0, torch.floor((exponent - center) / step + 0.5), 0).long().flatten()
+    keys = torch.unique(group).tolist()
+
+    if len(keys) == 1:  # every plane scaled alike: no regrouping
+        batches = [(keys[0], grads, assign, None)]
+    else:  # one batch of planes [D, P, 1, H, W] per scale, with the matching assignment
+        flat, flat_assign = grads.reshape(D, N * C, 1, H, W), assign.repeat_interleave(C)
+        batches = []
+        for k in keys:
+            index = (group == k).nonzero().squeeze(1)
+            batches.append((k, flat.index_select(1, index), flat_assign.index_select(0, index), index))
+
+    outs, stats = [], []
+    for k, g, a, _ in batches:
+        out = kernel.run(times_pow2(g.to(dtype), -step * k), a, parts, params)
+        out = out if parts else (out,)
+        outs.append([times_pow2(t, step * k) for t in out[:4]])
+        if parts:
+            stats.append((2 * step * k, out[4]))
+    if len(batches) == 1:
+        tensors = outs[0]
+    else:
+        inverse = torch.argsort(torch.cat([b[3] for b in batches]))
+        tensors = [torch.cat([o[i] for o in outs])[inverse].reshape(N, C, H, W) for i in range(len(outs[0]))]
+    return (*tensors, _combine_stats(stats, grads.device)) if parts else tensors[0]
+
+
+def _combine_stats(stats: list[tuple[int, torch.Tensor]], device) -> torch.Tensor:
+    """Sum per-batch ``stats`` whose energies (entries 2, 3) are ``2**shift`` times too small. The
+    energies are returned relative to a common power of two (they can exceed float64), which
+    leaves the diagnostics, their ratios, exact."""
+    rows = [(shift, row) for shift, row in zip((s for s, _ in stats), torch.stack([t for _, t in stats]).tolist())]
+    ref = max((math.frexp(r[3])[1] + shift for shift, r in rows if r[3] > 0), default=0)
+    combined = [sum(r[0] for _, r in rows), sum(r[1] for _, r in rows),
+                sum(math.ldexp(r[2], shift - ref) for shift, r in rows),
+                sum(math.ldexp(r[3], shift - ref) for shift, r in rows)]
+    return torch.tensor(combined, dtype=torch.float64, device=device)
+
+
+def _check_representable(tensors: SGSParts | tuple, dtype: torch.dtype) -> None:
+    names = ("update", "mean", "shared", "diversity")
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors[:4]]).tolist()
+    for name, tensor, overflow in zip(names, tensors, bad):
+        if overflow:
+            n, c = (~torch.isfinite(tensor)).nonzero()[0, :2].tolist()
+            raise ValueError(
+                f"the {name} of image {n}, channel {c} is not representable in {dtype} (its true value "
+                f"exceeds the largest finite {dtype} value, {torch.finfo(dtype).max:.5g}): scale the "
+                "gradients down (the op is positively homogeneous) or pass a wider dtype")
+
+
+# --- diagnostics and the matched-step normalisation ------------------------------------------------
 
 def _parts(update, mean, shared, diversity, stats) -> SGSParts:
     """Bundle the parts with the diagnostics derived from the ``stats`` sums (no host sync)."""
@@ -145,22 +362,63 @@ def _parts(update, mean, shared, diversity, stats) -> SGSParts:
     return SGSParts(update, mean, shared, diversity, diagnostics)
 
 
-def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
-                             tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
-                             beta: float = 0.25, mask: str = "hard", return_parts: bool = False,
-                             check_finite: bool = True):
-    """The spatial-domain ablation (spec section 6): the agreement mask of
-    :func:`spectral_gradient_surgery` computed per pixel instead of per frequency, with the same
-    arguments, validation and return values. Plain torch (elementwise, no transform), so it runs
-    on any device; it exists to measure what the spectral domain adds.
-    """
-    assign, tau, rho, alpha, beta = _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite)
-    parts = _parts(*spatial_reference(grads, assign, tau, rho, alpha, beta, mask))
-    return parts if return_parts else parts.update
+def _normalize(parts: SGSParts, alpha: float, normalize: str) -> SGSParts:
+    """Apply ``normalize`` to the update (computed in the compute dtype, returned in the update's
+    dtype) and record the factor in the diagnostics. No host synchronisation."""
+    if normalize == "none":
+        return parts
+    dtype = compute_dtype(parts.update.dtype)
+    update, diagnostics = parts.update.to(dtype), dict(parts.diagnostics)
+    if normalize == "dm_norm":
+        update, diagnostics["update_scale"] = _rescale_to_norm(update, parts.mean.to(dtype))
+    else:  # kept_fraction
+        fraction = diagnostics["mask_fraction"]
+        scale = torch.where(fraction > 0, 1 / fraction.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+        update = update + (alpha * (scale - 1)).to(dtype) * parts.shared.to(dtype)
+        diagnostics["shared_scale"] = scale
+    return parts._replace(update=update.to(parts.update.dtype), diagnostics=diagnostics)
 
 
-def _register_fake_kernels() -> None:
-    """Shape-only kernels so ``torch.compile``/``opcheck`` can trace ``sgs::surgery``."""
+def _rescale_to_norm(x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x[n] * |target[n]| / |x[n]|`` for each image n (0 where ``x[n] = 0``), and the factors
+    (float64 ``[N]``). The norms are taken of the images divided by their largest ``|value|``, so
+    that squaring cannot overflow or underflow whatever the values."""
+    dims = tuple(range(1, x.dim()))
+
+    def unit(t):  # t / max|t| per image (detached scale: the result does not depend on it)
+        peak = t.detach().abs().amax(dims, keepdim=True)
+        peak = torch.where(peak > 0, peak, 1)
+        return t / peak, peak
+
+    x_unit, x_peak = unit(x)
+    t_unit, t_peak = unit(target)
+    x_norm = torch.linalg.vector_norm(x_unit, dim=dims, keepdim=True)
+    ratio = torch.linalg.vector_norm(t_unit, dim=dims, keepdim=True) / torch.where(x_norm > 0, x_norm, 1)
+    out = x_unit * ratio * t_peak  # in this order: only a result that does not fit overflows
+    factor = torch.where(x_norm > 0, ratio.double() * t_peak.double() / x_peak.double(), 0)
+    return out, factor.flatten().detach()
+
+
+# --- torch.library registrations -------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    grads, assign, tau, rho, alpha, beta, mask = inputs
+    ctx.save_for_backward(grads, assign)
+    ctx.params = (tau, rho, alpha, beta, mask)
+    if isinstance(output, tuple):
+        ctx.mark_non_differentiable(output[4])  # the diagnostics' sums
+
+
+def _backward(ctx, g_update, g_mean=None, g_shared=None, g_diversity=None, _g_stats=None):
+    grads, assign = ctx.saved_tensors
+    grad = sgs_vjp(grads, assign, *ctx.params, g_update, g_mean, g_shared, g_diversity) \
+        if ctx.needs_input_grad[0] else None
+    return grad, None, None, None, None, None, None
+
+
+def _register_op_python_parts() -> None:
+    """Shape-only kernels so ``torch.compile``/``opcheck`` can trace ``sgs::surgery``, and the
+    backward of both ops (the mask held fixed, recomputed in torch from the saved gradients)."""
 
     @torch.library.register_fake("sgs::surgery")
     def _(grads, assign, tau, rho, alpha, beta, mask):
@@ -172,5 +430,8 @@ def _register_fake_kernels() -> None:
         return (grads.new_empty(out), grads.new_empty(out), grads.new_empty(out),
                 grads.new_empty(out), grads.new_empty(4, dtype=torch.float64))
 
+    for op in ("sgs::surgery", "sgs::surgery_parts"):
+        torch.library.register_autograd(op, _backward, setup_context=_setup_context)
 
-_build.on_load(_register_fake_kernels)
+
+_build.on_load(_register_op_python_parts)

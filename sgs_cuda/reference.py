@@ -2,8 +2,14 @@
 
 Vectorised over domains, images and channels (no Python loops); follows
 ``shared/docs/sgs-spec.md`` section 3 literally, so each line can be read against it.
-Inputs are assumed validated (see ``sgs_cuda.ops``); the computation runs in float32 for
-float16/bfloat16/float32 input and in float64 for float64 input.
+Inputs are assumed validated and within the op's numeric range (``sgs_cuda.ops`` rescales planes
+that are not); the computation runs in float32 for float16/bfloat16/float32 input and in float64
+for float64 input.
+
+Autograd: the mask is held fixed (computed from detached spectra, for the hard and the soft mask
+alike), so the gradient is that of the linear map ``grads -> update`` given the mask and the
+assignment, the same gradient the compiled op's registered backward gives. The diagnostics
+(``stats``) carry no gradient.
 """
 from __future__ import annotations
 
@@ -31,6 +37,26 @@ def agreement_mask(x: torch.Tensor, mag_agree: torch.Tensor, tau: float, rho: fl
     return agree * mag_agree
 
 
+def clear_self_conjugate_imag(spec: torch.Tensor, W: int) -> torch.Tensor:
+    """``spec`` (an rfft2 half-spectrum ``[..., H, W//2+1]`` of real planes of width W) with the
+    imaginary parts of its self-conjugate bins (rows 0 and H/2, columns 0 and W/2) set to 0: they
+    are exactly 0 for real input, and their rounding noise must not count as a sign (sgn(0) = 0),
+    as the compiled kernels also ensure."""
+    H, Wr = spec.shape[-2:]
+    h, k = torch.arange(H, device=spec.device), torch.arange(Wr, device=spec.device)
+    row = (h == 0) | ((h == H // 2) & (H % 2 == 0))
+    col = (k == 0) | ((k == W // 2) & (W % 2 == 0))
+    return torch.complex(spec.real, torch.where(row[:, None] & col[None, :], 0, spec.imag))
+
+
+def spectral_mask(spec: torch.Tensor, tau: float, rho: float, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of the real and of the imaginary components (spec steps 1-3) of the domain spectra
+    ``spec`` ``[D, ...]`` complex, without gradient (the op holds its mask fixed)."""
+    spec = spec.detach()
+    mag_agree = magnitude_agreement(spec.abs())
+    return agreement_mask(spec.real, mag_agree, tau, rho, mask), agreement_mask(spec.imag, mag_agree, tau, rho, mask)
+
+
 def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: float, alpha: float,
                   beta: float, mask: str = "hard", return_parts: bool = False):
     """Return ``update`` or, with ``return_parts``, ``(update, mean, shared, diversity, stats)``.
@@ -45,13 +71,10 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
         empty = grads.new_zeros(grads.shape[1:])
         stats = torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=grads.device)
         return (empty, empty.clone(), empty.clone(), empty.clone(), stats) if return_parts else empty
-    spec = torch.fft.rfft2(g)  # [D, N, C, H, W//2+1] complex
-    re, im = spec.real, spec.imag
+    spec = clear_self_conjugate_imag(torch.fft.rfft2(g), W)  # [D, N, C, H, W//2+1] complex
 
     # 1.-3. sign agreement per real component, magnitude agreement per complex bin, the mask
-    mag_agree = magnitude_agreement(spec.abs())
-    mask_re = agreement_mask(re, mag_agree, tau, rho, mask)
-    mask_im = agreement_mask(im, mag_agree, tau, rho, mask)
+    mask_re, mask_im = spectral_mask(spec, tau, rho, mask)
 
     # 4. masked recombination
     mean_spec = spec.mean(0)
@@ -69,12 +92,12 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
     mean = g.mean(0)
     shared_sp = torch.fft.irfft2(shared, s=size)
     diversity_sp = torch.fft.irfft2(diversity, s=size)
-    stats = torch.stack([
-        (mask_re.sum() + mask_im.sum()).double(),
+    stats = torch.stack([  # energies summed in float64: a float32 sum of many bins could overflow
+        (mask_re.sum(dtype=torch.float64) + mask_im.sum(dtype=torch.float64)),
         torch.tensor(2.0 * mask_re.numel(), dtype=torch.float64, device=grads.device),
-        shared.abs().square().sum().double(),
-        mean_spec.abs().square().sum().double(),
-    ])
+        shared.abs().square().sum(dtype=torch.float64),
+        mean_spec.abs().square().sum(dtype=torch.float64),
+    ]).detach()
     return (update.to(out_dtype), mean.to(out_dtype), shared_sp.to(out_dtype),
             diversity_sp.to(out_dtype), stats)
 
@@ -89,13 +112,65 @@ def spatial_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho
     """
     N = grads.shape[1]
     g = grads.to(compute_dtype(grads.dtype))
-    m = agreement_mask(g, magnitude_agreement(g.abs()), tau, rho, mask)
+    g_fixed = g.detach()  # the mask is held fixed under autograd, as in the spectral op
+    m = agreement_mask(g_fixed, magnitude_agreement(g_fixed.abs()), tau, rho, mask)
     mean = g.mean(0)
     shared = m * mean
     diversity = (1 - m) * (g[assign, torch.arange(N, device=g.device)] - mean)
     update = mean + alpha * shared + beta * diversity
-    stats = torch.stack([m.sum().double(),
+    stats = torch.stack([m.sum(dtype=torch.float64),
                          torch.tensor(float(m.numel()), dtype=torch.float64, device=g.device),
-                         shared.square().sum().double(), mean.square().sum().double()])
+                         shared.square().sum(dtype=torch.float64),
+                         mean.square().sum(dtype=torch.float64)]).detach()
     out = grads.dtype
     return update.to(out), mean.to(out), shared.to(out), diversity.to(out), stats
+
+
+def times_pow2(x: torch.Tensor, exponent: int | torch.Tensor) -> torch.Tensor:
+    """``x * 2**exponent``, exact barring underflow (an int, or an integer tensor that broadcasts),
+    in two factors so that each is representable for exponents up to twice the dtype's largest
+    (a float32 plane between 2**-149 and 2**127 can be brought to 1 and back)."""
+    if isinstance(exponent, int):
+        half = exponent // 2
+        return x * 2.0 ** half * 2.0 ** (exponent - half)
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    return x * torch.exp2(half.to(x.dtype)) * torch.exp2((exponent - half).to(x.dtype))
+
+
+def sgs_vjp(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: float, alpha: float, beta: float,
+            mask: str = "hard", g_update=None, g_mean=None, g_shared=None, g_diversity=None) -> torch.Tensor:
+    """The gradient with respect to ``grads`` ``[D, N, C, H, W]`` of
+    ``<g_update, update> + <g_mean, mean> + <g_shared, shared> + <g_diversity, diversity>`` with
+    the mask held fixed (the backward of ``sgs::surgery`` and ``sgs::surgery_parts``).
+
+    Given the mask ``M`` and the assignment, every output is a linear map of the domain spectra
+    with real coefficients per component, symmetric under conjugation; its adjoint is the same
+    map applied to the output gradients (``irfft2(c * rfft2(g))``). With
+    ``S = M * rfft2(alpha * g_update + g_shared)`` and
+    ``V = (1 - M) * rfft2(beta * g_update + g_diversity)``:
+    ``grad[d] = (g_update + g_mean + irfft2(S - V)) / D + [d == assign] * irfft2(V)``.
+    The mask is recomputed here from the saved ``grads``, each plane first scaled by an exact
+    power of two (the mask is invariant to it) so that its transform cannot overflow.
+    """
+    D, N, C, H, W = grads.shape
+    dtype = compute_dtype(grads.dtype)
+    if grads.numel() == 0:
+        return torch.zeros_like(grads)
+
+    def total(*terms):
+        terms = [t.to(dtype) * w for t, w in terms if t is not None]
+        return sum(terms[1:], terms[0]) if terms else grads.new_zeros(grads.shape[1:], dtype=dtype)
+
+    with torch.no_grad():
+        g = grads.detach().to(dtype)
+        exponent = torch.frexp(g.abs().amax(dim=(0, 3, 4), keepdim=True)).exponent
+        spec = clear_self_conjugate_imag(torch.fft.rfft2(times_pow2(g, -exponent)), W)
+        mask_re, mask_im = spectral_mask(spec, tau, rho, mask)
+    size = (H, W)
+    s = torch.fft.rfft2(total((g_update, alpha), (g_shared, 1.0)))
+    v = torch.fft.rfft2(total((g_update, beta), (g_diversity, 1.0)))
+    s = torch.complex(mask_re * s.real, mask_im * s.imag)
+    v = torch.complex((1 - mask_re) * v.real, (1 - mask_im) * v.imag)
+    common = (total((g_update, 1.0), (g_mean, 1.0)) + torch.fft.irfft2(s - v, s=size)) / D
+    own = (torch.arange(D, device=grads.device).view(D, 1) == assign.view(1, N)).to(dtype).view(D, N, 1, 1, 1)
+    return (common + own * torch.fft.irfft2(v, s=size)).to(grads.dtype)

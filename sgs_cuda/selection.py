@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from . import _io
 from .data.holdout import hold_out
 from .dm.distill import DistillConfig, distill
 from .evaluate import EvalConfig, _seed_for, predict, train_classifier
@@ -44,13 +44,15 @@ def validation_accuracy(images: torch.Tensor, labels: torch.Tensor, view, domain
 
 def select_lr(data, source_domains: Sequence[str], distill_cfg: DistillConfig, eval_cfg: EvalConfig,
               grid: Sequence[float] = DEFAULT_GRID, seeds: Sequence[int] = (0,), fraction: float = 0.2,
-              holdout_seed: int = 0, device="cpu", run_dir=None, progress: bool = False) -> dict:
+              holdout_seed: int = 0, device="cpu", run_dir=None, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> dict:
     """Pick ``lr_img`` for ``distill_cfg`` (its method, matching and surgery) on the held-out part
     of ``source_domains``; ``distill_cfg.lr_img`` and ``seed`` are replaced by the grid and ``seeds``.
 
     Returns ``{"selected_lr_img", "grid", "validation_acc" {lr: mean over seeds and nets},
     "per_seed" {lr: {seed: [acc per net]}}, "seeds", "holdout" {...}, "settings" {...},
-    "seconds"}`` (learning rates as strings in the JSON keys).
+    "seconds"}`` (learning rates as strings in the JSON keys). ``log`` receives one line per
+    grid point and seed.
     """
     grid = [float(lr) for lr in grid]
     if not grid or any(not lr > 0 for lr in grid):
@@ -79,6 +81,8 @@ def select_lr(data, source_domains: Sequence[str], distill_cfg: DistillConfig, e
             result = distill(view, source_domains, cfg, device=device, progress=progress)
             accs = validation_accuracy(result.images, result.labels, view, source_domains, eval_cfg, device, seed)
             per_seed.setdefault(str(lr), {})[str(seed)] = accs
+            if log is not None:
+                log(f"lr_img {lr:g} seed {seed}: validation accuracy {100 * _mean(accs):.1f}%")
             if path is not None:
                 _save(path, {"settings": settings, "per_seed": per_seed})
     scores = {str(lr): _mean([a for s in seeds for a in per_seed[str(lr)][str(s)]]) for lr in grid}
@@ -101,7 +105,7 @@ def _load_finished(path: Path | None, settings: dict) -> dict:
     """Grid points finished by an earlier call with the same settings (``{}`` when none)."""
     if path is None or not path.is_file():
         return {}
-    saved = json.loads(path.read_text())
+    saved = _io.load_json(path, "delete it to select again")
     if saved.get("settings") != json.loads(json.dumps(settings)):
         raise ValueError(f"{path} holds a learning-rate selection with other settings; "
                          "use another run folder or delete it to start again")
@@ -109,7 +113,5 @@ def _load_finished(path: Path | None, settings: dict) -> dict:
 
 
 def _save(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    _io.ensure_dir(path.parent)
+    _io.write_json(path, obj)

@@ -22,6 +22,13 @@ METRICS = {"ood_acc_mean": "OOD", "in_domain_acc_mean": "in-domain"}
 Accuracies = Mapping[str, Mapping[int, float]]  # target -> seed -> accuracy
 
 
+def metric_name(key: str) -> str:
+    """``"ood_acc_mean"`` -> ``"OOD"``; ``"per_arch.vgg11.ood_acc_mean"`` -> ``"OOD (vgg11)"``."""
+    *where, leaf = key.split(".")
+    name = METRICS.get(leaf, leaf)
+    return f"{name} ({where[-1]})" if where else name
+
+
 @dataclass(frozen=True)
 class PairedSummary:
     """Summary of paired differences ``other - baseline``; nan where ``n`` is too small."""
@@ -159,7 +166,7 @@ def markdown_tables(arms: Mapping[str, tuple[Sequence, str]], baseline: str,
         raise ValueError(f"baseline {baseline!r} is not one of the arms {list(arms)}")
     acc = {label: {key: accuracies(load_seed_metrics(dirs, method), key) for key in keys}
            for label, (dirs, method) in arms.items()}
-    names = [METRICS.get(k, k) for k in keys]
+    names = [metric_name(k) for k in keys]
     base = acc[baseline]
     targets = list(dict.fromkeys(t for a in acc.values() for t in a[keys[0]]))
     head = ["target", "method"] + [c for n in names for c in (f"{n} %", f"Δ {n} vs {baseline}", "pairs > 0")]

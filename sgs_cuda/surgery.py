@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import SGSParts, _check_unit, spatial_gradient_surgery, spectral_gradient_surgery
+from .ops import SGSParts, _check_unit, check_normalize, spatial_gradient_surgery, spectral_gradient_surgery
 from .reference import MASK_MODES
 
 ASSIGNMENTS = ("random", "fixed")
@@ -23,6 +23,10 @@ class SGSConfig:
     default); ``"fixed"`` gives image ``n`` domain ``n % D`` for the whole run (round-robin).
     ``space``: ``"spectral"`` (the method) or ``"spatial"`` (the ablation that measures agreement
     per pixel, :func:`~sgs_cuda.ops.spatial_gradient_surgery`).
+    ``normalize``: ``"none"`` (default), or a matched-step variant: ``"dm_norm"`` rescales each
+    image's update to the norm of its plain DM gradient, ``"kept_fraction"`` divides the shared
+    part by the fraction of components the mask kept (see
+    :func:`~sgs_cuda.ops.spectral_gradient_surgery`).
     """
     tau: float = 1.0
     rho: float = 0.0  # sign agreement only: docs/RESULTS.md (the spec started at 0.25)
@@ -31,6 +35,7 @@ class SGSConfig:
     mask: str = "hard"
     assignment: str = "random"
     space: str = "spectral"
+    normalize: str = "none"  # run folders saved before this option resume with it (relevant_settings)
 
     def __post_init__(self):
         _check_unit("tau", self.tau)
@@ -45,12 +50,14 @@ class SGSConfig:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        check_normalize(self.normalize)
 
     def replace(self, **changes) -> "SGSConfig":
         return dataclasses.replace(self, **changes)
 
     def op_kwargs(self) -> dict:
-        return {"tau": self.tau, "rho": self.rho, "alpha": self.alpha, "beta": self.beta, "mask": self.mask}
+        return {"tau": self.tau, "rho": self.rho, "alpha": self.alpha, "beta": self.beta, "mask": self.mask,
+                "normalize": self.normalize}
 
 
 _batched_grad_failed = False

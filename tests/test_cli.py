@@ -224,3 +224,117 @@ def test_module_entry_point_help():
                  "--beta", "--mask", "--assignment", "--device", "--run-dir", "--resume", "--checkpoint-every",
                  "--pseudo-domains", "--dataset", "--data-root"):
         assert flag in out.stdout
+
+
+def test_issue10_flags_map_onto_the_config():
+    args = cli.build_parser().parse_args(
+        ["run", "--preset", "medium", "--matching", "m3d", "--eval-arch", "convnet,vgg11:16", "--label", "M3D tuned",
+         "--select-lr", "0.5, 1,2", "--select-seeds", "10", "11", "--holdout-fraction", "0.25"])
+    cfg = cli.resolve_config(args)
+    assert cfg["distill"]["matching"] == "m3d" and cfg["eval"]["arch"] == "convnet,vgg11:16"
+    assert cfg["label"] == "M3D tuned"
+    assert cfg["select"] == {"lr_grid": [0.5, 1.0, 2.0], "seeds": [10, 11], "fraction": 0.25, "holdout_seed": 0}
+    plain = cli.resolve_config(cli.build_parser().parse_args(["run"]))
+    assert plain["select"]["lr_grid"] == [] and plain["label"] is None and plain["distill"]["matching"] == "dm"
+    if "normalize" in plain["sgs"]:  # the op's matched-step option
+        cfg = cli.resolve_config(cli.build_parser().parse_args(["run", "--normalize", "dm_norm"]))
+        assert cfg["sgs"]["normalize"] == "dm_norm" and cli.distill_config(cfg, "dm_sgs", 0).sgs.normalize == "dm_norm"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--select-lr", "0.5,fast"], "--select-lr expects comma-separated learning rates"),
+    (["run", "--select-lr", "0,1"], "'select.lr_grid' must be a list of positive numbers"),
+    (["run", "--select-lr", "1,1"], "lists a value twice"),
+    (["run", "--select-lr", "1", "--holdout-fraction", "1.5"], "'select.fraction' must lie in"),
+    (["run", "--eval-arch", "lenet"], "unknown architecture 'lenet'"),
+    (["compare", "nowhere"], "run folder nowhere does not exist"),
+])
+def test_issue10_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
+    rc = tiny(*argv, "--run-dir", str(tmp_path / "r")) if argv[0] != "compare" else cli.main(argv)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def _per_seed(run_dir, method, seed):
+    return json.loads((Path(run_dir) / method / f"seed{seed}" / "metrics.json").read_text())
+
+
+def test_select_lr_then_run_at_the_selected_step(tiny, tmp_path, capsys, monkeypatch):
+    import sgs_cuda.selection as selection
+    views = []
+    real_distill = selection.distill
+    monkeypatch.setattr(selection, "distill", lambda *a, **kw: views.append((a[0], a[2])) or real_distill(*a, **kw))
+    run_dir = tmp_path / "r"
+    argv = ["--run-dir", str(run_dir), "--target", "d1", "--method", "both", "--select-lr", "0.5,4",
+            "--select-seeds", "10", "--seeds", "0", "1"]
+    assert tiny("select-lr", *argv) == 0
+    out = capsys.readouterr().out
+    assert "dm " in out and "dm_sgs" in out and "selected" in out
+    assert [(cfg.method, cfg.lr_img, cfg.seed) for _, cfg in views] == [
+        ("dm", 0.5, 10), ("dm", 4.0, 10), ("dm_sgs", 0.5, 10), ("dm_sgs", 4.0, 10)]
+    assert all(view.domains == ["d0", "d2"] for view, _ in views)  # the target is not in the validation view
+    chosen = {}
+    for m in ("dm", "dm_sgs"):
+        rec = json.loads((run_dir / m / "lr_selection.json").read_text())
+        assert rec["grid"] == [0.5, 4.0] and rec["seeds"] == [10] and rec["settings"]["distill"]["method"] == m
+        chosen[m] = rec["selected_lr_img"]
+        assert chosen[m] == max(rec["grid"], key=lambda lr: (rec["validation_acc"][str(lr)], -rec["grid"].index(lr)))
+    views.clear()
+    assert tiny("run", *argv, "--resume") == 0  # the selection is reused, then each method at its own step
+    assert not views
+    out = capsys.readouterr().out
+    assert "lr_img selected on held-out source images" in out
+    for m in ("dm", "dm_sgs"):
+        for seed in (0, 1):
+            syn = torch.load(run_dir / m / f"seed{seed}" / "synthetic.pt", weights_only=False)
+            assert syn["config"]["lr_img"] == chosen[m] and syn["config"]["seed"] == seed
+            assert _per_seed(run_dir, m, seed)["lr_img"] == chosen[m]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {m: r["selected_lr_img"] for m, r in metrics["lr_selection"].items()} == chosen
+    assert "lr_img" in cli.experiment.describe_run(cli.experiment.load_run(run_dir))
+
+
+def test_compare_run_folders(tiny, tmp_path, capsys):
+    seeds = ["--seeds", "0", "1"]
+    for t in ("d0", "d1"):
+        assert tiny("run", "--run-dir", str(tmp_path / t / "base"), "--target", t, "--method", "both", *seeds,
+                    "--eval-arch", "convnet,resnet18:4") == 0
+        assert tiny("run", "--run-dir", str(tmp_path / t / "spatial"), "--target", t, "--method", "dm_sgs",
+                    "--space", "spatial", *seeds) == 0
+        assert tiny("run", "--run-dir", str(tmp_path / t / "m3d"), "--target", t, "--method", "dm",
+                    "--matching", "m3d", "--label", "M3D at DM's step", *seeds) == 0
+    capsys.readouterr()
+    dirs = [str(p) for p in sorted(tmp_path.glob("d*/*"))]
+    plot, out_json = tmp_path / "pairs.png", tmp_path / "cmp.json"
+    assert cli.main(["compare", *dirs, "--plot", str(plot), "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    assert result["baseline"] == "DM"
+    assert set(result["arms"]) == {"DM", "DM+SGS", "DM+SGS (space=spatial)", "M3D at DM's step"}
+    assert plot.stat().st_size > 1000
+    for name in result["arms"]:
+        assert f"| d0 | {name} |" in text and f"| d1 | {name} |" in text
+    assert "| DM+SGS (space=spatial) | 4 |" in text and "Evaluated by resnet18" in text
+    # every number comes from the per-seed metrics: recompute one paired difference and interval
+    from sgs_cuda.stats import summarize_differences
+    diffs = [100 * (_per_seed(tmp_path / t / "base", "dm_sgs", s)["ood_acc_mean"]
+                    - _per_seed(tmp_path / t / "base", "dm", s)["ood_acc_mean"]) for t in ("d0", "d1") for s in (0, 1)]
+    pooled = result["comparisons"]["ood_acc_mean"]["DM+SGS"]["pooled"]
+    assert pooled["mean"] == pytest.approx(sum(diffs) / 4) and pooled["n"] == 4
+    assert pooled["positive"] == sum(d > 0 for d in diffs)
+    assert (pooled["ci_low"], pooled["ci_high"]) == pytest.approx(
+        (summarize_differences(diffs).ci_low, summarize_differences(diffs).ci_high))
+    assert f"{summarize_differences(diffs).fmt()} | {pooled['positive']}/4" in text
+    arch = result["comparisons"]["per_arch.resnet18.ood_acc_mean"]
+    assert list(arch) == ["DM+SGS"]  # only the folders evaluated by resnet18
+    # another baseline, a subset of arms; unknown names and clashing labels are one line
+    assert cli.main(["compare", *dirs, "--baseline", "DM+SGS", "--arms", "DM+SGS", "DM+SGS (space=spatial)"]) == 0
+    assert "Δ OOD vs DM+SGS" in capsys.readouterr().out
+    assert cli.main(["compare", *dirs, "--baseline", "nope"]) == 2
+    assert "not one of the arms" in capsys.readouterr().err
+    assert tiny("run", "--run-dir", str(tmp_path / "clash"), "--target", "d0", "--method", "dm_sgs",
+                "--label", "M3D at DM's step") == 0
+    capsys.readouterr()
+    assert cli.main(["compare", *dirs, str(tmp_path / "clash")]) == 2
+    assert "different labels" in capsys.readouterr().err

@@ -148,3 +148,50 @@ def test_config_files_that_do_not_parse_are_named(tmp_path):
         with pytest.raises(ValueError) as info:
             resolve_config(config_file=tmp_path / name)
         assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_metrics_saved_before_eval_arch_existed_are_reused(tmp_path):
+    exp = Experiment(tiny_config(), tmp_path / "r", data=TinyDomains(), log=lambda m: None)
+    payload = exp.produce_set("dm", 0)
+    metrics = exp.evaluate_set(payload)
+    path = exp.set_dir("dm", 0) / "metrics.json"
+    old = json.loads(path.read_text())
+    del old["config"]["arch"]  # as written before EvalConfig.arch
+    path.write_text(json.dumps(old))
+    lines = []
+    again = Experiment(tiny_config(), tmp_path / "r", resume=True, data=TinyDomains(), log=lines.append)
+    assert again.evaluate_set(payload)["ood_acc"] == metrics["ood_acc"]
+    assert any("reusing" in line for line in lines)
+    other = Experiment(tiny_config(**{"eval.arch": "convnet,resnet18:4"}), tmp_path / "r", resume=True,
+                       data=TinyDomains(), log=(more := []).append)
+    assert set(other.evaluate_set(payload)["per_arch"]) == {"convnet", "resnet18"}  # other settings: evaluated again
+    assert not any("reusing" in line for line in more)
+
+
+def test_m3d_matching_and_arm_names(tmp_path):
+    exp = Experiment(tiny_config(**{"distill.matching": "m3d", "methods": ["dm"]}), tmp_path / "r",
+                     data=TinyDomains(), log=lambda m: None)
+    m3d = exp.produce_set("dm", 0)
+    dm = Experiment(tiny_config(methods=["dm"]), tmp_path / "dm", data=TinyDomains(), log=lambda m: None).produce_set("dm", 0)
+    assert m3d["config"]["matching"] == "m3d" and not torch.equal(m3d["images"], dm["images"])
+    cfg = tiny_config(**{"distill.matching": "m3d", "sgs.space": "spatial"})
+    assert experiment.arm_name(cfg, "dm") == "M3D"
+    assert experiment.arm_name(cfg, "dm_sgs") == "M3D+SGS (space=spatial)"
+    assert experiment.arm_name(tiny_config(), "dm_sgs") == "DM+SGS" and experiment.arm_name(None, "random") == "random"
+    assert experiment.arm_name({**cfg, "label": "mine"}, "dm") == "mine"
+    assert experiment.arm_name({**cfg, "label": "mine"}, "dm", 2) == "mine: M3D"
+
+
+def test_selection_refuses_pseudo_domains_and_empty_grids(tmp_path):
+    exp = Experiment(tiny_config(), tmp_path / "r", data=TinyDomains(), log=lambda m: None)
+    with pytest.raises(ValueError, match="no lr_img grid"):
+        exp.select_all()
+    assert exp.select_lr("dm") is None and exp.distill_config("dm", 0).lr_img == 1.0
+    pytest.importorskip("sgs_cuda.data.pseudo_domains")
+    cfg = tiny_config(**{"select.lr_grid": [1, 2], "pseudo_domains": 2})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        exp = Experiment(cfg, tmp_path / "p", data=TinyDomains(), log=lambda m: None)
+        with pytest.raises(ValueError, match="does not combine with --pseudo-domains"):
+            exp.produce_set("dm", 0)

@@ -386,7 +386,7 @@ def test_op_rejects_bad_input_directly(monkeypatch):
 # --- the DM-loop helper ------------------------------------------------------------------------
 
 def test_config_validation():
-    assert SGSConfig().op_kwargs() == dict(tau=1.0, rho=0.0, alpha=1.0, beta=0.25, mask="hard")
+    assert SGSConfig().op_kwargs() == dict(tau=1.0, rho=0.0, alpha=1.0, beta=0.25, mask="hard", normalize="none")
     with pytest.raises(ValueError, match="tau must lie in"):
         SGSConfig(tau=2.0)
     with pytest.raises(ValueError, match="assignment must be one of"):
@@ -433,10 +433,11 @@ def test_fixed_assignment_is_round_robin():
 
 
 def test_defaults_are_the_documented_ones(impl, device):
-    """The op's defaults (the sweep's choice, docs/RESULTS.md): tau 1, rho 0, alpha 1, beta 0.25, hard."""
+    """The op's defaults (the sweep's choice, docs/RESULTS.md): tau 1, rho 0, alpha 1, beta 0.25, hard,
+    no normalisation."""
     grads = torch.randn(3, 2, 2, 16, 16, dtype=torch.float64)
     assign = torch.tensor([2, 0])
     out = spectral_gradient_surgery(grads.to(device), assign.to(device))
     assert rel_err(out, reference64(grads, assign, rho=0.0)[0]) < 1e-12
     assert rel_err(out, reference64(grads, assign, rho=0.25)[0]) > 1e-6  # the default really differs
-    assert SGSConfig().op_kwargs() == dict(tau=1.0, rho=0.0, alpha=1.0, beta=0.25, mask="hard")
+    assert SGSConfig().op_kwargs() == dict(tau=1.0, rho=0.0, alpha=1.0, beta=0.25, mask="hard", normalize="none")
