@@ -1,8 +1,9 @@
 // CUDA kernels of sgs::surgery (spec sections 3 and 5): a ladder of three paths, the fastest that
 // applies unless SGS_CUDA_PATH=dx|portable|cufft forces one (auto: the default).
 //   dx       the cuFFTDx kernel (sgs_cuda_dx*.cu, sgs_dx.h): compile-time specialised sizes
-//            (SGS_DX_SIZES), float32/float16/bfloat16, update only, sm_90; built only when
-//            nvidia-mathdx is installed (SGS_WITH_DX);
+//            (SGS_DX_SIZES, 128x128 on a 2-CTA cluster), float32/float16/bfloat16, the update and
+//            (sgs::surgery_stats) the diagnostic sums, sm_90; built only when nvidia-mathdx is
+//            installed (SGS_WITH_DX);
 //   portable the fused kernel below: any even W whose lengths factor into primes <= 13, on one
 //            CTA or a thread-block cluster; also the path for return_parts and float64;
 //   cufft    cuFFT (at::fft_rfft2) plus one kernel over the bins, for everything else.
@@ -52,7 +53,8 @@
 // Both paths: the imaginary parts of the self-conjugate bins are set to zero before the
 // statistics, as the CPU kernel does; the hard mask is an exact integer and product test
 // (SurgeryParams::kstar, rho2), so approximate device division cannot flip it; per-plane (fused) or per-block (fallback) partial diagnostics
-// are reduced with at::sum (deterministic, no atomics); no host synchronisation anywhere (CUDA graph
+// are reduced with at::sum (deterministic, no atomics; the dx kernel adds one partial sum per CTA
+// with atomicAdd, so its float64 energy sums may differ in the last bits from run to run); no host synchronisation anywhere (CUDA graph
 // capture works for the fused path).
 //
 // Options (read from the environment once, when the library loads; sgs::set_cuda_options changes

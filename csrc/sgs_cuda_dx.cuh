@@ -241,7 +241,7 @@ struct DeviceCtx {
 };
 
 template <class S, typename In>
-__global__ void __launch_bounds__(S::threads) dx_kernel(const __grid_constant__ Args<In> a) {
+__global__ void __launch_bounds__(S::threads, S::min_ctas) dx_kernel(const __grid_constant__ Args<In> a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
   __trap();
 #else

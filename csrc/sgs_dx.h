@@ -78,7 +78,7 @@ constexpr bool power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
 // Er = M/X elements per thread and the column FFT (length H) Ec = H/X, so both FFT descriptors
 // have the same block dimensions (X, F), as cuFFTDx's block execution requires. F = P*Fc FFT ids:
 // id y is column k_lo + y % Fc of plane y / Fc (column 0: the packed columns 0 and M).
-template <int H_, int W_, int X_, int P_, int CS_ = 1, Fft K_ = Fft::kBlock>
+template <int H_, int W_, int X_, int P_, int CS_ = 1, Fft K_ = Fft::kBlock, int B_ = 1>
 struct Shape {
   static constexpr int H = H_, W = W_, M = W_ / 2, Wr = W_ / 2 + 1, X = X_, P = P_, CS = CS_;
   static constexpr Fft kind = K_;
@@ -88,6 +88,9 @@ struct Shape {
   static constexpr int F = P * Fc;  // FFT ids: one per (plane, owned column FFT)
   static constexpr int threads = X * F;
   static constexpr int warps = (threads + 31) / 32;
+  // CTAs per SM the registers must allow (__launch_bounds__ minimum blocks): caps ptxas's register
+  // count at 65536 / (B * threads) (no effect on the algorithm).
+  static constexpr int min_ctas = B_;
   static constexpr int rounds = (P * Hc + F - 1) / F;  // row-pass rounds (the last may be ragged)
   static constexpr int zs = Wr;  // complex row stride of the exchange buffer (odd when M is even: banks)
   static constexpr int xs = Fc % 2 ? Fc : Fc + 1;  // complex row stride of the column buffers (CS > 1; odd)
@@ -109,23 +112,24 @@ template <>
 struct Config<28, 28> {
   // Split FFTs over 2 threads (rows 7 + 7, columns 14 + 14 elements): 14 bins per thread. The
   // cuFFTDx block FFT of length 28 has one thread per FFT, so a thread held 28 bins and spilled.
-  using S = Shape<28, 28, 2, 4, 1, Fft::kSplit>;  // 112 threads (190 registers: 2 CTAs per SM)
+  // 112 threads; asking for 2 CTAs per SM matters: with 1, ptxas took 168 registers and spilled.
+  using S = Shape<28, 28, 2, 4, 1, Fft::kSplit, 2>;
 };
 template <>
 struct Config<32, 32> {
-  using S = Shape<32, 32, 4, 2>;  // 128 threads: rows 4 x 4 elements, columns 4 x 8
+  using S = Shape<32, 32, 4, 2, 1, Fft::kBlock, 4>;  // 128 threads: rows 4 x 4 elements, columns 4 x 8
 };
 template <>
 struct Config<64, 64> {
-  using S = Shape<64, 64, 8, 1>;  // 256 threads: rows 8 x 4, columns 8 x 8
+  using S = Shape<64, 64, 8, 1, 1, Fft::kBlock, 2>;  // 256 threads: rows 8 x 4, columns 8 x 8
 };
 template <>
 struct Config<32, 64> {
-  using S = Shape<32, 64, 8, 1>;  // 256 threads: rows 8 x 4, columns 8 x 4
+  using S = Shape<32, 64, 8, 1, 1, Fft::kBlock, 2>;  // 256 threads: rows 8 x 4, columns 8 x 4
 };
 template <>
 struct Config<64, 32> {
-  using S = Shape<64, 32, 8, 2>;  // 256 threads: rows 8 x 2, columns 8 x 8
+  using S = Shape<64, 32, 8, 2, 1, Fft::kBlock, 2>;  // 256 threads: rows 8 x 2, columns 8 x 8
 };
 template <>
 struct Config<64, 128> {
