@@ -8,6 +8,7 @@
     sgs-dgdd run --preset medium --select-lr 0.5,1,2,4,8 --select-seeds 10   # lr_img per method, no target peeking
     sgs-dgdd show runs/X
     sgs-dgdd compare runs/photo runs/sketch --plot pairs.png               # paired differences, 95% CIs
+    torchrun --nproc_per_node=8 -m sgs_cuda.cli run --preset imagenette-128 --data-root /data/imagenet
 
 Configuration: built-in defaults (the paper's), then ``--preset`` (``sgs_cuda/configs/*.yaml``),
 then ``--config FILE`` (YAML or JSON), then the flags; ``--set section.key=value`` reaches any
@@ -21,11 +22,14 @@ run folder holds. User errors end in one line, ``sgs-dgdd: error: ...``, and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import experiment
+from . import distributed, experiment
 from ._io import RunFolderError
 from .experiment import ALL_METHODS, available_presets, distill_config, format_table  # noqa: F401 (re-exported)
 
@@ -218,11 +222,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "evaluate" and not args.run_dir:
         build_parser().error("evaluate needs --run-dir (the folder written by `distill` or `run`)")
+    # under torchrun (sgs_cuda.distributed) every process runs the command; rank 0 alone prints
+    quiet = distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, RunFolderError) as exc:  # user errors: one line
-        print(f"sgs-dgdd: error: {exc}", file=sys.stderr)
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, RunFolderError,
+            distributed.RankFailure) as exc:  # user errors (or another rank's): one line
+        if not quiet:
+            print(f"sgs-dgdd: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
