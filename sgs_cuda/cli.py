@@ -83,8 +83,9 @@ def resolve_config(args, saved: dict | None = None) -> dict:
 def _experiment(args, need_run_dir_config: bool = False) -> experiment.Experiment:
     run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else None
     saved = None
-    if run_dir is not None and (args.resume or need_run_dir_config):
-        saved = experiment.load_saved_config(run_dir, required=need_run_dir_config)
+    if run_dir is not None and (args.resume or need_run_dir_config):  # under torchrun rank 0 reads it
+        world, _ = distributed.init_from_env(getattr(args, "device", None) or "auto")
+        saved = world.on_main(lambda: experiment.load_saved_config(run_dir, required=need_run_dir_config))
     cfg = resolve_config(args, saved)
     return experiment.Experiment(cfg, run_dir, resume=args.resume, preset=getattr(args, "preset", None))
 

@@ -13,9 +13,11 @@ shared file system.
         -m sgs_cuda.cli run --preset imagenette-128 --data-root /data/imagenet
 
 :func:`init_from_env` reads torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``) and starts the process group: NCCL when the processes use GPUs
-(GPU ``LOCAL_RANK`` each), gloo on CPUs. Without them (a plain ``python``/``sgs-dgdd`` start) the
-pipeline runs as one process: :data:`SOLO`, whose collectives are no-ops.
+``MASTER_ADDR``, ``MASTER_PORT``) and starts the process group: NCCL for the tensors of processes
+that use GPUs (GPU ``LOCAL_RANK`` each), gloo on CPUs (on a machine with GPUs the group has both,
+``cpu:gloo,cuda:nccl``, so small CPU-side exchanges need no GPU). Without them (a plain
+``python``/``sgs-dgdd`` start) the pipeline runs as one process: :data:`SOLO`, whose collectives
+are no-ops.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    backend: str | None = None  # "gloo" or "nccl" while a process group is in use
+    backend: str | None = None  # what carries this process's tensors: "gloo" (CPU) or "nccl" (GPU)
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +78,7 @@ class World:
         if not self.sharded:
             return obj
         box = [obj if self.rank == src else None]
-        _dist().broadcast_object_list(box, src=src, device=self.comm_device if self.backend == "nccl" else None)
+        _dist().broadcast_object_list(box, src=src, device=self.comm_device)
         return box[0]
 
     def on_main(self, fn: Callable[[], Any]) -> Any:
@@ -206,7 +208,8 @@ def init_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> tuple[
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"under torchrun each process takes the GPU of its LOCAL_RANK: use --device auto, "
                          f"cuda or cpu, not {device!r}")
-    use_cuda = device != "cpu" and torch.cuda.is_available()
+    have_cuda = torch.cuda.is_available()
+    use_cuda = device != "cpu" and have_cuda
     if device == "cuda" and not use_cuda:
         raise ValueError("--device cuda was asked for but CUDA is not available (use --device auto or cpu)")
     if use_cuda:
@@ -221,8 +224,9 @@ def init_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> tuple[
     dist = _dist()
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
-    elif dist.get_backend() != backend:
+        dist.init_process_group("cpu:gloo,cuda:nccl" if have_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+    elif backend not in str(dist.get_backend()):
         raise ValueError(f"a {dist.get_backend()} process group is already running; this run needs {backend}")
     return World(rank, world_size, local_rank, backend), dev
 

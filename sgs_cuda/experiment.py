@@ -736,7 +736,7 @@ class Experiment:
                 if distil or method in BASELINES:  # evaluate-only: a baseline there is reused
                     payload = self.produce_set(method, seed, reuse=self.resume or not distil)
                 else:
-                    payload = self.load_set(method, seed)
+                    payload = self.world.on_main(lambda: self.load_set(method, seed))
                 per_seed.setdefault(method, {})[seed] = self.evaluate_set(payload)
         self.world.on_main(self.write_curves)
         return self.world.on_main(lambda: self.write_summary(per_seed))

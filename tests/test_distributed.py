@@ -95,6 +95,8 @@ def sharded_work(world, tmp):
         out["killed"] = False
     except KeyboardInterrupt:
         out["killed"] = True
+    out["errors"] = [_error_of(lambda: world.on_main(_fail_on_main)),
+                     _error_of(lambda: world.local_first(lambda: _fail_on_rank(world.rank, 1)))]
     world.on_main(lambda: shutil.copytree(tmp / "cut", tmp / "cut-copy"))  # the checkpoint as the kill left it
     lines = []
     resumed = distill(TinyDomains(), DOMAINS, tiny_cfg(**CUT), run_dir=tmp / "cut", resume=True, progress=False,
@@ -102,6 +104,23 @@ def sharded_work(world, tmp):
     exp = Experiment(resolve_config(TINY_RUN), tmp / "run2", data=RunDomains(), log=lines.append)
     out.update(resumed=resumed.images, lines=lines, metrics=exp.run())
     return out
+
+
+def _fail_on_main():
+    raise ValueError("bad run folder")
+
+
+def _fail_on_rank(rank, bad):
+    if rank == bad:
+        raise OSError("disk gone")
+    return rank
+
+
+def _error_of(fn):
+    try:
+        return ("returned", fn())
+    except Exception as exc:  # noqa: BLE001
+        return (type(exc).__name__, str(exc))
 
 
 def _worker(rank, port, fn_name, tmp, out):
@@ -159,6 +178,14 @@ def test_interacting_classes_and_sequential_streams_are_refused(launches):
     for rank in range(WORLD):
         assert "batchnorm pools its batch statistics over the classes" in first[rank]["batchnorm"]
         assert "rng=sequential" in first[rank]["sequential"] and "one process" in first[rank]["sequential"]
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(launches):
+    _, ranks, _ = launches
+    for rank in range(WORLD):  # rank 0's error, as it is; rank 1's error, named
+        assert ranks[rank]["errors"][0] == ("ValueError", "bad run folder")
+    assert ranks[0]["errors"][1] == ("RankFailure", "rank 1 failed: OSError: disk gone")
+    assert ranks[1]["errors"][1] == ("OSError", "disk gone")
 
 
 def test_killed_sharded_run_resumes_to_the_same_set(launches, tmp_path):

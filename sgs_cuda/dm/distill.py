@@ -432,7 +432,7 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     start, history = 0, _new_history(cfg.method)
     saved = world.on_main(lambda: _resumable_checkpoint(ckpt_path, cfg, domains, data)) if resume else None
     if saved is not None:
-        images = saved["images"][rows_mine]
+        images = saved.pop("images")[rows_mine]
         start, history = saved["iteration"], saved["history"]
         log(f"resuming from iteration {start} of {cfg.iterations} ({ckpt_path})")
         then = {k: {**ADDED_OPTIONS, **saved["config"]}[k] for k in COMPUTE_SETTINGS}
@@ -445,10 +445,12 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
         images = initial_class_images(data, domains, ipc, cfg.init, mine, present_all, streams)
     labels = torch.arange(K).repeat_interleave(ipc)
     syn = images.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+    del images  # (a resumed run's whole set too: the checkpoint's images were popped)
     opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
     if saved is not None:
-        opt.load_state_dict(_optimizer_rows(saved["optimizer"], rows_mine))
+        opt.load_state_dict(_optimizer_rows(saved.pop("optimizer"), rows_mine))
         streams.set_state(saved["rng"])
+        saved = None  # the whole set's momentum: only this process's rows are kept
     op = spatial_gradient_surgery if cfg.sgs.space == "spatial" else spectral_gradient_surgery
     bands_every = cfg.log_every if surgery and cfg.sgs.space == "spectral" else 0
 
@@ -563,8 +565,8 @@ def _resumable_checkpoint(ckpt_path, cfg: DistillConfig, domains, data) -> dict 
 
 def _optimizer_rows(state: dict, rows: slice) -> dict:
     """An optimizer state of the whole set cut to this process's image rows."""
-    return {**state, "state": {i: {k: v[rows] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
-                               for i, s in state["state"].items()}}
+    return {**state, "state": {i: {k: v[rows].clone() if torch.is_tensor(v) and v.dim() > 0 else v
+                                   for k, v in s.items()} for i, s in state["state"].items()}}
 
 
 # --- the recorded diagnostics ---------------------------------------------------------------

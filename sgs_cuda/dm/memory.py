@@ -9,12 +9,16 @@ the chunk, ``B = D * n_real`` real images per class, ``E = C * H * W``):
 - the embedding activations: the synthetic forward keeps every layer's activations for the
   backward (per image and layer about ``width * h * w`` values for the convolution output,
   the norm output and, under autocast, the bfloat16 copy of the layer input), the backward
-  adds the gradients of the two largest maps (``D`` at once in the batched backward on GPUs);
+  adds three gradients of the largest map (``D`` at once in the batched backward on GPUs);
   the real forward runs without a graph, one class at a time, so only its largest maps count;
-- the domain-gradient stack ``[D, n, C, H, W]`` (DM+SGS only);
+- the domain-gradient stack ``[D, n, C, H, W]`` (DM+SGS only; twice on the CPU, where the D
+  gradients of the backward loop are stacked);
 - the surgery op's workspace, bounded by the reference implementation's: the ``D`` spectra
   (``D * n * E`` values) plus about 8 ``n * E`` arrays (masks, mean, shared and diversity
-  spectra, the parts).
+  spectra, the parts);
+- the framework's own buffers: 64 MiB on the CPU (measured: libraries' workspaces and the
+  allocator, ``benchmarks/bench_scaling.py``), 1 GiB on CUDA (cuDNN/cuBLAS workspaces and the
+  caching allocator's slack: an allowance, not yet measured).
 
 :func:`plan_memory` compares the total with the device's free memory (``torch.cuda.mem_get_info``
 on CUDA, ``MemAvailable`` on the CPU; or ``memory_gib`` when set) and takes the largest chunk of
@@ -33,6 +37,7 @@ import torch
 GIB = 1024 ** 3
 SAFETY = 0.9  # the share of the free memory a plan may use
 WORKSPACE_ARRAYS = 8  # n*E-sized arrays of the op's workspace besides the D spectra
+FRAMEWORK_CPU, FRAMEWORK_CUDA = 64 * 1024 ** 2, GIB  # the framework's own buffers
 
 
 class DoesNotFit(ValueError):
@@ -87,7 +92,7 @@ def format_bytes(n: float) -> str:
 
 def estimate(image_shape, *, ipc: int, classes: int, chunk_classes: int, num_domains: int, n_real: int,
              width: int, depth: int, num_classes: int, surgery: bool, precision: str = "float32",
-             batched_backward: bool = False) -> dict[str, float]:
+             batched_backward: bool = False, cuda: bool = False) -> dict[str, float]:
     """Bytes of each part of one iteration (see the module docstring) for ``classes`` classes of
     this process taken ``chunk_classes`` at a time."""
     C = int(image_shape[0])
@@ -102,7 +107,7 @@ def estimate(image_shape, *, ipc: int, classes: int, chunk_classes: int, num_dom
         saved += (C * maps[0] + sum(width * m for m in maps[1:])) * act
     largest = width * maps[0] * f32
     n = chunk_classes * ipc
-    backward = n * 2 * largest * (D if surgery and batched_backward else 1)
+    backward = n * 3 * largest * (D if surgery and batched_backward else 1)
     real_forward = D * n_real * (E * f32 + 2 * largest)  # one class, no graph
     params = sum(width * cin * 9 + 3 * width for cin in [C] + [width] * (depth - 1)) * f32
     params += (width * maps[-1] // 4 + 1) * num_classes * f32
@@ -112,8 +117,9 @@ def estimate(image_shape, *, ipc: int, classes: int, chunk_classes: int, num_dom
         "activations": n * saved + backward + real_forward,
     }
     if surgery:
-        parts["domain gradients"] = D * n * E * f32
+        parts["domain gradients"] = D * n * E * f32 * (1 if batched_backward else 2)
         parts["surgery workspace"] = (D + WORKSPACE_ARRAYS) * n * E * f32
+    parts["framework"] = FRAMEWORK_CUDA if cuda else FRAMEWORK_CPU
     return parts
 
 
@@ -158,7 +164,7 @@ def plan_memory(image_shape, *, ipc: int, classes: int, num_domains: int, n_real
         where = f"usable (90% {where})"
     common = dict(ipc=ipc, classes=classes, num_domains=num_domains, n_real=n_real, width=width, depth=depth,
                   num_classes=num_classes, surgery=surgery, precision=precision,
-                  batched_backward=device.type == "cuda")
+                  batched_backward=device.type == "cuda", cuda=device.type == "cuda")
 
     def parts_for(k: int) -> dict[str, float]:
         return estimate(image_shape, chunk_classes=k, **common)
