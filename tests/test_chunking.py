@@ -245,3 +245,28 @@ def test_saved_run_folder_configs_keep_their_settings():
     assert fresh["distill"]["rng"] == "per_class" and fresh["distill"]["depth"] == "auto"
     assert resolve_config({"distill.depth": 5}, saved=saved)["distill"]["depth"] == 5
     assert math.isclose(resolve_config({"distill.memory_gib": 2})["distill"]["memory_gib"], 2)
+
+
+def test_scaling_benchmark_measures_a_point():
+    """benchmarks/bench_scaling.py's measurement on a tiny point (the sweep itself takes minutes)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scaling.py"
+    spec = importlib.util.spec_from_file_location("bench_scaling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    point = {"resolution": 16, "ipc": 2, "classes": 3, "domains": 2, "ranks": 1}
+    settings = {"width": 4, "batch_real": 4, "iters": 1, "warmup": 1, "threads": 1, "what": "time", "method": "dm"}
+    timed = bench.measure_point(point, settings, torch.device("cpu"))
+    assert set(timed) == {"dm", "dm_sgs"} and all(timed[m]["depth"] == 2 for m in timed)
+    memory = bench.measure_point(point, {**settings, "what": "memory", "method": "dm_sgs"}, torch.device("cpu"))
+    assert memory["dm_sgs"]["peak_bytes"] >= 0 and memory["dm_sgs"]["estimate_bytes"] > 0
+    row = {"factor": "base", "value": "-", "dm": {**timed["dm"], "peak_bytes": 1}, "dm_sgs": {**timed["dm_sgs"],
+                                                                                         **memory["dm_sgs"]}}
+    table = bench.format_table([row])
+    assert table.count("\n") == 2 and "| base | - |" in table
+    assert [f for f, _ in bench.sweep_points(bench.FACTORS)].count("resolution") == 2
+    data = bench.SyntheticDomains(3, 2, 16)
+    batch = data.real_batch("domain1", 2, 5, generator=torch.Generator().manual_seed(0))
+    assert batch.shape == (5, 3, 16, 16) and batch.dtype == torch.float32
