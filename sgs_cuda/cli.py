@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         _add_common(p)
         p.set_defaults(func=func)
-    text = "write a small ImageNet-layout tree of generated JPEGs (train/val, Sketch, R, V2) for --preset imagenette-cpu"
+    text = ("write a small ImageNet-layout tree of generated JPEGs (train/val, Sketch, R, V2) "
+            "for --preset imagenette-cpu")
     p = sub.add_parser("make-demo-imagenet", help=text, description=text)
     p.add_argument("dir", metavar="DIR", help="a new (or empty) folder")
     p.add_argument("--train-per-class", type=int, default=12, metavar="N", help="training images per class")

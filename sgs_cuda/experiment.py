@@ -460,7 +460,8 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
     _needs_pseudo_domains(cfg, str(cfg["dataset"]), sources)
     if cfg["pseudo_domains"]:
         from .data import PseudoDomainDataset
-        pseudo = PseudoDomainDataset(data, int(cfg["pseudo_domains"]), domains=sources)
+        pseudo = PseudoDomainDataset(data, int(cfg["pseudo_domains"]), domains=sources,  # cached beside the decodes
+                                     cache_dir=(cfg["data_kwargs"] or {}).get("cache_dir"))
         return PreparedData(data, targets, sources, pseudo, list(pseudo.domains))
     return PreparedData(data, targets, sources, data, sources)
 
@@ -566,8 +567,9 @@ class Experiment:
         return {t: list(missing[t]) for t in self.targets if missing.get(t)}
 
     def _missing_note(self) -> str:
-        return "".join(f"; {t} lacks {len(m)} of the {len(self.data.classes)} classes ({', '.join(m[:5])}"
-                       f"{' ...' if len(m) > 5 else ''}): scored on the others" for t, m in self.missing_classes.items())
+        k = len(self.data.classes)
+        return "".join(f"; {t} lacks {len(m)} of the {k} classes ({_first(m)}): scored on the others"
+                       for t, m in self.missing_classes.items())
 
     # --- run folder -------------------------------------------------------------------------
 
@@ -801,8 +803,8 @@ class Experiment:
         _io.write_json(path, metrics)
         per_target = "" if len(self.targets) == 1 else " (" + ", ".join(
             f"{t} {100 * r['ood_acc_mean']:.1f}%" for t, r in metrics["targets"].items()) + ")"
-        log(f"OOD {100 * metrics['ood_acc_mean']:.1f}%{per_target}  in-domain {100 * metrics['in_domain_acc_mean']:.1f}%"
-            f"  ({metrics['seconds']:.1f} s)")
+        log(f"OOD {100 * metrics['ood_acc_mean']:.1f}%{per_target}  "
+            f"in-domain {100 * metrics['in_domain_acc_mean']:.1f}%  ({metrics['seconds']:.1f} s)")
         return metrics
 
     # --- every method and seed --------------------------------------------------------------
@@ -917,6 +919,10 @@ def summarize(per_seed: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
+def _first(names: Sequence[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
 def _short(target: str) -> str:
     """A column title: ``imagenet-sketch`` -> ``sketch``."""
     return target[len("imagenet-"):] if target.startswith("imagenet-") else target
@@ -944,8 +950,8 @@ def format_table(metrics: dict) -> str:
                      f"{row['num_nets']:>6}{row['distill_seconds']:>10.1f}{row['eval_seconds']:>9.1f}")
     lines.append("(mean ± sample std over all evaluation nets of all seeds; per-seed means in metrics.json)")
     for t, lacking in (metrics.get("missing_classes") or {}).items():
-        lines.append(f"{t} lacks {len(lacking)} class(es) ({', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''})"
-                     ": scored on the classes it has, predictions restricted to them (the ImageNet-R/A protocol)")
+        lines.append(f"{t} lacks {len(lacking)} class(es) ({_first(lacking)}): scored on the classes it has, "
+                     "predictions restricted to them (the ImageNet-R/A protocol)")
     if metrics.get("lr_selection"):
         lines.append("lr_img selected on held-out source images: "
                      + ", ".join(f"{m} {r['selected_lr_img']:g}" for m, r in metrics["lr_selection"].items()))
@@ -999,6 +1005,13 @@ def describe_run(record: RunRecord) -> str:
                          f"{s['mask']} {s['assignment']}{' spatial' if s.get('space') == 'spatial' else ''}"
                          f"{'' if normalize == 'none' else f' normalize {normalize}'}; "
                          f"eval {e['num_eval']} nets x {e['epochs']} epochs ({e.get('arch', 'convnet')})")
+            data = [f"{v} px" if k == "resolution" else f"{k} {v}"
+                    for k, v in (record.config.get("data_kwargs") or {}).items()
+                    if k in ("resolution", "crop", "train_per_class")]
+            if record.config.get("pseudo_domains"):
+                data.append(f"{record.config['pseudo_domains']} pseudo-domains")
+            if data:
+                lines[-1] += f"; data: {', '.join(data)}, ConvNet depth {d['depth']}"
         except (KeyError, TypeError) as exc:
             raise RunFolderError(f"{record.run_dir / 'config.json'} is damaged (no {exc}); fix or delete it") from exc
     lines.append(format_table(record.metrics))

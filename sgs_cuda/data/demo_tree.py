@@ -131,10 +131,11 @@ def make_demo_imagenet(root, train_per_class: int = 12, val_per_class: int = 4, 
                 _save(tmp / "imagenet" / "val" / w / f"ILSVRC2012_val_{val_number:08d}.JPEG",
                       _image(c, "photo", shapes[i % 3], rng))
             for i in range(target_per_class):
-                _save(tmp / "imagenet-sketch" / "sketch" / w / f"sketch_{i}.JPEG", _image(c, "sketch", shapes[i % 3], rng))
+                shape = shapes[i % 3]
+                _save(tmp / "imagenet-sketch" / "sketch" / w / f"sketch_{i}.JPEG", _image(c, "sketch", shape, rng))
                 if w not in missing_from_r:
-                    _save(tmp / "imagenet-r" / "imagenet-r" / w / f"art_{i}.jpg", _image(c, "art", shapes[i % 3], rng))
-                _save(tmp / "imagenet-v2" / V2_FOLDER / str(index[w]) / f"{i}.jpeg", _image(c, "photo", shapes[i % 3], rng))
+                    _save(tmp / "imagenet-r" / "imagenet-r" / w / f"art_{i}.jpg", _image(c, "art", shape, rng))
+                _save(tmp / "imagenet-v2" / V2_FOLDER / str(index[w]) / f"{i}.jpeg", _image(c, "photo", shape, rng))
             files += train_per_class + val_per_class + target_per_class * (3 - (w in missing_from_r))
         corrupt = tmp / "imagenet" / "train" / wnids[0] / f"{wnids[0]}_corrupt.JPEG"
         good = (tmp / "imagenet" / "train" / wnids[0] / f"{wnids[0]}_0.JPEG").read_bytes()
