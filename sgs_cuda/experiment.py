@@ -1,6 +1,9 @@
 """The pipeline as a Python API: configuration, data, run folders, reuse and resume, distillation,
-leave-one-domain-out evaluation and the comparison. ``sgs-dgdd`` (:mod:`sgs_cuda.cli`) only
-parses arguments and calls this module.
+evaluation and the comparison. ``sgs-dgdd`` (:mod:`sgs_cuda.cli`) only parses arguments and
+calls this module. Evaluation is leave-one-domain-out for multi-domain sets (the target is one
+domain, the others are the sources), and for an ImageNet subset the sets are distilled from
+ImageNet train and tested on every OOD set given (ImageNet-Sketch, -R, -A, -V2) and on ImageNet
+val in one evaluation (:func:`prepare_data`, :func:`sgs_cuda.evaluate.evaluate_synthetic`).
 
 >>> from sgs_cuda.experiment import Experiment, resolve_config
 >>> cfg = resolve_config({"target": "photo", "distill.iterations": 50}, preset="quick")
