@@ -245,3 +245,39 @@ def test_world_helpers_alone():
     blocks = [distributed.World(r, 3).shard(10) for r in range(3)]
     assert [len(b) for b in blocks] == [3, 3, 4] and [i for b in blocks for i in b] == list(range(10))
     assert distributed.init_from_env("cpu") == (distributed.SOLO, None)  # no torchrun variables here
+
+
+def test_evaluation_blocks_merge_to_the_whole_evaluation():
+    """The evaluation networks split in blocks (as ranks share them), each block under its shifted
+    seed, merged: the per-network accuracies equal one process's bitwise, the means to 1e-12."""
+    from sgs_cuda.evaluate import EvalConfig, evaluate_synthetic
+    from sgs_cuda.experiment import _block_seed, merge_evaluations
+
+    data = TinyDomains(D=4, K=3, size=8)
+    images, labels = data.split_tensors(["d2", "d3"], "train")
+    ecfg = EvalConfig(epochs=3, num_eval=5, width=8, depth=2, batch=8, arch="convnet,alexnet:4")
+
+    def evaluate(cfg, seed):
+        return evaluate_synthetic(images, labels, data, ["d2", "d3"], ["d0", "d1"], cfg, seed=seed)
+
+    whole = evaluate(ecfg, 7)
+    blocks = [range(0, 2), range(2, 4), range(4, 5)]
+    parts = [(len(b), evaluate(EvalConfig(**{**ecfg.to_dict(), "num_eval": len(b)}), _block_seed(7, b.start)))
+             for b in blocks]
+    merged = merge_evaluations(parts, ecfg)
+
+    def compare(got, want, where=""):
+        assert type(got) is type(want) or isinstance(want, float), where
+        if isinstance(want, dict):
+            assert got.keys() == want.keys(), where
+            for k in want:
+                if k != "seconds":
+                    compare(got[k], want[k], f"{where}.{k}")
+        elif isinstance(want, float):
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-12), where
+        else:
+            assert got == want, where  # lists of per-network accuracies: bitwise
+
+    compare(merged, whole)
+    assert merged["num_eval"] == 5 and len(merged["per_arch"]["alexnet"]["targets"]["d1"]["ood_acc"]) == 5
+    assert _block_seed(7, 0) == 7
