@@ -247,6 +247,27 @@ def test_world_helpers_alone():
     assert distributed.init_from_env("cpu") == (distributed.SOLO, None)  # no torchrun variables here
 
 
+def test_what_cannot_be_sharded_is_refused_before_starting(monkeypatch):
+    from sgs_cuda.dm.distill import check_shardable
+
+    four = distributed.World(0, 4)
+    with pytest.raises(ValueError, match="3 classes cannot be shared by 4 processes: start at most 3"):
+        check_shardable(tiny_cfg(), 3, four)
+    with pytest.raises(ValueError, match="batchnorm pools"):
+        check_shardable(tiny_cfg(norm="batchnorm"), 8, four)
+    with pytest.raises(ValueError, match="rng=sequential"):
+        check_shardable(tiny_cfg(rng="sequential"), 8, four)
+    check_shardable(tiny_cfg(norm="batchnorm", rng="sequential"), 3, distributed.SOLO)  # one process: anything
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="takes the GPU of its LOCAL_RANK: use --device auto, cuda or cpu"):
+        distributed.init_from_env("cuda:1")
+    monkeypatch.delenv("MASTER_PORT")
+    with pytest.raises(ValueError, match=r"torchrun's \['MASTER_PORT'\] are not"):
+        distributed.init_from_env("cpu")
+
+
 def test_evaluation_blocks_merge_to_the_whole_evaluation():
     """The evaluation networks split in blocks (as ranks share them), each block under its shifted
     seed, merged: the per-network accuracies equal one process's bitwise, the means to 1e-12."""
