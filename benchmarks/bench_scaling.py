@@ -256,7 +256,8 @@ def format_table(rows: list[dict]) -> str:
         dm, sgs = r["dm"], r["dm_sgs"]
         ratio = sgs["seconds_per_iteration"] / dm["seconds_per_iteration"]
         lines.append(f"| {r['factor']} | {r['value']} | {dm['seconds_per_iteration']:.3f} | "
-                     f"{sgs['seconds_per_iteration']:.3f} | {ratio:.2f}x | {'yes' if ratio <= TARGET_RATIO else 'no'} | "
+                     f"{sgs['seconds_per_iteration']:.3f} | {ratio:.2f}x | "
+                     f"{'yes' if ratio <= TARGET_RATIO else 'no'} | "
                      f"{dm['peak_bytes'] / 2**20:.0f} ({dm['estimate_bytes'] / 2**20:.0f}) | "
                      f"{sgs['peak_bytes'] / 2**20:.0f} ({sgs['estimate_bytes'] / 2**20:.0f}) |")
     return "\n".join(lines)
@@ -315,7 +316,8 @@ def _in_process(point: dict, settings: dict, device: str, what: str, method: str
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--width", type=int, help="embedding ConvNet width (default: 32 on the CPU, 128 on CUDA)")
     p.add_argument("--batch-real", type=int, help="real images per class and iteration (default 48 CPU, 256 CUDA)")
@@ -365,7 +367,8 @@ def main(argv=None) -> int:
         ratio = result["dm_sgs"]["seconds_per_iteration"] / result["dm"]["seconds_per_iteration"]
         print(f"{factor:>10} {str(value):>5}: DM {result['dm']['seconds_per_iteration']:.3f} s/it, DM+SGS "
               f"{result['dm_sgs']['seconds_per_iteration']:.3f} s/it ({ratio:.2f}x), peak "
-              f"{result['dm']['peak_bytes'] / 2**20:.0f} / {result['dm_sgs']['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+              f"{result['dm']['peak_bytes'] / 2**20:.0f} / {result['dm_sgs']['peak_bytes'] / 2**20:.0f} MiB",
+              flush=True)
     info["load_average_after"] = os.getloadavg()
     info["minutes"] = (time.time() - t_start) / 60
     table = format_table(rows)

@@ -56,7 +56,8 @@ def test_chunked_domain_gradients_equal_unchunked(matching):
 
 @pytest.mark.parametrize("kw", [dict(method="dm"), dict(method="dm_sgs"),
                                 dict(method="dm_sgs", sgs=SGSConfig(assignment="fixed", normalize="dm_norm")),
-                                dict(method="dm_sgs", matching="m3d"), dict(method="dm_sgs", sgs=SGSConfig(space="spatial")),
+                                dict(method="dm_sgs", matching="m3d"),
+                                dict(method="dm_sgs", sgs=SGSConfig(space="spatial")),
                                 dict(method="dm_sgs", rng="sequential")])
 def test_chunked_run_equals_one_pass(kw):
     whole = quiet(cfg=tiny_cfg(**kw))
@@ -93,7 +94,8 @@ def plan(**kw):
 
 def test_memory_plan_chunks_to_the_budget_and_refuses_what_cannot_fit():
     roomy = plan(memory_gib=10_000)
-    assert roomy.chunk_classes == 100 and roomy.chunks == [(0, 100)] and "all 100 classes in one pass" in roomy.describe()
+    assert roomy.chunk_classes == 100 and roomy.chunks == [(0, 100)]
+    assert "all 100 classes in one pass" in roomy.describe()
     one = sum(estimate((3, 128, 128), chunk_classes=1, **_common()).values())
     two = sum(estimate((3, 128, 128), chunk_classes=2, **_common()).values())
     tight = plan(memory_gib=(one + two) / 2 / GIB)  # room for one class at a time, not two
@@ -146,7 +148,8 @@ def test_depth_follows_the_resolution():
     assert net.depth == 5 and net.num_features == 4 * 4 * 4  # ConvNetD5: a 4x4 map
     cfg = DistillConfig()
     assert cfg.depth == "auto" and cfg.resolved((3, 32, 32), "cpu").depth == 3
-    assert cfg.resolved((3, 128, 128), "cpu").depth == 5 and DistillConfig(depth=4).resolved((3, 32, 32), "cpu").depth == 4
+    assert cfg.resolved((3, 128, 128), "cpu").depth == 5
+    assert DistillConfig(depth=4).resolved((3, 32, 32), "cpu").depth == 4
     with pytest.raises(ValueError, match="depth"):
         DistillConfig(depth="deep")
     with pytest.raises(ValueError, match="depth"):
