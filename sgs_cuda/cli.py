@@ -11,6 +11,7 @@
     sgs-dgdd run --preset imagenette-128 --ipc 10 --data-root /data/imagenet --sketch-root /data/sketch \
         --imagenet-r-root /data/imagenet-r                                 # ImageNet subset, several OOD targets
     sgs-dgdd make-demo-imagenet demo/       # a small generated ImageNet-layout tree for --preset imagenette-cpu
+    torchrun --nproc_per_node=8 -m sgs_cuda.cli run --preset imagenette-128 --data-root /data/imagenet  # 8 GPUs
 
 Configuration: built-in defaults (the paper's), then ``--preset`` (``sgs_cuda/configs/*.yaml``),
 then ``--config FILE`` (YAML or JSON), then the flags; ``--set section.key=value`` reaches any
@@ -24,11 +25,14 @@ run folder holds. User errors end in one line, ``sgs-dgdd: error: ...``, and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import experiment
+from . import distributed, experiment
 from ._io import RunFolderError
 from .experiment import ALL_METHODS, available_presets, distill_config, format_table  # noqa: F401 (re-exported)
 
@@ -92,8 +96,9 @@ def resolve_config(args, saved: dict | None = None) -> dict:
 def _experiment(args, need_run_dir_config: bool = False) -> experiment.Experiment:
     run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else None
     saved = None
-    if run_dir is not None and (args.resume or need_run_dir_config):
-        saved = experiment.load_saved_config(run_dir, required=need_run_dir_config)
+    if run_dir is not None and (args.resume or need_run_dir_config):  # under torchrun rank 0 reads it
+        world, _ = distributed.init_from_env(getattr(args, "device", None) or "auto")
+        saved = world.on_main(lambda: experiment.load_saved_config(run_dir, required=need_run_dir_config))
     cfg = resolve_config(args, saved)
     return experiment.Experiment(cfg, run_dir, resume=args.resume, preset=getattr(args, "preset", None))
 
@@ -261,11 +266,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "evaluate" and not args.run_dir:
         build_parser().error("evaluate needs --run-dir (the folder written by `distill` or `run`)")
+    # under torchrun (sgs_cuda.distributed) every process runs the command; rank 0 alone prints
+    quiet = distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RunFolderError) as exc:  # user errors
-        print(f"sgs-dgdd: error: {exc}", file=sys.stderr)
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RunFolderError,
+            distributed.RankFailure) as exc:  # user errors (or another rank's): one line
+        if not quiet:
+            print(f"sgs-dgdd: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

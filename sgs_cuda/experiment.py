@@ -41,8 +41,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import _io
+from . import distributed
 from ._io import RunFolderError
-from .dm.distill import DistillConfig, distill, relevant_settings
+from .dm.distill import ADDED_OPTIONS, DistillConfig, distill, relevant_settings
 from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
 from .surgery import SGSConfig
 
@@ -162,13 +163,14 @@ def _deep_update(base: dict, override: Mapping) -> dict:
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+AUTO_OPTIONS = ("distill.depth", "distill.precision", "distill.channels_last")  # "auto" or a value
 
 
 def _check_type(name: str, default, value) -> None:
     """A leaf option keeps the type of its default (an int is a number too), so that a value of
     the wrong type is refused here, naming the option, instead of deep inside a config class."""
-    if default is None or isinstance(default, list):
-        return  # free-form (None) or normalised later (methods, seeds)
+    if default is None or isinstance(default, list) or name in AUTO_OPTIONS:
+        return  # free-form (None), normalised later (methods, seeds), or "auto" or a value (checked later)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -258,6 +260,8 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, *, preset: str | 
     ``overrides`` (``{"section.key": value}``, applied in order); validated."""
     cfg = default_config()
     if saved is not None:
+        if isinstance(saved.get("distill"), dict):  # options added since: as the run was made
+            saved = {**saved, "distill": {**ADDED_OPTIONS, **saved["distill"]}}
         merge_config(cfg, {k: v for k, v in saved.items() if k in cfg})
     if preset:
         merge_config(cfg, load_preset(preset))
@@ -538,21 +542,29 @@ class Experiment:
         preset: the preset's name, for the default run folder's name.
         data: a data source to use instead of loading ``cfg["dataset"]``.
         log: where progress lines go (default: stderr).
+
+    Under torchrun (:mod:`sgs_cuda.distributed`) every process creates the Experiment: they
+    share each distillation by class and each evaluation by network, rank 0 alone reads and
+    writes the run folder and logs, and every rank returns the same results.
     """
 
     def __init__(self, cfg: dict, run_dir=None, *, resume: bool = False, preset: str | None = None,
                  data=None, log: Callable[[str], None] | None = None):
-        self.cfg, self.resume, self.log = cfg, resume, log or _stderr
+        self.world, device = distributed.init_from_env(cfg["device"])
+        self.cfg, self.resume = cfg, resume
+        self.log = (log or _stderr) if self.world.is_main else (lambda msg: None)
         # the selection phase only in runs that select lr_img
         self.timings = {phase: 0.0 for phase in PHASES if phase != "select" or cfg["select"]["lr_grid"]}
         self.backend: dict | None = None  # backend_info() once the op is loaded for a distillation
         self.selections: dict[str, dict] = {}  # method -> its lr_img selection record (select_lr)
         self._t0 = time.perf_counter()
-        self.device = resolve_device(cfg["device"])
-        if run_dir is not None:
-            _io.check_writable_dir(run_dir)  # before the (maybe long) data build
-        with self.phase("data"):
-            prepared = prepare_data(cfg, data)
+        self.device = device or resolve_device(cfg["device"])
+        if self.world.sharded:
+            self.log(f"{self.world.world_size} processes ({self.world.backend}), rank 0 on {self.device}")
+        if run_dir is not None:  # before the (maybe long) data build
+            self.world.on_main(lambda: _io.check_writable_dir(run_dir))
+        with self.phase("data"):  # a node's first process builds the caches the others then read
+            prepared = self.world.local_first(lambda: prepare_data(cfg, data))
         self.data, self.targets, self.sources = prepared.data, prepared.targets, prepared.sources
         self.target = prepared.target  # the targets' name (a+b+c for several)
         self.log(f"data ready in {_seconds(self.timings['data'])}: {len(self.data.classes)} classes, "
@@ -560,8 +572,9 @@ class Experiment:
                  f"sources {', '.join(self.sources)}{self._missing_note()}")
         self.distill_data, self.distill_domains = prepared.distill_data, prepared.distill_domains
         cfg["target"] = self.targets[0] if len(self.targets) == 1 else list(self.targets)
-        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, self.target, preset, resume)
-        self._open_run_dir()
+        self.run_dir = Path(run_dir) if run_dir is not None else self.world.on_main(
+            lambda: default_run_dir(cfg, self.target, preset, resume))
+        self.world.on_main(self._open_run_dir)
 
     @property
     def missing_classes(self) -> dict[str, list[str]]:
@@ -588,7 +601,8 @@ class Experiment:
                 "device": str(self.device), "target_domains": self.targets, "missing_classes": self.missing_classes,
                 "source_domains": self.sources, "distill_domains": self.distill_domains,
                 "classes": list(self.data.classes), "image_shape": list(self.data.image_shape),
-                "torch": torch.__version__}})
+                "distill": {k: getattr(self.compute_settings(), k) for k in ("depth", "precision", "channels_last")},
+                "processes": self.world.world_size, "torch": torch.__version__}})
         except RunFolderError:
             if created:  # leave no empty folder behind
                 with contextlib.suppress(OSError):
@@ -629,7 +643,7 @@ class Experiment:
         if self.backend is None:
             from . import backend_info
             with self.phase("extension"):
-                self.backend = backend_info(self.device)
+                self.backend = self.world.local_first(lambda: backend_info(self.device))
             self.log(f"SGS op: {self.backend.get('implementation')} ({_seconds(self.timings['extension'])})")
         return self.backend
 
@@ -645,6 +659,9 @@ class Experiment:
             return None
         if method in self.selections:
             return self.selections[method]
+        if self.world.sharded:
+            raise ValueError("--select-lr runs in one process: select with `sgs-dgdd select-lr` (no torchrun), "
+                             "then run with --lr-img")
         if self.cfg["pseudo_domains"]:
             raise ValueError("--select-lr holds out images of the real source domains: it does not combine "
                              "with --pseudo-domains")
@@ -665,15 +682,26 @@ class Experiment:
         self.selections[method] = record
         return record
 
+    def compute_settings(self, method: str = "dm", seed: int = 0) -> DistillConfig:
+        """:func:`distill_config` with its ``"auto"`` settings (depth, precision, layout) resolved
+        for this run's data and device: what a set records."""
+        return distill_config(self.cfg, method, seed).resolved(self.distill_data.image_shape, self.device)
+
     def distill_config(self, method: str, seed: int) -> DistillConfig:
-        """:func:`distill_config`, with ``lr_img`` the selected one when the run selects it."""
-        dcfg = distill_config(self.cfg, method, seed)
+        """:meth:`compute_settings`, with ``lr_img`` the selected one when the run selects it."""
+        dcfg = self.compute_settings(method, seed)
         record = self.select_lr(method)
         return dcfg if record is None else dataclasses.replace(dcfg, lr_img=float(record["selected_lr_img"]))
 
     def set_config(self, method: str, seed: int) -> dict:
-        """What determines a training set of this run (:func:`set_config`, with the selected ``lr_img``)."""
-        return self.distill_config(method, seed).to_dict() if method in DISTILLED else set_config(method, seed, self.cfg)
+        """What determines a training set of this run (:func:`set_config`, with the selected ``lr_img``
+        and the network depth resolved)."""
+        if method in DISTILLED:
+            return self.distill_config(method, seed).to_dict()
+        config = set_config(method, seed, self.cfg)
+        if "depth" in config:
+            config["depth"] = self.compute_settings().depth
+        return config
 
     def select_all(self) -> dict[str, dict]:
         """The selection of every distilled method of the run (the ``select-lr`` command)."""
@@ -722,12 +750,9 @@ class Experiment:
         :meth:`set_dir`."""
         out, log = self.set_dir(method, seed), self._set_log(method, seed)
         syn_path = out / "synthetic.pt"
-        if (self.resume if reuse is None else reuse) and syn_path.is_file():
-            payload = self.load_set(method, seed, hint="delete it to make it again (a distillation continues "
-                                                        "from its checkpoint.pt), or drop --resume")
-            if self._reusable(payload, method, seed):
-                log(f"reusing {syn_path}")
-                self.write_set_plots(payload)
+        if self.resume if reuse is None else reuse:
+            payload = self.world.on_main(lambda: self._finished_set(method, seed))
+            if payload is not None:
                 return payload
         if method == "dm_sgs":
             self.load_extension()
@@ -740,23 +765,38 @@ class Experiment:
                 log(f"distilling {dcfg.ipc} img/class from {self.distill_domains} for {dcfg.iterations} "
                     f"iterations on {device} (lr_img {dcfg.lr_img:g}, {dcfg.matching} matching)")
                 result = distill(self.distill_data, self.distill_domains, dcfg, device=device, run_dir=out,
-                                 resume=self.resume, progress=cfg["progress"], log=log)
+                                 resume=self.resume, progress=cfg["progress"], log=log, world=self.world)
                 images, labels, history = result.images, result.labels, result.history
             elif method == "random":
-                images, labels = BASELINES["random"](data, self.sources, cfg["distill"]["ipc"], seed)
+                images, labels = self.world.on_main(
+                    lambda: BASELINES["random"](data, self.sources, cfg["distill"]["ipc"], seed))
             else:
-                images, labels = BASELINES["herding"](data, self.sources, cfg["distill"]["ipc"], seed,
-                                                      width=cfg["distill"]["width"], depth=cfg["distill"]["depth"],
-                                                      norm=cfg["distill"]["norm"], device=device)
+                images, labels = self.world.on_main(lambda: BASELINES["herding"](
+                    data, self.sources, cfg["distill"]["ipc"], seed, width=cfg["distill"]["width"],
+                    depth=config["depth"], norm=cfg["distill"]["norm"], device=device))
             payload = {"images": images, "labels": labels, "classes": list(data.classes), "mean": list(data.mean),
                        "std": list(data.std), "method": method, "seed": seed, "target": self.target,
                        "source_domains": self.sources, "distill_domains": self.distill_domains,
                        "config": config, "history": history, "seconds": time.perf_counter() - t0}
             if method == "dm_sgs":
                 payload["sgs_backend"] = self.backend
-            _io.save_torch(payload, syn_path)
-        self.write_set_plots(payload, force=True)
+            self.world.on_main(lambda: _io.save_torch(payload, syn_path))
+        self.world.on_main(lambda: self.write_set_plots(payload, force=True))
         log(f"done in {payload['seconds']:.1f} s")
+        return payload
+
+    def _finished_set(self, method: str, seed: int) -> dict | None:
+        """The set of ``method`` and ``seed`` when the run folder holds it finished with these
+        settings (its plots rebuilt if missing); ``None`` when it is to be made."""
+        syn_path = self.set_dir(method, seed) / "synthetic.pt"
+        if not syn_path.is_file():
+            return None
+        payload = self.load_set(method, seed, hint="delete it to make it again (a distillation continues "
+                                                    "from its checkpoint.pt), or drop --resume")
+        if not self._reusable(payload, method, seed):
+            return None
+        self._set_log(method, seed)(f"reusing {syn_path}")
+        self.write_set_plots(payload)
         return payload
 
     def write_set_plots(self, payload: dict, force: bool = False) -> None:
@@ -781,15 +821,9 @@ class Experiment:
         path = self.set_dir(method, seed) / "metrics.json"
         digest = fingerprint(payload["images"], payload["labels"])
         ecfg = EvalConfig.from_dict(self.cfg["eval"])
-        if self.resume and path.is_file():
-            saved = _io.try_load_json(path)
-            if saved is None:
-                log(f"{path} is damaged: evaluating again")
-            elif (same_eval_config(saved.get("config"), ecfg)
-                  and saved.get("target_domains", [saved.get("target_domain")]) == self.targets
-                  and saved.get("synthetic_sha1", digest) == digest):
-                log(f"reusing {path}")
-                return saved
+        saved = self.world.on_main(lambda: self._finished_metrics(path, ecfg, digest, log)) if self.resume else None
+        if saved is not None:
+            return saved
         if payload.get("source_domains") != self.sources:
             raise ValueError(f"{method} seed {seed} was distilled from {payload.get('source_domains')} "
                              f"(target {payload.get('target')!r}), not from {self.sources} (target {self.target!r})")
@@ -797,25 +831,40 @@ class Experiment:
         log(f"training {ecfg.num_eval} network(s) of each of {archs} for {ecfg.epochs} epochs, testing on "
             f"{', '.join(self.targets)} and {', '.join(self.sources)} (in-domain)")
         with self.phase("evaluate"):
-            metrics = evaluate_synthetic(payload["images"], payload["labels"], self.data, self.sources,
-                                         self.targets, ecfg, device=self.device, seed=seed)
+            metrics = shared_evaluation(lambda cfg, s: evaluate_synthetic(
+                payload["images"], payload["labels"], self.data, self.sources, self.targets, cfg, device=self.device,
+                seed=s), ecfg, seed, self.world)
         metrics["distill_seconds"] = payload.get("seconds")
         if method in DISTILLED:
             metrics["lr_img"] = (payload.get("config") or {}).get("lr_img")
         metrics["synthetic_sha1"] = digest  # ties the numbers to the exact set they were measured on
-        _io.write_json(path, metrics)
+        self.world.on_main(lambda: _io.write_json(path, metrics))
         per_target = "" if len(self.targets) == 1 else " (" + ", ".join(
             f"{t} {100 * r['ood_acc_mean']:.1f}%" for t, r in metrics["targets"].items()) + ")"
         log(f"OOD {100 * metrics['ood_acc_mean']:.1f}%{per_target}  "
             f"in-domain {100 * metrics['in_domain_acc_mean']:.1f}%  ({metrics['seconds']:.1f} s)")
         return metrics
 
+    def _finished_metrics(self, path: Path, ecfg: EvalConfig, digest: str, log) -> dict | None:
+        """The saved evaluation at ``path`` when it is of this exact set and settings."""
+        if not path.is_file():
+            return None
+        saved = _io.try_load_json(path)
+        if saved is None:
+            log(f"{path} is damaged: evaluating again")
+        elif (same_eval_config(saved.get("config"), ecfg)
+              and saved.get("target_domains", [saved.get("target_domain")]) == self.targets
+              and saved.get("synthetic_sha1", digest) == digest):
+            log(f"reusing {path}")
+            return saved
+        return None
+
     # --- every method and seed --------------------------------------------------------------
 
     def produce_sets(self) -> list[dict]:
         """Every method and seed's set (the ``distill`` command), then the run's ``curves.png``."""
         payloads = [self.produce_set(method, seed) for seed in self.cfg["seeds"] for method in self.cfg["methods"]]
-        self.write_curves()
+        self.world.on_main(self.write_curves)
         self.report_timings()
         return payloads
 
@@ -828,10 +877,10 @@ class Experiment:
                 if distil or method in BASELINES:  # evaluate-only: a baseline there is reused
                     payload = self.produce_set(method, seed, reuse=self.resume or not distil)
                 else:
-                    payload = self.load_set(method, seed)
+                    payload = self.world.on_main(lambda: self.load_set(method, seed))
                 per_seed.setdefault(method, {})[seed] = self.evaluate_set(payload)
-        self.write_curves()
-        return self.write_summary(per_seed)
+        self.world.on_main(self.write_curves)
+        return self.world.on_main(lambda: self.write_summary(per_seed))
 
     def _histories(self) -> dict:
         out = {}
@@ -884,10 +933,94 @@ class Experiment:
         return metrics
 
     def report_timings(self) -> None:
-        """One line: the wall time of each phase of this command."""
+        """One line (rank 0): the wall time of each phase of this command."""
         total = time.perf_counter() - self._t0
         parts = [f"{PHASES[k]} {_seconds(self.timings[k])}" for k in PHASES if k in self.timings]
         self.log(f"time: {', '.join(parts)}; total {_seconds(total)}")
+
+
+# --- evaluation networks shared by the processes ---------------------------------------------
+
+def shared_evaluation(evaluate: Callable[[EvalConfig, int], dict], ecfg: EvalConfig, seed: int,
+                      world: distributed.World) -> dict:
+    """``evaluate(ecfg, seed)`` (:func:`~sgs_cuda.evaluate.evaluate_synthetic`), its ``num_eval``
+    networks shared by ``world``'s processes: each trains a consecutive block of them, with the
+    seeds one process would give them, and rank 0 merges the blocks (:func:`merge_evaluations`);
+    every rank returns the merged metrics.
+
+    ``evaluate_synthetic`` seeds network ``k`` of ``seed`` with ``_seed_for(seed, k + 1)``
+    (``(seed * stride + k + 1) mod 2**63``), so a block starting at network ``first`` is the
+    evaluation of ``num_eval = len(block)`` networks under the seed
+    ``seed + first * stride**-1 (mod 2**63)``. That identity is checked first; if the
+    evaluation's seeding ever changes, rank 0 evaluates every network instead.
+    """
+    if not world.sharded:
+        return evaluate(ecfg, seed)
+    block = world.shard(ecfg.num_eval)
+    shifted = _block_seed(seed, block.start)
+    if shifted is None:
+        return world.on_main(lambda: evaluate(ecfg, seed))
+    part = evaluate(dataclasses.replace(ecfg, num_eval=len(block)), shifted) if len(block) else None
+    parts = world.gather((len(block), part))
+    return world.on_main(lambda: merge_evaluations([p for p in parts if p[0]], ecfg))
+
+
+def _block_seed(seed: int, first: int) -> int | None:
+    """The seed under which evaluation networks 0, 1, ... are networks ``first``, ``first + 1``,
+    ... of ``seed`` (``None`` when the evaluation's seeding does not allow it)."""
+    from .evaluate import _seed_for
+
+    modulus = 2 ** 63
+    try:
+        shifted = (int(seed) + first * pow(_seed_for(1, 0), -1, modulus)) % modulus
+    except ValueError:  # the stride has no inverse
+        return None
+    same = all(_seed_for(shifted, k + 1) == _seed_for(seed, first + k + 1) for k in range(4))
+    return shifted if same else None
+
+
+def merge_evaluations(parts: Sequence[tuple[int, dict]], ecfg: EvalConfig) -> dict:
+    """One evaluation of all networks from the evaluations of consecutive blocks of them
+    (``(networks, metrics)`` in network order): per-network lists (``*_acc``, ``train_loss``, or
+    lists of that length that differ between blocks) are concatenated, ``X_mean`` /
+    ``X_std`` recomputed from the list ``X`` as one process computes them, counts (``num_eval``)
+    added, times (``seconds``) the longest block's, other per-block means (``per_domain``)
+    weighted by the block sizes; everything else is the same in every block."""
+    from .evaluate import _mean_std
+
+    counts = [n for n, _ in parts]
+
+    def merge(values: list, key: str | None = None):
+        first = values[0]
+        if key == "num_eval":
+            return sum(values)
+        if key == "seconds":
+            return max(values)
+        if isinstance(first, dict):
+            out = {k: merge([v[k] for v in values], k) for k in first}
+            for k, v in out.items():
+                for suffix, index in (("_mean", 0), ("_std", 1)):
+                    per_net = out.get(k[:-len(suffix)]) if k.endswith(suffix) else None
+                    if isinstance(per_net, list) and per_net:
+                        out[k] = _mean_std(per_net)[index]
+            return out
+        if isinstance(first, list) and all(isinstance(v, list) and len(v) == n for v, n in zip(values, counts)) \
+                and (_per_network(key) or any(v != first for v in values)):
+            return [x for v in values for x in v]
+        if all(v == first for v in values):
+            return first
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return sum(v * n for v, n in zip(values, counts)) / sum(counts)
+        return first
+
+    merged = merge([m for _, m in parts])
+    merged["config"] = ecfg.to_dict()
+    return merged
+
+
+def _per_network(key: str | None) -> bool:
+    """Whether a list under ``key`` holds one value per evaluation network (accuracies, losses)."""
+    return key is not None and (key.endswith("_acc") or key == "train_loss")
 
 
 # --- results --------------------------------------------------------------------------------
