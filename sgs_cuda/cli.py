@@ -8,6 +8,10 @@
     sgs-dgdd run --preset medium --select-lr 0.5,1,2,4,8 --select-seeds 10   # lr_img per method, no target peeking
     sgs-dgdd show runs/X
     sgs-dgdd compare runs/photo runs/sketch --plot pairs.png               # paired differences, 95% CIs
+    sgs-dgdd run --preset imagenette-128 --ipc 10 --data-root /data/imagenet --sketch-root /data/sketch \
+        --imagenet-r-root /data/imagenet-r                                 # ImageNet subset, several OOD targets
+    sgs-dgdd make-demo-imagenet demo/       # a small generated ImageNet-layout tree for --preset imagenette-cpu
+    torchrun --nproc_per_node=8 -m sgs_cuda.cli run --preset imagenette-128 --data-root /data/imagenet  # 8 GPUs
 
 Configuration: built-in defaults (the paper's), then ``--preset`` (``sgs_cuda/configs/*.yaml``),
 then ``--config FILE`` (YAML or JSON), then the flags; ``--set section.key=value`` reaches any
@@ -21,11 +25,14 @@ run folder holds. User errors end in one line, ``sgs-dgdd: error: ...``, and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import experiment
+from . import distributed, experiment
 from ._io import RunFolderError
 from .experiment import ALL_METHODS, available_presets, distill_config, format_table  # noqa: F401 (re-exported)
 
@@ -33,6 +40,10 @@ from .experiment import ALL_METHODS, available_presets, distill_config, format_t
 FLAG_PATHS = [
     ("dataset", "dataset"), ("data_root", "data_root"), ("target", "target"), ("device", "device"),
     ("pseudo_domains", "pseudo_domains"),
+    ("sketch_root", "data_kwargs.sketch_root"), ("imagenet_r_root", "data_kwargs.r_root"),
+    ("imagenet_a_root", "data_kwargs.a_root"), ("imagenet_v2_root", "data_kwargs.v2_root"),
+    ("resolution", "data_kwargs.resolution"), ("crop", "data_kwargs.crop"),
+    ("decode_workers", "data_kwargs.num_workers"), ("train_per_class", "data_kwargs.train_per_class"),
     ("ipc", "distill.ipc"), ("iterations", "distill.iterations"), ("batch_real", "distill.batch_real"),
     ("lr_img", "distill.lr_img"), ("init", "distill.init"), ("width", "distill.width"),
     ("matching", "distill.matching"), ("checkpoint_every", "distill.checkpoint_every"),
@@ -61,6 +72,12 @@ def overrides_from_args(args) -> dict:
         out["progress"] = args.progress
     if getattr(args, "select_lr", None) is not None:
         out["select.lr_grid"] = experiment.parse_grid(args.select_lr)
+    for item in getattr(args, "data_option", None) or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ValueError(f"--data-option expects KEY=VALUE (e.g. cache_dir=/fast/disk), got {item!r}")
+        key, value = experiment.parse_assignment(item)
+        out.pop(f"data_kwargs.{key}", None)
+        out[f"data_kwargs.{key}"] = value
     for item in getattr(args, "set", None) or []:
         key, value = experiment.parse_assignment(item)
         out.pop(key, None)  # re-insert: --set comes last
@@ -79,8 +96,9 @@ def resolve_config(args, saved: dict | None = None) -> dict:
 def _experiment(args, need_run_dir_config: bool = False) -> experiment.Experiment:
     run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else None
     saved = None
-    if run_dir is not None and (args.resume or need_run_dir_config):
-        saved = experiment.load_saved_config(run_dir, required=need_run_dir_config)
+    if run_dir is not None and (args.resume or need_run_dir_config):  # under torchrun rank 0 reads it
+        world, _ = distributed.init_from_env(getattr(args, "device", None) or "auto")
+        saved = world.on_main(lambda: experiment.load_saved_config(run_dir, required=need_run_dir_config))
     cfg = resolve_config(args, saved)
     return experiment.Experiment(cfg, run_dir, resume=args.resume, preset=getattr(args, "preset", None))
 
@@ -114,6 +132,13 @@ def cmd_select_lr(args) -> int:
     return 0
 
 
+def cmd_make_demo(args) -> int:
+    from .data.demo_tree import describe, make_demo_imagenet
+
+    print(describe(make_demo_imagenet(args.dir, train_per_class=args.train_per_class), args.dir))
+    return 0
+
+
 def cmd_compare(args) -> int:
     result = experiment.compare_runs(args.run_dirs, baseline=args.baseline, arms=args.arms,
                                      confidence=args.confidence, plot=args.plot)
@@ -132,11 +157,28 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any option, e.g. --set distill.momentum=0.9 (repeatable; overrides everything)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="dataset name (fmnist-styles, PACS, VLCS, OfficeHome, DomainNet) or folder")
-    g.add_argument("--data-root", help="where the dataset lives")
-    g.add_argument("--target", help="the unseen target domain (default: the first domain)")
+    g.add_argument("--dataset", help="dataset name (fmnist-styles, PACS, VLCS, OfficeHome, DomainNet, "
+                                     "TerraIncognita; imagenette, imagewoof, imagefruit, imagemeow, imagesquawk, "
+                                     "imageyellow, imagenet-100, imagenet:<wnid list file>) or folder")
+    g.add_argument("--data-root", help="where the dataset lives (ImageNet: the folder holding train/ and val/)")
+    g.add_argument("--target", help="the unseen target domain (default: the first domain); ImageNet subsets: "
+                                    "default every OOD set given, or a comma-separated choice of them")
     g.add_argument("--pseudo-domains", type=int, metavar="K",
-                   help="distil from K pseudo-domains clustered from the pooled source domains")
+                   help="distil from K >= 2 pseudo-domains clustered from the pooled source domains "
+                        "(needed by DM+SGS on ImageNet, which has one training domain; 0: none)")
+    g.add_argument("--sketch-root", metavar="DIR", help="ImageNet-Sketch (<wnid>/ folders): an OOD target")
+    g.add_argument("--imagenet-r-root", metavar="DIR", help="ImageNet-R (<wnid>/ folders, 200 classes): an OOD target")
+    g.add_argument("--imagenet-a-root", metavar="DIR", help="ImageNet-A (<wnid>/ folders, 200 classes): an OOD target")
+    g.add_argument("--imagenet-v2-root", metavar="DIR", help="ImageNet-V2 (class-index folders 0..999): an OOD target")
+    g.add_argument("--resolution", type=int, choices=[32, 64, 128, 256],
+                   help="image side of folder and ImageNet sources, decoded once into the cache")
+    g.add_argument("--crop", choices=["center", "squash"],
+                   help="center: shorter side resized, centre crop (ImageNet default); squash: whole image resized")
+    g.add_argument("--decode-workers", type=int, metavar="N", help="threads decoding images into the cache")
+    g.add_argument("--train-per-class", type=int, metavar="N",
+                   help="ImageNet: use N training images per class (a seeded choice; default all)")
+    g.add_argument("--data-option", action="append", metavar="KEY=VALUE",
+                   help="any other keyword of the data source, e.g. cache_dir=/fast/disk (repeatable)")
     g = p.add_argument_group("distillation")
     g.add_argument("--method", nargs="+", help=f"any of {list(ALL_METHODS)}, 'both' (dm dm_sgs) or 'all'")
     g.add_argument("--seeds", nargs="+", type=int, help="seeds (one run per method and seed)")
@@ -198,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         _add_common(p)
         p.set_defaults(func=func)
+    text = ("write a small ImageNet-layout tree of generated JPEGs (train/val, Sketch, R, V2) "
+            "for --preset imagenette-cpu")
+    p = sub.add_parser("make-demo-imagenet", help=text, description=text)
+    p.add_argument("dir", metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--train-per-class", type=int, default=12, metavar="N", help="training images per class")
+    p.set_defaults(func=cmd_make_demo)
     p = sub.add_parser("show", help="print a run folder's metrics")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_show)
@@ -218,11 +266,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "evaluate" and not args.run_dir:
         build_parser().error("evaluate needs --run-dir (the folder written by `distill` or `run`)")
+    # under torchrun (sgs_cuda.distributed) every process runs the command; rank 0 alone prints
+    quiet = distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, RunFolderError) as exc:  # user errors: one line
-        print(f"sgs-dgdd: error: {exc}", file=sys.stderr)
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RunFolderError,
+            distributed.RankFailure) as exc:  # user errors (or another rank's): one line
+        if not quiet:
+            print(f"sgs-dgdd: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -106,65 +107,163 @@ def predict(net, images: torch.Tensor, device="cpu", batch: int = 1024) -> torch
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+def iter_batches(data, domains: Sequence[str], split: str = "test",
+                 batch: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` of ``split`` of ``domains`` in batches of at most ``batch``, so a large
+    test set (ImageNet val, ImageNet-Sketch) is never held in memory whole: the source's own
+    ``iter_split`` when it has one, else class by class through its indexed uint8 reads, else
+    (sources held in memory anyway) slices of ``split_tensors``."""
+    domains = list(domains)
+    if hasattr(data, "iter_split"):
+        yield from data.iter_split(domains, split, batch)
+    elif hasattr(data, "uint8_images") and hasattr(data, "normalize"):
+        for d in domains:
+            for c in range(len(data.classes)):
+                n = data.count(d, c, split)
+                for start in range(0, n, batch):
+                    index = np.arange(start, min(n, start + batch))
+                    yield (data.normalize(data.uint8_images(d, c, index, split)),
+                           torch.full((len(index),), c, dtype=torch.long))
+    else:
+        x, y = data.split_tensors(domains, split)
+        for start in range(0, len(y), batch):
+            yield x[start:start + batch], y[start:start + batch]
+
+
+def split_size(data, domains: Sequence[str], split: str = "test") -> int:
+    """How many images ``split`` of ``domains`` holds (counted, nothing read)."""
+    return sum(data.count(d, c, split) for d in domains for c in range(len(data.classes)))
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return m, sd
 
 
-def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_domains: Sequence[str],
-                       target_domain: str, cfg: EvalConfig | None = None, device="cpu", seed: int = 0) -> dict:
-    """Train ``cfg.num_eval`` fresh networks of each architecture of ``cfg.arch`` on
-    ``(images, labels)`` and test them.
+def target_label(targets: Sequence[str]) -> str:
+    """The name of a run's target(s): the domain, or ``a+b+c`` for several OOD targets."""
+    return "+".join(targets)
 
-    Returns a dict with ``ood_acc`` (target-domain test accuracy, one per net), ``in_domain_acc``
-    (pooled test split of the source domains), their ``*_mean``/``*_std`` (sample std over
-    nets), ``per_domain`` (mean accuracy per domain) and ``train_loss`` (final loss per net), for
-    the first architecture listed, and ``per_arch``: the same numbers for every architecture.
-    Accuracies are fractions in [0, 1].
+
+def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_domains: Sequence[str],
+                       target_domain: str | Sequence[str], cfg: EvalConfig | None = None, device="cpu",
+                       seed: int = 0) -> dict:
+    """Train ``cfg.num_eval`` fresh networks of each architecture of ``cfg.arch`` on
+    ``(images, labels)`` once, and test each on every target domain and on the pooled test
+    split of the source domains. The test images are streamed (:func:`iter_batches`), read once
+    for all networks.
+
+    ``target_domain``: one domain (leave-one-domain-out) or several (ImageNet-Sketch, -R, -A,
+    -V2 for an ImageNet subset). A class of the subset that a target lacks
+    (``data.missing_classes[target]``) has no images there, so it is left out of that target's
+    score; following the ImageNet-R / ImageNet-A protocol, the networks' predictions on such a
+    target are restricted to the classes it has (the logits of the missing classes are
+    ignored), and the unrestricted accuracy is recorded beside it.
+
+    Returns, for the first architecture listed: ``ood_acc`` (one per net: the target's accuracy,
+    or with several targets the mean over the targets, each weighted equally), ``in_domain_acc``
+    (pooled source test split), their ``*_mean``/``*_std`` (sample std over nets),
+    ``targets`` ``{target: {"ood_acc", "ood_acc_mean", "ood_acc_std", "unrestricted_acc_mean",
+    "missing_classes", "test_images"}}``, ``per_domain`` (mean accuracy per domain) and
+    ``train_loss`` (final loss per net); ``per_arch``: the same numbers for every architecture;
+    ``target_domain`` (:func:`target_label`) and ``target_domains``. Accuracies are fractions in [0, 1].
     """
     cfg = cfg or EvalConfig()
     source_domains = list(source_domains)
-    for d in [*source_domains, target_domain]:
+    targets = [target_domain] if isinstance(target_domain, str) else list(target_domain)
+    if not targets:
+        raise ValueError("no target domain to evaluate on")
+    for d in [*source_domains, *targets]:
         if d not in data.domains:
             raise ValueError(f"unknown domain {d!r}; the dataset has {list(data.domains)}")
-    if target_domain in source_domains:
-        raise ValueError(f"the target domain {target_domain!r} is also a source domain: that is not an OOD test")
+    for t in targets:
+        if t in source_domains:
+            raise ValueError(f"the target domain {t!r} is also a source domain: that is not an OOD test")
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need a non-empty training set with one label per image, got {len(images)} "
                          f"images and {len(labels)} labels")
+    for t in targets:
+        if split_size(data, [t]) == 0:
+            raise ValueError(f"the target domain {t!r} has no test images")
     t0 = time.perf_counter()
-    tests = {d: data.split_tensors([d], "test") for d in [target_domain, *source_domains]}
-    if len(tests[target_domain][1]) == 0:
-        raise ValueError(f"the target domain {target_domain!r} has no test images")
-    per_arch = {name: _evaluate_arch(images, labels, len(data.classes), tests, source_domains, target_domain,
-                                     arch_cfg, device, seed)
-                for name, arch_cfg in cfg.per_arch().items()}
+    K = len(data.classes)
+    missing = {t: list((getattr(data, "missing_classes", None) or {}).get(t, [])) for t in targets}
+    index = {name: i for i, name in enumerate(data.classes)}
+    allowed = {}  # target -> bool [K]: the classes a prediction may take (None: all)
+    for t in targets:
+        unknown = [c for c in missing[t] if c not in index]
+        if unknown:
+            raise ValueError(f"missing_classes[{t!r}] names classes outside the dataset: {unknown[:5]}")
+        if missing[t]:
+            keep = torch.ones(K, dtype=torch.bool)
+            keep[[index[c] for c in missing[t]]] = False
+            allowed[t] = keep
+    per_cfg = cfg.per_arch()
+    nets, losses, seconds = {}, {}, {}
+    for name, arch_cfg in per_cfg.items():
+        t_arch = time.perf_counter()
+        trained = [train_classifier(images, labels, K, arch_cfg, device, seed=_seed_for(seed, k + 1))
+                   for k in range(cfg.num_eval)]
+        nets[name], losses[name] = [n for n, _ in trained], [loss for _, loss in trained]
+        seconds[name] = time.perf_counter() - t_arch
+    t_test = time.perf_counter()
+    counts = _score(nets, data, [*targets, *source_domains], allowed, device, cfg.test_batch)
+    test_share = (time.perf_counter() - t_test) / len(per_cfg)
+    per_arch = {name: _arch_metrics(counts[name], losses[name], targets, source_domains, missing,
+                                    per_cfg[name].width, seconds[name] + test_share) for name in per_cfg}
     first = next(iter(per_arch.values()))
-    return {"target_domain": target_domain, "source_domains": source_domains, "num_eval": cfg.num_eval,
-            **{k: v for k, v in first.items() if k not in ("width", "seconds")},
+    return {"target_domain": target_label(targets), "target_domains": targets, "source_domains": source_domains,
+            "num_eval": cfg.num_eval, **{k: v for k, v in first.items() if k not in ("width", "seconds")},
             "per_arch": per_arch, "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
 
 
-def _evaluate_arch(images, labels, K, tests, source_domains, target_domain, cfg: EvalConfig, device, seed) -> dict:
-    t0 = time.perf_counter()
-    ood, ind, per_domain, losses = [], [], {d: [] for d in tests}, []
-    for k in range(cfg.num_eval):
-        net, loss = train_classifier(images, labels, K, cfg, device, seed=_seed_for(seed, k + 1))
-        losses.append(loss)
-        correct = {}
-        for d, (x, y) in tests.items():
-            hit = (predict(net, x, device, cfg.test_batch) == y)
-            correct[d] = (int(hit.sum()), len(y))
-            per_domain[d].append(correct[d][0] / max(1, correct[d][1]))
-        ood.append(per_domain[target_domain][-1])
-        n_src = sum(correct[d][1] for d in source_domains)
-        ind.append(sum(correct[d][0] for d in source_domains) / n_src if n_src else float("nan"))
+@torch.no_grad()
+def _score(nets: dict[str, list], data, domains: Sequence[str], allowed: dict, device, batch: int) -> dict:
+    """``{arch: {domain: [(correct, unrestricted_correct, total) per net]}}``, every test batch
+    read once and scored by every network."""
+    device = torch.device(device)
+    for group in nets.values():
+        for net in group:
+            net.eval()
+    counts = {name: {d: [[0, 0, 0] for _ in group] for d in domains} for name, group in nets.items()}
+    for d in domains:
+        keep = allowed.get(d)
+        for x, y in iter_batches(data, [d], "test", batch):
+            x = x.to(device, torch.float32)
+            for name, group in nets.items():
+                for k, net in enumerate(group):
+                    logits = net(x).float().cpu()
+                    free = int((logits.argmax(1) == y).sum())
+                    hit = int((logits.masked_fill(~keep, float("-inf")).argmax(1) == y).sum()) if keep is not None \
+                        else free
+                    row = counts[name][d][k]
+                    row[0], row[1], row[2] = row[0] + hit, row[1] + free, row[2] + len(y)
+    for group in nets.values():
+        for net in group:
+            net.train()
+    return counts
+
+
+def _arch_metrics(counts: dict, losses: list[float], targets: Sequence[str], source_domains: Sequence[str],
+                  missing: dict, width: int, seconds: float) -> dict:
+    n_nets = len(losses)
+    acc = {d: [hit / max(1, total) for hit, _, total in rows] for d, rows in counts.items()}
+    per_target = {}
+    for t in targets:
+        (m, sd), (free, _) = _mean_std(acc[t]), _mean_std([f / max(1, n) for _, f, n in counts[t]])
+        per_target[t] = {"ood_acc": acc[t], "ood_acc_mean": m, "ood_acc_std": sd, "unrestricted_acc_mean": free,
+                         "missing_classes": missing[t], "test_images": counts[t][0][2]}
+    ood = [sum(acc[t][k] for t in targets) / len(targets) for k in range(n_nets)]
+    ind = []
+    for k in range(n_nets):
+        n_src = sum(counts[d][k][2] for d in source_domains)
+        ind.append(sum(counts[d][k][0] for d in source_domains) / n_src if n_src else float("nan"))
     (om, osd), (im, isd) = _mean_std(ood), _mean_std(ind)
-    return {"width": cfg.width, "ood_acc_mean": om, "ood_acc_std": osd, "ood_acc": ood,
-            "in_domain_acc_mean": im, "in_domain_acc_std": isd, "in_domain_acc": ind,
-            "per_domain": {d: _mean_std(v)[0] for d, v in per_domain.items()},
-            "train_loss": losses, "seconds": time.perf_counter() - t0}
+    return {"width": width, "ood_acc_mean": om, "ood_acc_std": osd, "ood_acc": ood,
+            "in_domain_acc_mean": im, "in_domain_acc_std": isd, "in_domain_acc": ind, "targets": per_target,
+            "per_domain": {d: _mean_std(v)[0] for d, v in acc.items()},
+            "train_loss": losses, "seconds": seconds}
 
 
 def same_eval_config(saved: dict | None, cfg: EvalConfig) -> bool:

@@ -1,6 +1,9 @@
 """The pipeline as a Python API: configuration, data, run folders, reuse and resume, distillation,
-leave-one-domain-out evaluation and the comparison. ``sgs-dgdd`` (:mod:`sgs_cuda.cli`) only
-parses arguments and calls this module.
+evaluation and the comparison. ``sgs-dgdd`` (:mod:`sgs_cuda.cli`) only parses arguments and
+calls this module. Evaluation is leave-one-domain-out for multi-domain sets (the target is one
+domain, the others are the sources), and for an ImageNet subset the sets are distilled from
+ImageNet train and tested on every OOD set given (ImageNet-Sketch, -R, -A, -V2) and on ImageNet
+val in one evaluation (:func:`prepare_data`, :func:`sgs_cuda.evaluate.evaluate_synthetic`).
 
 >>> from sgs_cuda.experiment import Experiment, resolve_config
 >>> cfg = resolve_config({"target": "photo", "distill.iterations": 50}, preset="quick")
@@ -38,9 +41,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import _io
+from . import distributed
 from ._io import RunFolderError
-from .dm.distill import DistillConfig, distill, relevant_settings
-from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config
+from .dm.distill import ADDED_OPTIONS, DistillConfig, distill, relevant_settings
+from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
 from .surgery import SGSConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
@@ -53,7 +57,8 @@ BAD_IMAGES_NAME = "bad_images.txt"
 
 __all__ = ["Experiment", "RunRecord", "RunFolderError", "resolve_config", "default_config", "available_presets",
            "load_config_file", "parse_assignment", "parse_methods", "distill_config", "resolve_device",
-           "prepare_data", "PreparedData", "load_run", "load_saved_config", "summarize", "format_table",
+           "prepare_data", "PreparedData", "parse_targets", "check_data_kwargs", "data_source", "DATA_FLAGS",
+           "load_run", "load_saved_config", "summarize", "format_table",
            "describe_run", "DISTILLED", "ALL_METHODS", "METHOD_ALIASES", "arm_name", "collect_arms", "compare_runs",
            "selection_table", "format_selection", "parse_grid", "write_comparison"]
 
@@ -133,21 +138,39 @@ def load_config_file(path) -> dict:
     return data
 
 
-def load_preset(name: str) -> dict:
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A preset's mapping; ``extends: other`` in a preset starts from that preset (the named
+    ImageNet-subset presets extend ``imagenet-128`` with their dataset)."""
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown preset {name!r}; available: {available_presets()}")
-    return load_config_file(path)
+    data = load_config_file(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if base in (*_seen, name):
+        raise ValueError(f"preset {name!r} extends {base!r}, which extends it again")
+    return _deep_update(load_preset(str(base), (*_seen, name)), data)
+
+
+def _deep_update(base: dict, override: Mapping) -> dict:
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+AUTO_OPTIONS = ("distill.depth", "distill.precision", "distill.channels_last")  # "auto" or a value
 
 
 def _check_type(name: str, default, value) -> None:
     """A leaf option keeps the type of its default (an int is a number too), so that a value of
     the wrong type is refused here, naming the option, instead of deep inside a config class."""
-    if default is None or isinstance(default, list):
-        return  # free-form (None) or normalised later (methods, seeds)
+    if default is None or isinstance(default, list) or name in AUTO_OPTIONS:
+        return  # free-form (None), normalised later (methods, seeds), or "auto" or a value (checked later)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -185,6 +208,11 @@ def merge_config(base: dict, override: Mapping, where: str = "") -> dict:
 def set_option(cfg: dict, path: str, value) -> None:
     """``cfg[section][key] = value`` for ``path = "section.key"`` (checked like :func:`merge_config`)."""
     *parents, leaf = path.split(".")
+    if parents == ["data_kwargs"]:  # free-form keyword arguments of the data source (checked when loading)
+        if not isinstance(cfg.get("data_kwargs"), dict):
+            cfg["data_kwargs"] = {}
+        cfg["data_kwargs"][leaf] = value
+        return
     node = cfg
     for p in parents:
         if not isinstance(node.get(p), dict):
@@ -232,6 +260,8 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, *, preset: str | 
     ``overrides`` (``{"section.key": value}``, applied in order); validated."""
     cfg = default_config()
     if saved is not None:
+        if isinstance(saved.get("distill"), dict):  # options added since: as the run was made
+            saved = {**saved, "distill": {**ADDED_OPTIONS, **saved["distill"]}}
         merge_config(cfg, {k: v for k, v in saved.items() if k in cfg})
     if preset:
         merge_config(cfg, load_preset(preset))
@@ -244,6 +274,14 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, *, preset: str | 
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"config option 'seeds' must be integers, got {cfg['seeds']!r}")
     cfg["seeds"] = [int(s) for s in seeds]
+    k = cfg["pseudo_domains"]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k == 1 or k < 0):
+        raise ValueError(f"config option 'pseudo_domains' (--pseudo-domains) must be an integer >= 2 "
+                         f"(0: none), got {k!r}")
+    cfg["pseudo_domains"] = k or None
+    if cfg["data_kwargs"] is None:
+        cfg["data_kwargs"] = {}
+    parse_targets(cfg["target"])  # validates
     if cfg["label"] is not None and not isinstance(cfg["label"], str):
         raise ValueError(f"config option 'label' must be a string, got {cfg['label']!r}")
     if isinstance(cfg["select"]["seeds"], int) and not isinstance(cfg["select"]["seeds"], bool):
@@ -288,64 +326,151 @@ def _preset_needing_root(name) -> str | None:
         return None
 
 
-class DomainSubset:
-    """A view of a protocol dataset restricted to some of its domains (so pseudo-domains are
-    found among the source domains only, and the target stays unseen)."""
+# data_kwargs keys that have their own sgs-dgdd flag (named in errors); any other key: --data-option KEY=VALUE
+DATA_FLAGS = {"sketch_root": "--sketch-root", "r_root": "--imagenet-r-root", "a_root": "--imagenet-a-root",
+              "v2_root": "--imagenet-v2-root", "resolution": "--resolution", "crop": "--crop",
+              "num_workers": "--decode-workers", "train_per_class": "--train-per-class"}
+NOT_DATA_OPTIONS = {"root", "classes", "preset", "pseudo_domains", "self"}  # set by the pipeline itself
 
-    def __init__(self, base, domains: Sequence[str]):
-        self.base, self.domains = base, list(domains)
-        self.classes, self.image_shape, self.mean, self.std = base.classes, base.image_shape, base.mean, base.std
 
-    def _check(self, domains):
-        bad = [d for d in domains if d not in self.domains]
-        if bad:
-            raise ValueError(f"domain(s) {bad} are outside this view {self.domains}")
+def data_source(name) -> tuple[str, type] | None:
+    """``(kind, class)`` of the source that :func:`sgs_cuda.data.load_dataset` builds for ``name``
+    (``kind``: ``"imagenet"``, ``"folder"`` or ``"fmnist-styles"``); None when it cannot tell."""
+    try:
+        from .data import FashionMNISTStyles, ImageFolderDomains, ImageNetSubset
+        from .data.presets import FMNIST_STYLES_NAMES, _imagenet_classes, _key
+    except ImportError:
+        return None
+    name = str(name)
+    if _key(name) in {_key(n) for n in FMNIST_STYLES_NAMES}:
+        return "fmnist-styles", FashionMNISTStyles
+    if _imagenet_classes(name) is not None:
+        return "imagenet", ImageNetSubset
+    if _preset_needing_root(name) is not None or Path(name).expanduser().exists():
+        return "folder", ImageFolderDomains
+    return None
 
-    def real_batch(self, domain, label, n, generator=None, split="train"):
-        self._check([domain])
-        return self.base.real_batch(domain, label, n, generator=generator, split=split)
 
-    def split_tensors(self, domains, split="test"):
-        self._check(domains)
-        return self.base.split_tensors(domains, split)
+def _option_name(key: str) -> str:
+    return f"{DATA_FLAGS[key]} (data option {key!r})" if key in DATA_FLAGS else f"data option {key!r}"
 
-    def count(self, domain, label, split="train"):
-        self._check([domain])
-        return self.base.count(domain, label, split)
+
+def check_data_kwargs(dataset, kwargs: Mapping) -> None:
+    """Refuse, before anything is loaded, a data option the dataset does not take, naming the
+    flag: ``--sketch-root`` with PACS, ``--resolution`` with fmnist-styles, a misspelt
+    ``--data-option`` key."""
+    source = data_source(dataset)
+    if source is None or not kwargs:
+        return
+    import inspect
+
+    kind, cls = source
+    takes = [k for k in inspect.signature(cls.__init__).parameters if k not in NOT_DATA_OPTIONS]
+    for key in kwargs:
+        if key not in takes:
+            what = {"imagenet": "an ImageNet subset", "folder": "an image-folder dataset",
+                    "fmnist-styles": "the embedded benchmark"}[kind]
+            raise ValueError(f"{_option_name(key)} does not apply to dataset {str(dataset)!r} ({what}); "
+                             f"its data options: {', '.join(takes)}")
+    for key in ("sketch_root", "r_root", "a_root", "v2_root"):
+        if key in kwargs and kwargs[key] is not None and not Path(str(kwargs[key])).expanduser().is_dir():
+            raise FileNotFoundError(f"{_option_name(key)}: {str(kwargs[key])!r} does not exist or is not a directory")
+
+
+def parse_targets(spec) -> list[str] | None:
+    """``--target``: one domain, several as ``a,b`` (or ``a+b``, or a list); None: the default."""
+    if spec is None:
+        return None
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).replace("+", ",").split(",")
+    if not all(isinstance(t, str) for t in items):
+        raise ValueError(f"config option 'target' must be a domain name or a list of them, got {spec!r}")
+    targets = [t.strip() for t in items if t.strip()]
+    if not targets:
+        raise ValueError(f"config option 'target' names no domain: {spec!r}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"config option 'target' lists a domain twice: {spec!r}")
+    return targets
 
 
 @dataclass
 class PreparedData:
-    """The data of a leave-one-domain-out run. ``distill_data``/``distill_domains`` are what the
-    distillation draws from: the source domains, or pseudo-domains clustered from them."""
+    """The data of a run. ``targets``: the unseen domain(s) the sets are tested on (one in
+    leave-one-domain-out; ImageNet-Sketch/-R/-A/-V2 for an ImageNet subset); ``sources``: the
+    domains the sets are made from. ``distill_data``/``distill_domains`` are what the
+    distillation draws from: the sources, or pseudo-domains clustered from them."""
     data: Any
-    target: str
+    targets: list[str]
     sources: list[str]
     distill_data: Any
     distill_domains: list[str]
 
+    @property
+    def target(self) -> str:
+        """The target's name (several: ``a+b+c``), as run folders and metrics give it."""
+        return target_label(self.targets)
+
+
+def _needs_pseudo_domains(cfg: dict, dataset: str, sources: Sequence[str]) -> None:
+    if "dm_sgs" in cfg["methods"] and len(sources) < 2 and not cfg["pseudo_domains"]:
+        raise ValueError(f"DM+SGS needs at least two source domains, and {dataset} trains on {len(sources)} "
+                         f"({', '.join(sources)}): add --pseudo-domains K (K >= 2) to split it into K "
+                         "pseudo-domains by image style, or run --method dm only")
+
 
 def prepare_data(cfg: dict, data=None) -> PreparedData:
-    """Load ``cfg["dataset"]`` (or take ``data``), pick the target and the sources; with
-    ``pseudo_domains = k`` the sources are pooled and re-split into ``k`` pseudo-domains for the
-    distillation, while evaluation still uses the real target and sources."""
+    """Load ``cfg["dataset"]`` (or take ``data``), pick the target(s) and the sources.
+
+    A source with ``train_domains`` / ``target_domains`` (an ImageNet subset) is distilled from
+    its training domain(s) and tested on every target domain given (``cfg["target"]`` may pick
+    some of them); for any other source, ``cfg["target"]`` (default: the first domain) is left
+    out and every other domain is a source (leave-one-domain-out). With ``pseudo_domains = k``
+    the sources are pooled and re-split into ``k`` pseudo-domains for the distillation, while
+    evaluation still uses the real targets and sources. DM+SGS on a single source domain needs
+    pseudo-domains: that is said before anything is loaded when the dataset's name tells it.
+    """
+    wanted = parse_targets(cfg["target"])
     if data is None:
         preset = _preset_needing_root(cfg["dataset"])
         if preset is not None and cfg["data_root"] is None:
             raise ValueError(f"dataset {preset!r} needs its folder: pass --data-root DIR (data_root in a config "
                              f"file), the folder holding {preset}'s domain folders")
-        data = load_data(cfg["dataset"], cfg["data_root"], **(cfg["data_kwargs"] or {}))
-    target = cfg["target"] or data.domains[0]
-    if target not in data.domains:
-        raise ValueError(f"unknown target domain {target!r}; the dataset has {list(data.domains)}")
-    sources = [d for d in data.domains if d != target]
-    if not sources:
-        raise ValueError("leave-one-domain-out needs at least two domains")
+        kwargs = dict(cfg["data_kwargs"] or {})
+        check_data_kwargs(cfg["dataset"], kwargs)
+        source = data_source(cfg["dataset"])
+        if source is not None and source[0] == "imagenet":
+            if cfg["data_root"] is None:
+                raise ValueError(f"dataset {cfg['dataset']!r} needs the ImageNet folder: pass --data-root DIR "
+                                 "(the folder holding train/<wnid>/ and val/<wnid>/)")
+            _needs_pseudo_domains(cfg, str(cfg["dataset"]), ["imagenet"])
+        if source is not None and source[0] != "fmnist-styles":
+            kwargs.setdefault("progress", bool(cfg["progress"]))  # the decode progress bar
+        data = load_data(cfg["dataset"], cfg["data_root"], **kwargs)
+    train_domains = getattr(data, "train_domains", None)
+    if train_domains is not None and getattr(data, "target_domains", None) is not None:
+        sources, available = list(train_domains), list(data.target_domains)
+        if not available:
+            raise ValueError(f"dataset {cfg['dataset']} has no out-of-distribution target: give at least one of "
+                             "--sketch-root, --imagenet-r-root, --imagenet-a-root, --imagenet-v2-root")
+        targets = wanted or available
+        unknown = [t for t in targets if t not in available]
+        if unknown:
+            raise ValueError(f"unknown target domain(s) {unknown}; the targets given are {available}")
+    else:
+        targets = wanted or [data.domains[0]]
+        unknown = [t for t in targets if t not in data.domains]
+        if unknown:
+            raise ValueError(f"unknown target domain {', '.join(map(repr, unknown))}; "
+                             f"the dataset has {list(data.domains)}")
+        sources = [d for d in data.domains if d not in targets]
+        if not sources:
+            raise ValueError("leave-one-domain-out needs at least two domains")
+    _needs_pseudo_domains(cfg, str(cfg["dataset"]), sources)
     if cfg["pseudo_domains"]:
         from .data import PseudoDomainDataset
-        pseudo = PseudoDomainDataset(DomainSubset(data, sources), int(cfg["pseudo_domains"]))
-        return PreparedData(data, target, sources, pseudo, list(pseudo.domains))
-    return PreparedData(data, target, sources, data, sources)
+        pseudo = PseudoDomainDataset(data, int(cfg["pseudo_domains"]), domains=sources,  # cached beside the decodes
+                                     cache_dir=(cfg["data_kwargs"] or {}).get("cache_dir"))
+        return PreparedData(data, targets, sources, pseudo, list(pseudo.domains))
+    return PreparedData(data, targets, sources, data, sources)
 
 
 # --- run folders ----------------------------------------------------------------------------
@@ -417,28 +542,50 @@ class Experiment:
         preset: the preset's name, for the default run folder's name.
         data: a data source to use instead of loading ``cfg["dataset"]``.
         log: where progress lines go (default: stderr).
+
+    Under torchrun (:mod:`sgs_cuda.distributed`) every process creates the Experiment: they
+    share each distillation by class and each evaluation by network, rank 0 alone reads and
+    writes the run folder and logs, and every rank returns the same results.
     """
 
     def __init__(self, cfg: dict, run_dir=None, *, resume: bool = False, preset: str | None = None,
                  data=None, log: Callable[[str], None] | None = None):
-        self.cfg, self.resume, self.log = cfg, resume, log or _stderr
+        self.world, device = distributed.init_from_env(cfg["device"])
+        self.cfg, self.resume = cfg, resume
+        self.log = (log or _stderr) if self.world.is_main else (lambda msg: None)
         # the selection phase only in runs that select lr_img
         self.timings = {phase: 0.0 for phase in PHASES if phase != "select" or cfg["select"]["lr_grid"]}
         self.backend: dict | None = None  # backend_info() once the op is loaded for a distillation
         self.selections: dict[str, dict] = {}  # method -> its lr_img selection record (select_lr)
         self._t0 = time.perf_counter()
-        self.device = resolve_device(cfg["device"])
-        if run_dir is not None:
-            _io.check_writable_dir(run_dir)  # before the (maybe long) data build
-        with self.phase("data"):
-            prepared = prepare_data(cfg, data)
-        self.data, self.target, self.sources = prepared.data, prepared.target, prepared.sources
+        self.device = device or resolve_device(cfg["device"])
+        if self.world.sharded:
+            self.log(f"{self.world.world_size} processes ({self.world.backend}), rank 0 on {self.device}")
+        if run_dir is not None:  # before the (maybe long) data build
+            self.world.on_main(lambda: _io.check_writable_dir(run_dir))
+        with self.phase("data"):  # a node's first process builds the caches the others then read
+            prepared = self.world.local_first(lambda: prepare_data(cfg, data))
+        self.data, self.targets, self.sources = prepared.data, prepared.targets, prepared.sources
+        self.target = prepared.target  # the targets' name (a+b+c for several)
         self.log(f"data ready in {_seconds(self.timings['data'])}: {len(self.data.classes)} classes, "
-                 f"target {self.target}, sources {', '.join(self.sources)}")
+                 f"target{'s' if len(self.targets) > 1 else ''} {', '.join(self.targets)}, "
+                 f"sources {', '.join(self.sources)}{self._missing_note()}")
         self.distill_data, self.distill_domains = prepared.distill_data, prepared.distill_domains
-        cfg["target"] = self.target
-        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, self.target, preset, resume)
-        self._open_run_dir()
+        cfg["target"] = self.targets[0] if len(self.targets) == 1 else list(self.targets)
+        self.run_dir = Path(run_dir) if run_dir is not None else self.world.on_main(
+            lambda: default_run_dir(cfg, self.target, preset, resume))
+        self.world.on_main(self._open_run_dir)
+
+    @property
+    def missing_classes(self) -> dict[str, list[str]]:
+        """``{target: classes it lacks}`` for the targets lacking some (left out of their score)."""
+        missing = getattr(self.data, "missing_classes", None) or {}
+        return {t: list(missing[t]) for t in self.targets if missing.get(t)}
+
+    def _missing_note(self) -> str:
+        k = len(self.data.classes)
+        return "".join(f"; {t} lacks {len(m)} of the {k} classes ({_first(m)}): scored on the others"
+                       for t, m in self.missing_classes.items())
 
     # --- run folder -------------------------------------------------------------------------
 
@@ -451,9 +598,11 @@ class Experiment:
             self.log(f"removed {len(stale)} temporary file(s) left in {self.run_dir} by interrupted writes")
         try:
             _io.write_json(self.run_dir / "config.json", {**self.cfg, "resolved": {
-                "device": str(self.device), "source_domains": self.sources, "distill_domains": self.distill_domains,
+                "device": str(self.device), "target_domains": self.targets, "missing_classes": self.missing_classes,
+                "source_domains": self.sources, "distill_domains": self.distill_domains,
                 "classes": list(self.data.classes), "image_shape": list(self.data.image_shape),
-                "torch": torch.__version__}})
+                "distill": {k: getattr(self.compute_settings(), k) for k in ("depth", "precision", "channels_last")},
+                "processes": self.world.world_size, "torch": torch.__version__}})
         except RunFolderError:
             if created:  # leave no empty folder behind
                 with contextlib.suppress(OSError):
@@ -494,7 +643,7 @@ class Experiment:
         if self.backend is None:
             from . import backend_info
             with self.phase("extension"):
-                self.backend = backend_info(self.device)
+                self.backend = self.world.local_first(lambda: backend_info(self.device))
             self.log(f"SGS op: {self.backend.get('implementation')} ({_seconds(self.timings['extension'])})")
         return self.backend
 
@@ -510,6 +659,9 @@ class Experiment:
             return None
         if method in self.selections:
             return self.selections[method]
+        if self.world.sharded:
+            raise ValueError("--select-lr runs in one process: select with `sgs-dgdd select-lr` (no torchrun), "
+                             "then run with --lr-img")
         if self.cfg["pseudo_domains"]:
             raise ValueError("--select-lr holds out images of the real source domains: it does not combine "
                              "with --pseudo-domains")
@@ -530,15 +682,26 @@ class Experiment:
         self.selections[method] = record
         return record
 
+    def compute_settings(self, method: str = "dm", seed: int = 0) -> DistillConfig:
+        """:func:`distill_config` with its ``"auto"`` settings (depth, precision, layout) resolved
+        for this run's data and device: what a set records."""
+        return distill_config(self.cfg, method, seed).resolved(self.distill_data.image_shape, self.device)
+
     def distill_config(self, method: str, seed: int) -> DistillConfig:
-        """:func:`distill_config`, with ``lr_img`` the selected one when the run selects it."""
-        dcfg = distill_config(self.cfg, method, seed)
+        """:meth:`compute_settings`, with ``lr_img`` the selected one when the run selects it."""
+        dcfg = self.compute_settings(method, seed)
         record = self.select_lr(method)
         return dcfg if record is None else dataclasses.replace(dcfg, lr_img=float(record["selected_lr_img"]))
 
     def set_config(self, method: str, seed: int) -> dict:
-        """What determines a training set of this run (:func:`set_config`, with the selected ``lr_img``)."""
-        return self.distill_config(method, seed).to_dict() if method in DISTILLED else set_config(method, seed, self.cfg)
+        """What determines a training set of this run (:func:`set_config`, with the selected ``lr_img``
+        and the network depth resolved)."""
+        if method in DISTILLED:
+            return self.distill_config(method, seed).to_dict()
+        config = set_config(method, seed, self.cfg)
+        if "depth" in config:
+            config["depth"] = self.compute_settings().depth
+        return config
 
     def select_all(self) -> dict[str, dict]:
         """The selection of every distilled method of the run (the ``select-lr`` command)."""
@@ -552,10 +715,12 @@ class Experiment:
         """Whether a finished set can be reused. A distilled set whose settings differ only in
         ``iterations`` (or checkpointing) is continued from its checkpoint instead; any other
         difference is an error, so a resumed folder never mixes settings silently."""
-        where = (payload.get("target"), payload.get("source_domains"), payload.get("distill_domains"))
-        if where != (self.target, self.sources, self.distill_domains):
-            raise ValueError(f"{method} seed {seed} in {self.run_dir} was made for target/sources/distillation "
-                             f"domains {where}, not {(self.target, self.sources, self.distill_domains)}")
+        # a set depends on its sources (in leave-one-domain-out they fix the target), not on the
+        # OOD targets it is tested on: an ImageNet set is reused when a target is added
+        where = (payload.get("source_domains"), payload.get("distill_domains"))
+        if where != (self.sources, self.distill_domains):
+            raise ValueError(f"{method} seed {seed} in {self.run_dir} was made from sources/distillation domains "
+                             f"{where} (target {payload.get('target')}), not {(self.sources, self.distill_domains)}")
         wanted, saved = self.set_config(method, seed), payload.get("config") or {}
         if method in BASELINES:
             return wanted == saved  # cheap to redo when anything differs
@@ -585,12 +750,9 @@ class Experiment:
         :meth:`set_dir`."""
         out, log = self.set_dir(method, seed), self._set_log(method, seed)
         syn_path = out / "synthetic.pt"
-        if (self.resume if reuse is None else reuse) and syn_path.is_file():
-            payload = self.load_set(method, seed, hint="delete it to make it again (a distillation continues "
-                                                        "from its checkpoint.pt), or drop --resume")
-            if self._reusable(payload, method, seed):
-                log(f"reusing {syn_path}")
-                self.write_set_plots(payload)
+        if self.resume if reuse is None else reuse:
+            payload = self.world.on_main(lambda: self._finished_set(method, seed))
+            if payload is not None:
                 return payload
         if method == "dm_sgs":
             self.load_extension()
@@ -603,23 +765,38 @@ class Experiment:
                 log(f"distilling {dcfg.ipc} img/class from {self.distill_domains} for {dcfg.iterations} "
                     f"iterations on {device} (lr_img {dcfg.lr_img:g}, {dcfg.matching} matching)")
                 result = distill(self.distill_data, self.distill_domains, dcfg, device=device, run_dir=out,
-                                 resume=self.resume, progress=cfg["progress"], log=log)
+                                 resume=self.resume, progress=cfg["progress"], log=log, world=self.world)
                 images, labels, history = result.images, result.labels, result.history
             elif method == "random":
-                images, labels = BASELINES["random"](data, self.sources, cfg["distill"]["ipc"], seed)
+                images, labels = self.world.on_main(
+                    lambda: BASELINES["random"](data, self.sources, cfg["distill"]["ipc"], seed))
             else:
-                images, labels = BASELINES["herding"](data, self.sources, cfg["distill"]["ipc"], seed,
-                                                      width=cfg["distill"]["width"], depth=cfg["distill"]["depth"],
-                                                      norm=cfg["distill"]["norm"], device=device)
+                images, labels = self.world.on_main(lambda: BASELINES["herding"](
+                    data, self.sources, cfg["distill"]["ipc"], seed, width=cfg["distill"]["width"],
+                    depth=config["depth"], norm=cfg["distill"]["norm"], device=device))
             payload = {"images": images, "labels": labels, "classes": list(data.classes), "mean": list(data.mean),
                        "std": list(data.std), "method": method, "seed": seed, "target": self.target,
                        "source_domains": self.sources, "distill_domains": self.distill_domains,
                        "config": config, "history": history, "seconds": time.perf_counter() - t0}
             if method == "dm_sgs":
                 payload["sgs_backend"] = self.backend
-            _io.save_torch(payload, syn_path)
-        self.write_set_plots(payload, force=True)
+            self.world.on_main(lambda: _io.save_torch(payload, syn_path))
+        self.world.on_main(lambda: self.write_set_plots(payload, force=True))
         log(f"done in {payload['seconds']:.1f} s")
+        return payload
+
+    def _finished_set(self, method: str, seed: int) -> dict | None:
+        """The set of ``method`` and ``seed`` when the run folder holds it finished with these
+        settings (its plots rebuilt if missing); ``None`` when it is to be made."""
+        syn_path = self.set_dir(method, seed) / "synthetic.pt"
+        if not syn_path.is_file():
+            return None
+        payload = self.load_set(method, seed, hint="delete it to make it again (a distillation continues "
+                                                    "from its checkpoint.pt), or drop --resume")
+        if not self._reusable(payload, method, seed):
+            return None
+        self._set_log(method, seed)(f"reusing {syn_path}")
+        self.write_set_plots(payload)
         return payload
 
     def write_set_plots(self, payload: dict, force: bool = False) -> None:
@@ -644,37 +821,50 @@ class Experiment:
         path = self.set_dir(method, seed) / "metrics.json"
         digest = fingerprint(payload["images"], payload["labels"])
         ecfg = EvalConfig.from_dict(self.cfg["eval"])
-        if self.resume and path.is_file():
-            saved = _io.try_load_json(path)
-            if saved is None:
-                log(f"{path} is damaged: evaluating again")
-            elif (same_eval_config(saved.get("config"), ecfg) and saved.get("target_domain") == self.target
-                    and saved.get("synthetic_sha1", digest) == digest):
-                log(f"reusing {path}")
-                return saved
-        if payload["target"] != self.target:
-            raise ValueError(f"{method} seed {seed} was distilled for target {payload['target']!r}, "
-                             f"not {self.target!r}")
+        saved = self.world.on_main(lambda: self._finished_metrics(path, ecfg, digest, log)) if self.resume else None
+        if saved is not None:
+            return saved
+        if payload.get("source_domains") != self.sources:
+            raise ValueError(f"{method} seed {seed} was distilled from {payload.get('source_domains')} "
+                             f"(target {payload.get('target')!r}), not from {self.sources} (target {self.target!r})")
         archs = ", ".join(ecfg.per_arch())
-        log(f"training {ecfg.num_eval} network(s) of each of {archs} for {ecfg.epochs} epochs")
+        log(f"training {ecfg.num_eval} network(s) of each of {archs} for {ecfg.epochs} epochs, testing on "
+            f"{', '.join(self.targets)} and {', '.join(self.sources)} (in-domain)")
         with self.phase("evaluate"):
-            metrics = evaluate_synthetic(payload["images"], payload["labels"], self.data, self.sources,
-                                         self.target, ecfg, device=self.device, seed=seed)
+            metrics = shared_evaluation(lambda cfg, s: evaluate_synthetic(
+                payload["images"], payload["labels"], self.data, self.sources, self.targets, cfg, device=self.device,
+                seed=s), ecfg, seed, self.world)
         metrics["distill_seconds"] = payload.get("seconds")
         if method in DISTILLED:
             metrics["lr_img"] = (payload.get("config") or {}).get("lr_img")
         metrics["synthetic_sha1"] = digest  # ties the numbers to the exact set they were measured on
-        _io.write_json(path, metrics)
-        log(f"OOD {100 * metrics['ood_acc_mean']:.1f}%  in-domain {100 * metrics['in_domain_acc_mean']:.1f}%  "
-            f"({metrics['seconds']:.1f} s)")
+        self.world.on_main(lambda: _io.write_json(path, metrics))
+        per_target = "" if len(self.targets) == 1 else " (" + ", ".join(
+            f"{t} {100 * r['ood_acc_mean']:.1f}%" for t, r in metrics["targets"].items()) + ")"
+        log(f"OOD {100 * metrics['ood_acc_mean']:.1f}%{per_target}  "
+            f"in-domain {100 * metrics['in_domain_acc_mean']:.1f}%  ({metrics['seconds']:.1f} s)")
         return metrics
+
+    def _finished_metrics(self, path: Path, ecfg: EvalConfig, digest: str, log) -> dict | None:
+        """The saved evaluation at ``path`` when it is of this exact set and settings."""
+        if not path.is_file():
+            return None
+        saved = _io.try_load_json(path)
+        if saved is None:
+            log(f"{path} is damaged: evaluating again")
+        elif (same_eval_config(saved.get("config"), ecfg)
+              and saved.get("target_domains", [saved.get("target_domain")]) == self.targets
+              and saved.get("synthetic_sha1", digest) == digest):
+            log(f"reusing {path}")
+            return saved
+        return None
 
     # --- every method and seed --------------------------------------------------------------
 
     def produce_sets(self) -> list[dict]:
         """Every method and seed's set (the ``distill`` command), then the run's ``curves.png``."""
         payloads = [self.produce_set(method, seed) for seed in self.cfg["seeds"] for method in self.cfg["methods"]]
-        self.write_curves()
+        self.world.on_main(self.write_curves)
         self.report_timings()
         return payloads
 
@@ -687,10 +877,10 @@ class Experiment:
                 if distil or method in BASELINES:  # evaluate-only: a baseline there is reused
                     payload = self.produce_set(method, seed, reuse=self.resume or not distil)
                 else:
-                    payload = self.load_set(method, seed)
+                    payload = self.world.on_main(lambda: self.load_set(method, seed))
                 per_seed.setdefault(method, {})[seed] = self.evaluate_set(payload)
-        self.write_curves()
-        return self.write_summary(per_seed)
+        self.world.on_main(self.write_curves)
+        return self.world.on_main(lambda: self.write_summary(per_seed))
 
     def _histories(self) -> dict:
         out = {}
@@ -724,7 +914,8 @@ class Experiment:
             old = _io.try_load_json(path)
             if old is None:
                 self.log(f"{path} was damaged: rebuilt from this command's results")
-        metrics = {"dataset": str(cfg["dataset"]), "target": self.target, "source_domains": self.sources,
+        metrics = {"dataset": str(cfg["dataset"]), "target": self.target, "target_domains": self.targets,
+                   "missing_classes": self.missing_classes, "source_domains": self.sources,
                    "ipc": cfg["distill"]["ipc"], "iterations": cfg["distill"]["iterations"],
                    "methods": summarize(per_seed)}
         backend = self.backend or (old or {}).get("sgs_backend") or {"implementation": "not used by this command"}
@@ -742,26 +933,120 @@ class Experiment:
         return metrics
 
     def report_timings(self) -> None:
-        """One line: the wall time of each phase of this command."""
+        """One line (rank 0): the wall time of each phase of this command."""
         total = time.perf_counter() - self._t0
         parts = [f"{PHASES[k]} {_seconds(self.timings[k])}" for k in PHASES if k in self.timings]
         self.log(f"time: {', '.join(parts)}; total {_seconds(total)}")
 
 
+# --- evaluation networks shared by the processes ---------------------------------------------
+
+def shared_evaluation(evaluate: Callable[[EvalConfig, int], dict], ecfg: EvalConfig, seed: int,
+                      world: distributed.World) -> dict:
+    """``evaluate(ecfg, seed)`` (:func:`~sgs_cuda.evaluate.evaluate_synthetic`), its ``num_eval``
+    networks shared by ``world``'s processes: each trains a consecutive block of them, with the
+    seeds one process would give them, and rank 0 merges the blocks (:func:`merge_evaluations`);
+    every rank returns the merged metrics.
+
+    ``evaluate_synthetic`` seeds network ``k`` of ``seed`` with ``_seed_for(seed, k + 1)``
+    (``(seed * stride + k + 1) mod 2**63``), so a block starting at network ``first`` is the
+    evaluation of ``num_eval = len(block)`` networks under the seed
+    ``seed + first * stride**-1 (mod 2**63)``. That identity is checked first; if the
+    evaluation's seeding ever changes, rank 0 evaluates every network instead.
+    """
+    if not world.sharded:
+        return evaluate(ecfg, seed)
+    block = world.shard(ecfg.num_eval)
+    shifted = _block_seed(seed, block.start)
+    if shifted is None:
+        return world.on_main(lambda: evaluate(ecfg, seed))
+    part = evaluate(dataclasses.replace(ecfg, num_eval=len(block)), shifted) if len(block) else None
+    parts = world.gather((len(block), part))
+    return world.on_main(lambda: merge_evaluations([p for p in parts if p[0]], ecfg))
+
+
+def _block_seed(seed: int, first: int) -> int | None:
+    """The seed under which evaluation networks 0, 1, ... are networks ``first``, ``first + 1``,
+    ... of ``seed`` (``None`` when the evaluation's seeding does not allow it)."""
+    from .evaluate import _seed_for
+
+    modulus = 2 ** 63
+    try:
+        shifted = (int(seed) + first * pow(_seed_for(1, 0), -1, modulus)) % modulus
+    except ValueError:  # the stride has no inverse
+        return None
+    same = all(_seed_for(shifted, k + 1) == _seed_for(seed, first + k + 1) for k in range(4))
+    return shifted if same else None
+
+
+def merge_evaluations(parts: Sequence[tuple[int, dict]], ecfg: EvalConfig) -> dict:
+    """One evaluation of all networks from the evaluations of consecutive blocks of them
+    (``(networks, metrics)`` in network order): per-network lists (``*_acc``, ``train_loss``, or
+    lists of that length that differ between blocks) are concatenated, ``X_mean`` /
+    ``X_std`` recomputed from the list ``X`` as one process computes them, counts (``num_eval``)
+    added, times (``seconds``) the longest block's, other per-block means (``per_domain``)
+    weighted by the block sizes; everything else is the same in every block."""
+    from .evaluate import _mean_std
+
+    counts = [n for n, _ in parts]
+
+    def merge(values: list, key: str | None = None):
+        first = values[0]
+        if key == "num_eval":
+            return sum(values)
+        if key == "seconds":
+            return max(values)
+        if isinstance(first, dict):
+            out = {k: merge([v[k] for v in values], k) for k in first}
+            for k, v in out.items():
+                for suffix, index in (("_mean", 0), ("_std", 1)):
+                    per_net = out.get(k[:-len(suffix)]) if k.endswith(suffix) else None
+                    if isinstance(per_net, list) and per_net:
+                        out[k] = _mean_std(per_net)[index]
+            return out
+        if isinstance(first, list) and all(isinstance(v, list) and len(v) == n for v, n in zip(values, counts)) \
+                and (_per_network(key) or any(v != first for v in values)):
+            return [x for v in values for x in v]
+        if all(v == first for v in values):
+            return first
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return sum(v * n for v, n in zip(values, counts)) / sum(counts)
+        return first
+
+    merged = merge([m for _, m in parts])
+    merged["config"] = ecfg.to_dict()
+    return merged
+
+
+def _per_network(key: str | None) -> bool:
+    """Whether a list under ``key`` holds one value per evaluation network (accuracies, losses)."""
+    return key is not None and (key.endswith("_acc") or key == "train_loss")
+
+
 # --- results --------------------------------------------------------------------------------
 
+def _pooled(vals: Sequence[float]) -> tuple[float, float]:
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
 def summarize(per_seed: dict[str, dict[int, dict]]) -> dict:
-    """Pool the per-net accuracies of every seed of a method: mean and sample std."""
+    """Pool the per-net accuracies of every seed of a method: mean and sample std; with several
+    targets, also per target (``targets``: ``{target: {"ood_acc_mean", "ood_acc_std"}}``)."""
     out = {}
     for method, seeds in per_seed.items():
         ood = [a for m in seeds.values() for a in m["ood_acc"]]
         ind = [a for m in seeds.values() for a in m["in_domain_acc"]]
         row = {"seeds": sorted(seeds), "num_nets": len(ood)}
         for key, vals in (("ood_acc", ood), ("in_domain_acc", ind)):
-            mean = sum(vals) / len(vals)
-            row[f"{key}_mean"] = mean
-            var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-            row[f"{key}_std"] = math.sqrt(var)
+            row[f"{key}_mean"], row[f"{key}_std"] = _pooled(vals)
+        targets = [m.get("targets") or {} for m in seeds.values()]
+        names = [t for t in targets[0] if all(t in ts for ts in targets)]
+        if len(names) > 1:
+            row["targets"] = {t: dict(zip(("ood_acc_mean", "ood_acc_std"),
+                                          _pooled([a for ts in targets for a in ts[t]["ood_acc"]])))
+                              for t in names}
         row["distill_seconds"] = sum(m.get("distill_seconds") or 0.0 for m in seeds.values())
         row["eval_seconds"] = sum(m.get("seconds") or 0.0 for m in seeds.values())
         row["per_seed"] = {str(s): {"ood_acc_mean": m["ood_acc_mean"], "in_domain_acc_mean": m["in_domain_acc_mean"]}
@@ -770,15 +1055,39 @@ def summarize(per_seed: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
+def _first(names: Sequence[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
+def _short(target: str) -> str:
+    """A column title: ``imagenet-sketch`` -> ``sketch``."""
+    return target[len("imagenet-"):] if target.startswith("imagenet-") else target
+
+
 def format_table(metrics: dict) -> str:
-    lines = [f"target (OOD): {metrics['target']}   sources: {', '.join(metrics['source_domains'])}   "
-             f"dataset: {metrics['dataset']}",
-             f"{'method':<10}{'OOD acc %':>16}{'in-domain acc %':>18}{'nets':>6}{'distil s':>10}{'eval s':>9}"]
+    """The comparison of a run folder: one row per method; with several OOD targets a column per
+    target, then their mean (each target weighted equally), in-domain and the costs."""
+    targets = metrics.get("target_domains") or [metrics["target"]]
+    multi = len(targets) > 1 and all("targets" in row for row in metrics["methods"].values())
+    where = (f"targets (OOD): {', '.join(targets)}" if len(targets) > 1 else f"target (OOD): {metrics['target']}")
+    lines = [f"{where}   sources: {', '.join(metrics['source_domains'])}   dataset: {metrics['dataset']}"]
+    cols = [(_short(t), 16) for t in targets] + [("OOD mean %", 16)] if multi else [("OOD acc %", 16)]
+    lines.append(f"{'method':<10}" + "".join(f"{name:>{w}}" for name, w in cols)
+                 + f"{'in-domain acc %':>18}{'nets':>6}{'distil s':>10}{'eval s':>9}")
+
+    def cell(mean, std, width=16):
+        return f"{100 * mean:>{width - 7}.2f} ± {100 * std:<4.2f}"
+
     for method, row in metrics["methods"].items():
-        lines.append(f"{method:<10}{100 * row['ood_acc_mean']:>9.2f} ± {100 * row['ood_acc_std']:<4.2f}"
+        per_target = "".join(cell(row["targets"][t]["ood_acc_mean"], row["targets"][t]["ood_acc_std"])
+                             for t in targets) if multi else ""
+        lines.append(f"{method:<10}{per_target}{cell(row['ood_acc_mean'], row['ood_acc_std'])}"
                      f"{100 * row['in_domain_acc_mean']:>11.2f} ± {100 * row['in_domain_acc_std']:<4.2f}"
                      f"{row['num_nets']:>6}{row['distill_seconds']:>10.1f}{row['eval_seconds']:>9.1f}")
     lines.append("(mean ± sample std over all evaluation nets of all seeds; per-seed means in metrics.json)")
+    for t, lacking in (metrics.get("missing_classes") or {}).items():
+        lines.append(f"{t} lacks {len(lacking)} class(es) ({_first(lacking)}): scored on the classes it has, "
+                     "predictions restricted to them (the ImageNet-R/A protocol)")
     if metrics.get("lr_selection"):
         lines.append("lr_img selected on held-out source images: "
                      + ", ".join(f"{m} {r['selected_lr_img']:g}" for m, r in metrics["lr_selection"].items()))
@@ -832,6 +1141,13 @@ def describe_run(record: RunRecord) -> str:
                          f"{s['mask']} {s['assignment']}{' spatial' if s.get('space') == 'spatial' else ''}"
                          f"{'' if normalize == 'none' else f' normalize {normalize}'}; "
                          f"eval {e['num_eval']} nets x {e['epochs']} epochs ({e.get('arch', 'convnet')})")
+            data = [f"{v} px" if k == "resolution" else f"{k} {v}"
+                    for k, v in (record.config.get("data_kwargs") or {}).items()
+                    if k in ("resolution", "crop", "train_per_class")]
+            if record.config.get("pseudo_domains"):
+                data.append(f"{record.config['pseudo_domains']} pseudo-domains")
+            if data:
+                lines[-1] += f"; data: {', '.join(data)}, ConvNet depth {d['depth']}"
         except (KeyError, TypeError) as exc:
             raise RunFolderError(f"{record.run_dir / 'config.json'} is damaged (no {exc}); fix or delete it") from exc
     lines.append(format_table(record.metrics))
@@ -902,6 +1218,17 @@ def _common_archs(seed_metrics: Mapping) -> list[str]:
     return names or []
 
 
+def _common_targets(seed_metrics: Mapping) -> list[str]:
+    """The OOD targets that every per-seed metrics of an arm was tested on, when they were tested
+    on several at once (ImageNet subsets); [] for single-target (leave-one-domain-out) runs."""
+    names = None
+    for seeds in seed_metrics.values():
+        for m in seeds.values():
+            have = list((m.get("targets") or {}).keys())
+            names = have if names is None else [n for n in names if n in have]
+    return names if names and len(names) > 1 else []
+
+
 def parse_first_arch(metrics: Mapping) -> str:
     from .dm.architectures import parse_archs
     return parse_archs((metrics.get("config") or {}).get("arch", "convnet"))[0][0]
@@ -916,7 +1243,11 @@ def compare_runs(run_dirs: Sequence, baseline: str | None = None, arms: Sequence
     for the first evaluation architecture, then for every further architecture that the baseline
     and some other arm were both evaluated on. ``arms`` picks and orders the arms.
 
-    Returns ``{"markdown": tables, "sections" {"main", "arch:<name>", "selection": each table}, "baseline", "arms" {name: {"method", "dirs", "accuracy" {key:
+    With several OOD targets per run (ImageNet subsets) the main table's OOD is their mean and
+    the ``targets`` section has a column per target (keys ``targets.<target>.ood_acc_mean``).
+
+    Returns ``{"markdown": tables, "sections" {"main", "targets", "arch:<name>", "selection": each table}, "baseline",
+    "arms" {name: {"method", "dirs", "accuracy" {key:
     {target: {seed: %}}}, "lr_img" {target: {seed: lr}}}}, "comparisons" {key: {arm: {"per_target"
     {target: {"differences", "summary"}}, "pooled"}}}, "selection": selection_table rows}``; with
     ``plot`` also the per-seed pairs plot of OOD accuracy (PNG).
@@ -934,10 +1265,13 @@ def compare_runs(run_dirs: Sequence, baseline: str | None = None, arms: Sequence
         raise ValueError(f"baseline {baseline!r} is not one of the arms {list(found)}")
     seed_metrics = {name: stats.load_seed_metrics(a["dirs"], a["method"]) for name, a in found.items()}
     archs = {name: _common_archs(sm) for name, sm in seed_metrics.items()}
+    targets = {name: _common_targets(sm) for name, sm in seed_metrics.items()}
     keys = list(stats.METRICS)
     out_arms = {}
     for name, a in found.items():
         acc = {k: stats.accuracies(seed_metrics[name], k) for k in keys}
+        for t in targets[name]:
+            acc[f"targets.{t}.ood_acc_mean"] = stats.accuracies(seed_metrics[name], f"targets.{t}.ood_acc_mean")
         for arch in archs[name]:
             for k in keys:
                 with contextlib.suppress(KeyError):
@@ -955,6 +1289,12 @@ def compare_runs(run_dirs: Sequence, baseline: str | None = None, arms: Sequence
                     "pooled": c["pooled"].to_dict()}
     sections = {"main": stats.markdown_tables({n: (found[n]["dirs"], found[n]["method"]) for n in found}, baseline,
                                               confidence=confidence)}
+    per_target = [t for t in targets[baseline] if any(t in targets[n] for n in found if n != baseline)]
+    if per_target:  # several OOD targets per run: a column per target (the main table has their mean)
+        with_all = [n for n in found if all(t in targets[n] for t in per_target)]
+        sections["targets"] = "Per OOD target (the main table's OOD is their mean, each weighted equally):\n\n" + \
+            stats.markdown_tables({n: (found[n]["dirs"], found[n]["method"]) for n in with_all}, baseline,
+                                  keys=[f"targets.{t}.ood_acc_mean" for t in per_target], confidence=confidence)
     first = archs[baseline][0] if archs[baseline] else None
     for arch in archs[baseline]:
         if arch == first:

@@ -21,7 +21,7 @@ import torch
 from . import _io
 from .data.holdout import hold_out
 from .dm.distill import DistillConfig, distill
-from .evaluate import EvalConfig, _seed_for, predict, train_classifier
+from .evaluate import EvalConfig, _seed_for, iter_batches, predict, split_size, train_classifier
 
 DEFAULT_GRID = (0.5, 1.0, 2.0, 4.0, 8.0)
 SELECTION_NAME = "lr_selection.json"
@@ -31,14 +31,17 @@ def validation_accuracy(images: torch.Tensor, labels: torch.Tensor, view, domain
                         cfg: EvalConfig, device="cpu", seed: int = 0) -> list[float]:
     """Accuracy of ``cfg.num_eval`` fresh networks (the first architecture of ``cfg.arch``),
     trained on ``(images, labels)``, on the pooled ``test`` split of ``domains`` of ``view``."""
-    x, y = view.split_tensors(list(domains), "test")
-    if len(y) == 0:
-        raise ValueError(f"no validation images in {list(domains)}")
+    domains = list(domains)
+    total = split_size(view, domains, "test")
+    if total == 0:
+        raise ValueError(f"no validation images in {domains}")
     cfg = next(iter(cfg.per_arch().values()))
     accs = []
     for k in range(cfg.num_eval):
         net, _ = train_classifier(images, labels, len(view.classes), cfg, device, seed=_seed_for(seed, k + 1))
-        accs.append(float((predict(net, x, device, cfg.test_batch) == y).double().mean()))
+        hits = sum(int((predict(net, x, device, cfg.test_batch) == y).sum())
+                   for x, y in iter_batches(view, domains, "test", cfg.test_batch))  # streamed: never held whole
+        accs.append(hits / total)
     return accs
 
 
@@ -64,8 +67,7 @@ def select_lr(data, source_domains: Sequence[str], distill_cfg: DistillConfig, e
         raise ValueError("select_lr needs at least one seed")
     source_domains = list(source_domains)
     view = hold_out(data, source_domains, fraction, holdout_seed)
-    n_train = sum(len(view.split_tensors([d], "train")[1]) for d in source_domains)
-    n_val = len(view.split_tensors(source_domains, "test")[1])
+    n_train, n_val = split_size(view, source_domains, "train"), split_size(view, source_domains, "test")
     settings = {"source_domains": source_domains, "fraction": fraction, "holdout_seed": holdout_seed,
                 "distill": {k: v for k, v in distill_cfg.to_dict().items()
                             if k not in ("lr_img", "seed", "checkpoint_every", "log_every")},

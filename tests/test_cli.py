@@ -338,3 +338,35 @@ def test_compare_run_folders(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["compare", *dirs, str(tmp_path / "clash")]) == 2
     assert "different labels" in capsys.readouterr().err
+
+
+def test_data_flags_map_onto_data_kwargs():
+    args = cli.build_parser().parse_args(
+        ["run", "--preset", "imagenette-128", "--sketch-root", "/s", "--imagenet-r-root", "/r", "--imagenet-a-root",
+         "/a", "--imagenet-v2-root", "/v2", "--resolution", "64", "--decode-workers", "3", "--train-per-class", "50",
+         "--data-option", "cache_dir=/fast", "--data-option", "seed=2", "--target", "imagenet-r,imagenet-a"])
+    cfg = cli.resolve_config(args)
+    assert cfg["data_kwargs"] == {"resolution": 64, "crop": "center", "sketch_root": "/s", "r_root": "/r",
+                                  "a_root": "/a", "v2_root": "/v2", "num_workers": 3, "train_per_class": 50,
+                                  "cache_dir": "/fast", "seed": 2}  # the preset's crop kept, its resolution replaced
+    assert experiment.parse_targets(cfg["target"]) == ["imagenet-r", "imagenet-a"]
+    later = cli.resolve_config(cli.build_parser().parse_args(
+        ["run", "--resolution", "64", "--data-option", "resolution=256", "--set", "data_kwargs.crop=squash"]))
+    assert later["data_kwargs"] == {"resolution": 256, "crop": "squash"}  # --data-option after the flags, --set last
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "--resolution", "100"])
+
+
+def test_data_flags_are_in_the_help_and_checked_before_loading(tiny, capsys, tmp_path):
+    text = cli.build_parser().format_help()
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "--help"])
+    text += capsys.readouterr().out
+    for flag in ("--sketch-root", "--imagenet-r-root", "--imagenet-a-root", "--imagenet-v2-root", "--resolution",
+                 "--crop", "--decode-workers", "--train-per-class", "--data-option", "make-demo-imagenet"):
+        assert flag in text
+    # the default dataset (the embedded benchmark) takes none of the image-folder options: said, nothing loaded
+    assert tiny("run", "--run-dir", str(tmp_path / "r"), "--crop", "center") == 2
+    err = capsys.readouterr().err
+    assert "--crop (data option 'crop') does not apply to dataset 'fmnist-styles'" in err and err.count("\n") == 1
+    assert not tiny.made and not (tmp_path / "r").exists()

@@ -195,3 +195,28 @@ def test_selection_refuses_pseudo_domains_and_empty_grids(tmp_path):
         exp = Experiment(cfg, tmp_path / "p", data=TinyDomains(), log=lambda m: None)
         with pytest.raises(ValueError, match="does not combine with --pseudo-domains"):
             exp.produce_set("dm", 0)
+
+
+def test_several_targets_in_leave_domains_out(tmp_path):
+    """``target: d0,d1`` tests on both unseen domains in one evaluation (a column each); one
+    target keeps the single-target table."""
+    lines = []
+    exp = Experiment(tiny_config(target="d0,d1", methods=["dm"]), tmp_path / "r", data=TinyDomains(), log=lines.append)
+    assert (exp.targets, exp.target, exp.sources) == (["d0", "d1"], "d0+d1", ["d2"])
+    summary = exp.run()
+    assert summary["target_domains"] == ["d0", "d1"] and list(summary["methods"]["dm"]["targets"]) == ["d0", "d1"]
+    per = json.loads((exp.set_dir("dm", 0) / "metrics.json").read_text())
+    assert per["ood_acc"] == pytest.approx([(a + b) / 2 for a, b in zip(per["targets"]["d0"]["ood_acc"],
+                                                                         per["targets"]["d1"]["ood_acc"])])
+    table = experiment.format_table(summary)
+    assert "targets (OOD): d0, d1" in table
+    assert table.splitlines()[1].split()[:5] == ["method", "d0", "d1", "OOD", "mean"]
+    single = Experiment(tiny_config(target="d1", methods=["dm"]), tmp_path / "s", data=TinyDomains(),
+                        log=lambda m: None).run()
+    text = experiment.format_table(single)
+    assert text.splitlines()[1].split()[:4] == ["method", "OOD", "acc", "%"] and "OOD mean" not in text
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["target"] == "d1"  # a name, as before
+    with pytest.raises(ValueError, match="DM\\+SGS needs at least two source domains"):
+        Experiment(tiny_config(target="d0,d1"), tmp_path / "t", data=TinyDomains(), log=lambda m: None)
+    with pytest.raises(ValueError, match="unknown target domain 'd7'"):
+        Experiment(tiny_config(target="d0,d7"), tmp_path / "u", data=TinyDomains(), log=lambda m: None)
