@@ -149,3 +149,22 @@ def test_dm_step_keeps_the_parts_where_they_are_computed_anyway(config):
     sgs = SpectralGradientSurgery(config)
     sgs(grads)
     assert not isinstance(sgs.last, StepParts) and sgs.last.diversity.shape == (4, 1, 8, 8)
+
+
+def test_dm_loop_asks_for_the_parts_only_at_band_iterations(monkeypatch):
+    """The distillation loop's step runs the op without parts (its fastest path) except at the
+    iterations that log the band diagnostics, which need the diversity part."""
+    from sgs_cuda import ops
+    from sgs_cuda.dm import DistillConfig, distill
+    from tiny_domains import TinyDomains
+
+    calls, kernel = [], ops._spectral_kernel
+
+    def spy(grads, assign, outputs, params):
+        calls.append(outputs)
+        return kernel(grads, assign, outputs, params)
+
+    monkeypatch.setattr(ops, "_spectral_kernel", spy)
+    cfg = DistillConfig(method="dm_sgs", ipc=1, iterations=4, batch_real=4, width=8, depth=2, log_every=2)
+    distill(TinyDomains(), ["d0", "d1"], cfg, progress=False)
+    assert calls == [ops.STATS, ops.PARTS, ops.STATS, ops.PARTS]
