@@ -37,7 +37,7 @@ class EvalConfig(DictConfig):
     dsa_strategy: str = DEFAULT_STRATEGY
     num_eval: int = 5
     width: int = 128
-    depth: int = 3
+    depth: int | str = 3  # ConvNet depth, or "auto": follows the resolution (dm.networks.auto_depth)
     norm: str = "instancenorm"
     test_batch: int = 1024
     # evaluation network(s): "convnet", "alexnet", "vgg11", "resnet18", comma-separated, each
@@ -45,9 +45,11 @@ class EvalConfig(DictConfig):
     arch: str = "convnet"
 
     def __post_init__(self):
-        for name in ("epochs", "batch", "num_eval", "width", "depth", "test_batch"):
+        for name in ("epochs", "batch", "num_eval", "width", "test_batch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.depth != "auto" and (not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1):
+            raise ValueError(f"depth must be >= 1 or 'auto', got {self.depth!r}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= momentum < 1; got "
                              f"{self.lr}, {self.weight_decay}, {self.momentum}")
@@ -148,7 +150,7 @@ def target_label(targets: Sequence[str]) -> str:
 
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_domains: Sequence[str],
                        target_domain: str | Sequence[str], cfg: EvalConfig | None = None, device="cpu",
-                       seed: int = 0) -> dict:
+                       seed: int = 0, nets: Sequence[int] | None = None) -> dict:
     """Train ``cfg.num_eval`` fresh networks of each architecture of ``cfg.arch`` on
     ``(images, labels)`` once, and test each on every target domain and on the pooled test
     split of the source domains. The test images are streamed (:func:`iter_batches`), read once
@@ -168,8 +170,15 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
     "missing_classes", "test_images"}}``, ``per_domain`` (mean accuracy per domain) and
     ``train_loss`` (final loss per net); ``per_arch``: the same numbers for every architecture;
     ``target_domain`` (:func:`target_label`) and ``target_domains``. Accuracies are fractions in [0, 1].
+
+    ``nets``: which of the ``cfg.num_eval`` networks to train (default: all). Network ``k`` is
+    seeded the same whichever others are trained, so processes that evaluate disjoint blocks of
+    networks merge into the whole evaluation (``experiment.merge_evaluations``).
     """
     cfg = cfg or EvalConfig()
+    nets_to_train = list(range(cfg.num_eval) if nets is None else nets)
+    if any(not 0 <= k < cfg.num_eval for k in nets_to_train):
+        raise ValueError(f"nets must index the {cfg.num_eval} evaluation networks, got {nets_to_train}")
     source_domains = list(source_domains)
     targets = [target_domain] if isinstance(target_domain, str) else list(target_domain)
     if not targets:
@@ -204,7 +213,7 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
     for name, arch_cfg in per_cfg.items():
         t_arch = time.perf_counter()
         trained = [train_classifier(images, labels, K, arch_cfg, device, seed=_seed_for(seed, k + 1))
-                   for k in range(cfg.num_eval)]
+                   for k in nets_to_train]
         nets[name], losses[name] = [n for n, _ in trained], [loss for _, loss in trained]
         seconds[name] = time.perf_counter() - t_arch
     t_test = time.perf_counter()
@@ -214,7 +223,7 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
                                     per_cfg[name].width, seconds[name] + test_share) for name in per_cfg}
     first = next(iter(per_arch.values()))
     return {"target_domain": target_label(targets), "target_domains": targets, "source_domains": source_domains,
-            "num_eval": cfg.num_eval, **{k: v for k, v in first.items() if k not in ("width", "seconds")},
+            "num_eval": len(nets_to_train), **{k: v for k, v in first.items() if k not in ("width", "seconds")},
             "per_arch": per_arch, "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
 
 

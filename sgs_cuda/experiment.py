@@ -163,7 +163,7 @@ def _deep_update(base: dict, override: Mapping) -> dict:
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-AUTO_OPTIONS = ("distill.depth", "distill.precision", "distill.channels_last")  # "auto" or a value
+AUTO_OPTIONS = ("distill.depth", "distill.precision", "distill.channels_last", "eval.depth")  # "auto" or a value
 
 
 def _check_type(name: str, default, value) -> None:
@@ -831,9 +831,9 @@ class Experiment:
         log(f"training {ecfg.num_eval} network(s) of each of {archs} for {ecfg.epochs} epochs, testing on "
             f"{', '.join(self.targets)} and {', '.join(self.sources)} (in-domain)")
         with self.phase("evaluate"):
-            metrics = shared_evaluation(lambda cfg, s: evaluate_synthetic(
+            metrics = shared_evaluation(lambda cfg, s, nets: evaluate_synthetic(
                 payload["images"], payload["labels"], self.data, self.sources, self.targets, cfg, device=self.device,
-                seed=s), ecfg, seed, self.world)
+                seed=s, nets=nets), ecfg, seed, self.world)
         metrics["distill_seconds"] = payload.get("seconds")
         if method in DISTILLED:
             metrics["lr_img"] = (payload.get("config") or {}).get("lr_img")
@@ -941,42 +941,19 @@ class Experiment:
 
 # --- evaluation networks shared by the processes ---------------------------------------------
 
-def shared_evaluation(evaluate: Callable[[EvalConfig, int], dict], ecfg: EvalConfig, seed: int,
+def shared_evaluation(evaluate: Callable[[EvalConfig, int, Sequence[int]], dict], ecfg: EvalConfig, seed: int,
                       world: distributed.World) -> dict:
-    """``evaluate(ecfg, seed)`` (:func:`~sgs_cuda.evaluate.evaluate_synthetic`), its ``num_eval``
-    networks shared by ``world``'s processes: each trains a consecutive block of them, with the
-    seeds one process would give them, and rank 0 merges the blocks (:func:`merge_evaluations`);
-    every rank returns the merged metrics.
-
-    ``evaluate_synthetic`` seeds network ``k`` of ``seed`` with ``_seed_for(seed, k + 1)``
-    (``(seed * stride + k + 1) mod 2**63``), so a block starting at network ``first`` is the
-    evaluation of ``num_eval = len(block)`` networks under the seed
-    ``seed + first * stride**-1 (mod 2**63)``. That identity is checked first; if the
-    evaluation's seeding ever changes, rank 0 evaluates every network instead.
-    """
+    """``evaluate(ecfg, seed, nets)`` (:func:`~sgs_cuda.evaluate.evaluate_synthetic` of the
+    networks ``nets``), its ``num_eval`` networks shared by ``world``'s processes: each trains a
+    consecutive block of them (a network's seed does not depend on which others are trained),
+    and rank 0 merges the blocks (:func:`merge_evaluations`); every rank returns the merged
+    metrics."""
     if not world.sharded:
-        return evaluate(ecfg, seed)
+        return evaluate(ecfg, seed, range(ecfg.num_eval))
     block = world.shard(ecfg.num_eval)
-    shifted = _block_seed(seed, block.start)
-    if shifted is None:
-        return world.on_main(lambda: evaluate(ecfg, seed))
-    part = evaluate(dataclasses.replace(ecfg, num_eval=len(block)), shifted) if len(block) else None
+    part = evaluate(ecfg, seed, block) if len(block) else None
     parts = world.gather((len(block), part))
     return world.on_main(lambda: merge_evaluations([p for p in parts if p[0]], ecfg))
-
-
-def _block_seed(seed: int, first: int) -> int | None:
-    """The seed under which evaluation networks 0, 1, ... are networks ``first``, ``first + 1``,
-    ... of ``seed`` (``None`` when the evaluation's seeding does not allow it)."""
-    from .evaluate import _seed_for
-
-    modulus = 2 ** 63
-    try:
-        shifted = (int(seed) + first * pow(_seed_for(1, 0), -1, modulus)) % modulus
-    except ValueError:  # the stride has no inverse
-        return None
-    same = all(_seed_for(shifted, k + 1) == _seed_for(seed, first + k + 1) for k in range(4))
-    return shifted if same else None
 
 
 def merge_evaluations(parts: Sequence[tuple[int, dict]], ecfg: EvalConfig) -> dict:

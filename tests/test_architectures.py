@@ -102,3 +102,15 @@ def test_several_architectures_per_set():
     res = both["per_arch"]["resnet18"]
     assert res["width"] == 4 and len(res["ood_acc"]) == 2 and res["train_loss"] != alone["train_loss"]
     assert both["config"]["arch"] == "convnet,resnet18:4"
+
+
+def test_eval_depth_auto_follows_the_resolution():
+    from sgs_cuda.dm.architectures import build_network
+    from sgs_cuda.evaluate import EvalConfig
+
+    assert EvalConfig(depth="auto").depth == "auto"
+    with pytest.raises(ValueError, match="depth must be >= 1 or 'auto'"):
+        EvalConfig(depth="deep")
+    for size, depth in ((32, 3), (64, 4), (128, 5)):
+        net = build_network("convnet", (3, size, size), 10, 8, EvalConfig(depth="auto").depth)
+        assert sum(isinstance(m, torch.nn.AvgPool2d) for m in net.modules()) == depth

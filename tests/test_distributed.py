@@ -269,22 +269,21 @@ def test_what_cannot_be_sharded_is_refused_before_starting(monkeypatch):
 
 
 def test_evaluation_blocks_merge_to_the_whole_evaluation():
-    """The evaluation networks split in blocks (as ranks share them), each block under its shifted
-    seed, merged: the per-network accuracies equal one process's bitwise, the means to 1e-12."""
+    """The evaluation networks split in blocks (as ranks share them, ``nets=``), merged: the
+    per-network accuracies equal one process's bitwise, the means to 1e-12."""
     from sgs_cuda.evaluate import EvalConfig, evaluate_synthetic
-    from sgs_cuda.experiment import _block_seed, merge_evaluations
+    from sgs_cuda.experiment import merge_evaluations
 
     data = TinyDomains(D=4, K=3, size=8)
     images, labels = data.split_tensors(["d2", "d3"], "train")
     ecfg = EvalConfig(epochs=3, num_eval=5, width=8, depth=2, batch=8, arch="convnet,alexnet:4")
 
-    def evaluate(cfg, seed):
-        return evaluate_synthetic(images, labels, data, ["d2", "d3"], ["d0", "d1"], cfg, seed=seed)
+    def evaluate(cfg, seed, nets=None):
+        return evaluate_synthetic(images, labels, data, ["d2", "d3"], ["d0", "d1"], cfg, seed=seed, nets=nets)
 
     whole = evaluate(ecfg, 7)
     blocks = [range(0, 2), range(2, 4), range(4, 5)]
-    parts = [(len(b), evaluate(EvalConfig(**{**ecfg.to_dict(), "num_eval": len(b)}), _block_seed(7, b.start)))
-             for b in blocks]
+    parts = [(len(b), evaluate(ecfg, 7, b)) for b in blocks]
     merged = merge_evaluations(parts, ecfg)
 
     def compare(got, want, where=""):
@@ -301,4 +300,5 @@ def test_evaluation_blocks_merge_to_the_whole_evaluation():
 
     compare(merged, whole)
     assert merged["num_eval"] == 5 and len(merged["per_arch"]["alexnet"]["targets"]["d1"]["ood_acc"]) == 5
-    assert _block_seed(7, 0) == 7
+    with pytest.raises(ValueError, match="nets must index"):
+        evaluate(ecfg, 7, [5])

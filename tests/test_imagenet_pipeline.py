@@ -253,8 +253,10 @@ def test_presets_128(tmp_path, monkeypatch):
         assert cfg["dataset"] == {"imagenet100": "imagenet-100"}.get(name, name)
         d, e = cfg["distill"], cfg["eval"]
         assert (d["ipc"], d["iterations"], d["batch_real"], d["width"], d["depth"], d["norm"], d["lr_img"]) == \
-            (50, 20000, 256, 128, 5, "instancenorm", 1.0)
-        assert (e["num_eval"], e["epochs"], e["width"], e["depth"], e["norm"]) == (5, 1000, 128, 5, "instancenorm")
+            (50, 20000, 256, 128, "auto", "instancenorm", 1.0)
+        assert (e["num_eval"], e["epochs"], e["width"], e["depth"], e["norm"]) == (5, 1000, 128, "auto", "instancenorm")
+        from sgs_cuda.dm.networks import auto_depth
+        assert auto_depth((3, 128, 128)) == 5  # ConvNetD5 at the presets' 128 px
         assert cfg["data_kwargs"] == {"resolution": 128, "crop": "center"} and cfg["pseudo_domains"] == 4
     # a named preset and the base preset with --dataset are the same configuration
     woof = cli.resolve_config(cli.build_parser().parse_args(["run", "--preset", "imagewoof-128"]))
