@@ -112,7 +112,7 @@ print(f'built/loaded in {time.time() - t0:.0f} s')
 print(json.dumps(_build.backend_info('cuda'), indent=1))
 "
   # -------------------------------------------------------------- 4. CUDA tests, then the benchmark
-  run_step tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_paths.py \
+  run_step tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_paths.py tests/test_op_stats.py \
     tests/test_cuda_build.py::test_cuda_extension_builds_and_imports tests/test_ops.py -k "cuda or path"
   run_step bench 300 env SGS_BACKEND=ext "$PY" benchmarks/bench_cuda.py --out "$OUT/bench_cuda.json"
   # -------------------------------------------------------------- 5. compute-sanitizer
@@ -123,13 +123,14 @@ import sys, torch
 from sgs_cuda import _build
 assert _build.use_extension(torch.device("cuda")), _build.backend_info("cuda")
 for path in sys.argv[1].split(","):
-    for shape in [(3, 3, 3, 32, 32), (3, 2, 2, 28, 28), (2, 1, 1, 64, 64), (3, 1, 1, 128, 128), (3, 2, 2, 32, 31)]:
+    for shape in [(3, 3, 3, 32, 32), (3, 5, 2, 28, 28), (2, 1, 1, 64, 64), (3, 2, 1, 128, 128), (2, 1, 1, 64, 128),
+                  (2, 1, 1, 128, 64), (3, 2, 2, 32, 31)]:
         _build.set_cuda_path(path)
         g = torch.randn(shape, device="cuda")
         a = torch.randint(0, shape[0], (shape[1],), device="cuda")
         try:
             torch.ops.sgs.surgery(g, a, 1.0, 0.25, 1.0, 0.25, "hard")
-            torch.ops.sgs.surgery(g.half(), a, 1.0, 0.25, 1.0, 0.25, "soft")
+            torch.ops.sgs.surgery_stats(g.half(), a, 1.0, 0.25, 1.0, 0.25, "soft")
         except RuntimeError as exc:
             if "SGS_CUDA_PATH" not in str(exc): raise
             continue

@@ -1,5 +1,5 @@
 """pytest-benchmark timings of sgs::surgery on CUDA: every CUDA path (dx, portable, cufft), the
-op as a DM loop calls it, the eager torch reference and torch.compile of the reference, at the
+op with the diagnostic sums (sgs::surgery_stats), the op as a DM loop calls it, the eager torch reference and torch.compile of the reference, at the
 project's benchmark shapes (float32, hard mask).
 
     python -m pytest benchmarks/test_bench_cuda.py --benchmark-only --benchmark-json=out.json
@@ -73,6 +73,14 @@ def test_cuda_path(benchmark, extension, shape, path):
         _bench(benchmark, lambda: torch.ops.sgs.surgery(grads, assign, *OP_ARGS), shape)
     finally:
         extension.set_cuda_path("auto")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_stats_op(benchmark, extension, shape):
+    """sgs::surgery_stats (the update and the diagnostic sums) on the auto path: the DM loop's op."""
+    grads, assign = _inputs(shape)
+    benchmark.group = "x".join(map(str, shape))
+    _bench(benchmark, lambda: torch.ops.sgs.surgery_stats(grads, assign, *OP_ARGS), shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -31,14 +31,21 @@ bool check_and_parse(const at::Tensor& grads, const at::Tensor& assign, double t
 at::Tensor surgery_cpu(const at::Tensor& grads, const at::Tensor& assign, double tau, double rho, double alpha,
                        double beta, c10::string_view mask) {
   const bool soft = check_and_parse(grads, assign, tau, rho, mask);
-  return surgery_cpu_impl(grads, assign, tau, rho, alpha, beta, soft, false)[0];
+  return surgery_cpu_impl(grads, assign, tau, rho, alpha, beta, soft, Outputs::kUpdate)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> surgery_stats_cpu(const at::Tensor& grads, const at::Tensor& assign, double tau,
+                                                     double rho, double alpha, double beta, c10::string_view mask) {
+  const bool soft = check_and_parse(grads, assign, tau, rho, mask);
+  auto r = surgery_cpu_impl(grads, assign, tau, rho, alpha, beta, soft, Outputs::kStats);
+  return {r[0], r[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> surgery_parts_cpu(
     const at::Tensor& grads, const at::Tensor& assign, double tau, double rho, double alpha, double beta,
     c10::string_view mask) {
   const bool soft = check_and_parse(grads, assign, tau, rho, mask);
-  auto r = surgery_cpu_impl(grads, assign, tau, rho, alpha, beta, soft, true);
+  auto r = surgery_cpu_impl(grads, assign, tau, rho, alpha, beta, soft, Outputs::kParts);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
@@ -46,14 +53,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> surgery_p
 at::Tensor surgery_cuda(const at::Tensor& grads, const at::Tensor& assign, double tau, double rho, double alpha,
                         double beta, c10::string_view mask) {
   const bool soft = check_and_parse(grads, assign, tau, rho, mask);
-  return surgery_cuda_impl(grads, assign, tau, rho, alpha, beta, soft, false)[0];
+  return surgery_cuda_impl(grads, assign, tau, rho, alpha, beta, soft, Outputs::kUpdate)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> surgery_stats_cuda(const at::Tensor& grads, const at::Tensor& assign, double tau,
+                                                      double rho, double alpha, double beta, c10::string_view mask) {
+  const bool soft = check_and_parse(grads, assign, tau, rho, mask);
+  auto r = surgery_cuda_impl(grads, assign, tau, rho, alpha, beta, soft, Outputs::kStats);
+  return {r[0], r[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> surgery_parts_cuda(
     const at::Tensor& grads, const at::Tensor& assign, double tau, double rho, double alpha, double beta,
     c10::string_view mask) {
   const bool soft = check_and_parse(grads, assign, tau, rho, mask);
-  auto r = surgery_cuda_impl(grads, assign, tau, rho, alpha, beta, soft, true);
+  auto r = surgery_cuda_impl(grads, assign, tau, rho, alpha, beta, soft, Outputs::kParts);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 #endif
@@ -73,18 +87,24 @@ TORCH_LIBRARY(sgs, m) {
   m.def("surgery(Tensor grads, Tensor assign, float tau, float rho, float alpha, float beta, str mask) -> Tensor");
   m.def("surgery_parts(Tensor grads, Tensor assign, float tau, float rho, float alpha, float beta, str mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The update and stats[4] of surgery_parts (float64 sums: kept components, components, |Sh|^2,
+  // |Fbar|^2), without the parts: what a DM loop needs every step, on every path's fastest kernel.
+  m.def("surgery_stats(Tensor grads, Tensor assign, float tau, float rho, float alpha, float beta, str mask) "
+        "-> (Tensor, Tensor)");
   m.def("cuda_enabled() -> bool", &sgs::cuda_enabled);
 }
 
 TORCH_LIBRARY_IMPL(sgs, CPU, m) {
   m.impl("surgery", &sgs::surgery_cpu);
   m.impl("surgery_parts", &sgs::surgery_parts_cpu);
+  m.impl("surgery_stats", &sgs::surgery_stats_cpu);
 }
 
 #ifdef SGS_WITH_CUDA
 TORCH_LIBRARY_IMPL(sgs, CUDA, m) {
   m.impl("surgery", &sgs::surgery_cuda);
   m.impl("surgery_parts", &sgs::surgery_parts_cuda);
+  m.impl("surgery_stats", &sgs::surgery_stats_cuda);
 }
 #endif
 

@@ -145,6 +145,7 @@ struct PlaneWorkspace {
   }
 };
 
+// mean/shared/diversity: null unless the parts are wanted; stats: null unless the sums are.
 template <typename In, typename T>
 void surgery_kernel(const at::Tensor& grads, const at::Tensor& assign, const SurgeryParams<T>& p,
                     at::Tensor& update, at::Tensor* mean, at::Tensor* shared, at::Tensor* diversity,
@@ -156,8 +157,8 @@ void surgery_kernel(const at::Tensor& grads, const at::Tensor& assign, const Sur
   const In* g = grads.data_ptr<In>();
   const int64_t* asg = assign.data_ptr<int64_t>();
   In* out = update.data_ptr<In>();
-  const bool parts = mean != nullptr;
-  std::vector<double> plane_stats(parts ? N * C * 4 : 0);
+  const bool parts = mean != nullptr, sums = stats != nullptr;
+  std::vector<double> plane_stats(sums ? N * C * 4 : 0);
   const Twiddles<T> tw_rows(M), tw_cols(H), tw_w(W);
 
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
@@ -194,8 +195,8 @@ void surgery_kernel(const at::Tensor& grads, const at::Tensor& assign, const Sur
         const BinResult<T> r = recombine_bin(p, st[b], fa_re[b], fa_im[b]);
         u_re[b] = r.upd_re;
         u_im[b] = r.upd_im;
-        if (parts) {
-          sh_re[b] = r.sh_re, sh_im[b] = r.sh_im, dv_re[b] = r.div_re, dv_im[b] = r.div_im;
+        if (parts) sh_re[b] = r.sh_re, sh_im[b] = r.sh_im, dv_re[b] = r.div_re, dv_im[b] = r.div_im;
+        if (sums) {
           mask_sum += static_cast<double>(r.mask_re) + static_cast<double>(r.mask_im);
           sh_energy += static_cast<double>(r.sh_re) * r.sh_re + static_cast<double>(r.sh_im) * r.sh_im;
           mean_energy += static_cast<double>(r.mean_re) * r.mean_re + static_cast<double>(r.mean_im) * r.mean_im;
@@ -207,12 +208,14 @@ void surgery_kernel(const at::Tensor& grads, const at::Tensor& assign, const Sur
         ws.inverse(dv_re.data(), dv_im.data(), diversity->data_ptr<In>() + pc * plane);
         In* m = mean->data_ptr<In>() + pc * plane;
         for (int64_t i = 0; i < plane; ++i) m[i] = static_cast<In>(mean_sp[i] / static_cast<T>(D));
+      }
+      if (sums) {
         double* s = plane_stats.data() + pc * 4;
         s[0] = mask_sum, s[1] = 2.0 * bins, s[2] = sh_energy, s[3] = mean_energy;
       }
     }
   });
-  if (parts) {  // fixed-order reduction: the same result whatever the thread count
+  if (sums) {  // fixed-order reduction: the same result whatever the thread count
     double* s = stats->data_ptr<double>();
     for (int64_t i = 0; i < N * C; ++i)
       for (int q = 0; q < 4; ++q) s[q] += plane_stats[i * 4 + q];
@@ -222,10 +225,11 @@ void surgery_kernel(const at::Tensor& grads, const at::Tensor& assign, const Sur
 }  // namespace
 
 std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads_in, const at::Tensor& assign_in, double tau,
-                                         double rho, double alpha, double beta, bool soft, bool parts) {
+                                         double rho, double alpha, double beta, bool soft, Outputs what) {
   const at::Tensor grads = grads_in.contiguous();
   const at::Tensor assign = assign_in.to(at::kLong).contiguous();
-  SurgeryOutputs outs(grads, parts);
+  SurgeryOutputs outs(grads, what);
+  const bool parts = outs.parts();
   at::Tensor &update = outs.update, &mean = outs.mean, &shared = outs.shared, &diversity = outs.diversity,
              &stats = outs.stats;
   if (grads.numel() == 0) return outs.list();
@@ -234,7 +238,7 @@ std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads_in, const at::T
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     surgery_kernel<scalar_t, T>(grads, assign, make_params<T>(static_cast<int>(D), tau, rho, alpha, beta, soft), update,
                                 parts ? &mean : nullptr, parts ? &shared : nullptr,
-                                parts ? &diversity : nullptr, parts ? &stats : nullptr);
+                                parts ? &diversity : nullptr, outs.with_stats() ? &stats : nullptr);
   });
   return outs.list();
 }

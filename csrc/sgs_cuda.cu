@@ -1,8 +1,9 @@
 // CUDA kernels of sgs::surgery (spec sections 3 and 5): a ladder of three paths, the fastest that
 // applies unless SGS_CUDA_PATH=dx|portable|cufft forces one (auto: the default).
 //   dx       the cuFFTDx kernel (sgs_cuda_dx*.cu, sgs_dx.h): compile-time specialised sizes
-//            (SGS_DX_SIZES), float32/float16/bfloat16, update only, sm_90; built only when
-//            nvidia-mathdx is installed (SGS_WITH_DX);
+//            (SGS_DX_SIZES, 128x128 on a 2-CTA cluster), float32/float16/bfloat16, the update and
+//            (sgs::surgery_stats) the diagnostic sums, sm_90; built only when nvidia-mathdx is
+//            installed (SGS_WITH_DX);
 //   portable the fused kernel below: any even W whose lengths factor into primes <= 13, on one
 //            CTA or a thread-block cluster; also the path for return_parts and float64;
 //   cufft    cuFFT (at::fft_rfft2) plus one kernel over the bins, for everything else.
@@ -52,7 +53,8 @@
 // Both paths: the imaginary parts of the self-conjugate bins are set to zero before the
 // statistics, as the CPU kernel does; the hard mask is an exact integer and product test
 // (SurgeryParams::kstar, rho2), so approximate device division cannot flip it; per-plane (fused) or per-block (fallback) partial diagnostics
-// are reduced with at::sum (deterministic, no atomics); no host synchronisation anywhere (CUDA graph
+// are reduced with at::sum (deterministic, no atomics; the dx kernel adds one partial sum per CTA
+// with atomicAdd, so its float64 energy sums may differ in the last bits from run to run); no host synchronisation anywhere (CUDA graph
 // capture works for the fused path).
 //
 // Options (read from the environment once, when the library loads; sgs::set_cuda_options changes
@@ -222,10 +224,11 @@ struct FusedArgs {
   In* update;             // [planes, H, W]
   In* shared;             // [planes, H, W] (parts only)
   In* diversity;          // [planes, H, W] (parts only)
-  double* plane_stats;    // [planes * cs, 4] (parts only)
+  double* plane_stats;    // [planes * cs, 4] (sums only)
   int64_t planes, channels;
   int domains;
-  bool parts;
+  bool parts;  // shared and diversity (implies sums)
+  bool sums;   // the diagnostic sums (plane_stats)
   SurgeryParams<T> p;
   FusedPlan plan;
   FftPlan rows, cols;  // length M and length H
@@ -374,6 +377,8 @@ SGS_DEV void fused_plane(Ctx& ctx, const FusedArgs<In, T>& a, unsigned char* sme
           sum_im[b] = r.sh_im;
           min2[b] = r.div_re;
           max2[b] = r.div_im;
+        }
+        if (a.sums) {
           acc[0] += static_cast<double>(r.mask_re) + static_cast<double>(r.mask_im);
           acc[1] += 2.0;
           acc[2] += static_cast<double>(r.sh_re) * r.sh_re + static_cast<double>(r.sh_im) * r.sh_im;
@@ -384,7 +389,7 @@ SGS_DEV void fused_plane(Ctx& ctx, const FusedArgs<In, T>& a, unsigned char* sme
     ctx.sync();
   }
 
-  if (a.parts) {
+  if (a.sums) {
     ctx.reduce_sum4(acc);
     if (ctx.leader()) {
       double* o = a.plane_stats + (plane * P.cs + rank) * 4;
@@ -436,10 +441,11 @@ struct BinsArgs {
   T* upd;                 // [nb, 2]
   T* sh;                  // [nb, 2] (parts only)
   T* dv;                  // [nb, 2] (parts only)
-  double* block_stats;    // [blocks, 4] (parts only)
+  double* block_stats;    // [blocks, 4] (sums only)
   int64_t nb, per_image;  // bins in all, bins per image (C * H * Wr)
   int H, W, Wr, domains;
-  bool parts;
+  bool parts;  // sh and dv (implies sums)
+  bool sums;   // the diagnostic sums (block_stats)
   SurgeryParams<T> p;
 };
 
@@ -473,6 +479,8 @@ SGS_DEV void recombine_spectra_bin(const BinsArgs<T>& a, int64_t b, double acc[4
     a.sh[2 * b + 1] = r.sh_im;
     a.dv[2 * b] = r.div_re;
     a.dv[2 * b + 1] = r.div_im;
+  }
+  if (a.sums) {
     acc[0] += static_cast<double>(r.mask_re) + static_cast<double>(r.mask_im);
     acc[1] += 2.0;
     acc[2] += static_cast<double>(r.sh_re) * r.sh_re + static_cast<double>(r.sh_im) * r.sh_im;
@@ -575,7 +583,7 @@ __global__ void __launch_bounds__(kBinsThreads) sgs_bins_kernel(const BinsArgs<T
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < a.nb; b += stride)
     recombine_spectra_bin(a, b, acc);
-  if (a.parts) {
+  if (a.sums) {
     block_reduce4(acc, scratch);
     if (threadIdx.x == 0)
       for (int q = 0; q < 4; ++q) a.block_stats[static_cast<int64_t>(blockIdx.x) * 4 + q] = acc[q];
@@ -767,8 +775,8 @@ void launch_fused(const FusedArgs<In, T>& args, cudaStream_t stream, int device)
 }
 
 template <typename T>
-void run_fallback(const at::Tensor& grads, const at::Tensor& assign, const SurgeryParams<T>& p, bool parts,
-                  at::Tensor& update, at::Tensor& shared, at::Tensor& diversity, at::Tensor& stats) {
+void run_fallback(const at::Tensor& grads, const at::Tensor& assign, const SurgeryParams<T>& p, SurgeryOutputs& outs) {
+  const bool parts = outs.parts(), sums = outs.with_stats();
   const int64_t D = grads.size(0), N = grads.size(1), C = grads.size(2);
   const int64_t H = grads.size(3), W = grads.size(4), Wr = W / 2 + 1;
   const at::ScalarType ct = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
@@ -784,30 +792,31 @@ void run_fallback(const at::Tensor& grads, const at::Tensor& assign, const Surge
   if (parts) {
     sh = at::empty(cshape, spec.options());
     dv = at::empty(cshape, spec.options());
-    bstats = at::empty({blocks, 4}, grads.options().dtype(at::kDouble));
   }
+  if (sums) bstats = at::empty({blocks, 4}, grads.options().dtype(at::kDouble));
   BinsArgs<T> a;
   a.spec = reinterpret_cast<const T*>(spec.const_data_ptr());
   a.assign = assign.const_data_ptr<int64_t>();
   a.upd = reinterpret_cast<T*>(upd.data_ptr());
   a.sh = parts ? reinterpret_cast<T*>(sh.data_ptr()) : nullptr;
   a.dv = parts ? reinterpret_cast<T*>(dv.data_ptr()) : nullptr;
-  a.block_stats = parts ? bstats.data_ptr<double>() : nullptr;
+  a.block_stats = sums ? bstats.data_ptr<double>() : nullptr;
   a.nb = nb;
   a.per_image = C * H * Wr;
   a.H = static_cast<int>(H), a.W = static_cast<int>(W), a.Wr = static_cast<int>(Wr);
   a.domains = static_cast<int>(D);
   a.parts = parts;
+  a.sums = sums;
   a.p = p;
   sgs_bins_kernel<T><<<blocks, kBinsThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const std::array<int64_t, 2> s{H, W};
-  update.copy_(at::fft_irfft2(upd, at::IntArrayRef(s)));
+  outs.update.copy_(at::fft_irfft2(upd, at::IntArrayRef(s)));
   if (parts) {
-    shared.copy_(at::fft_irfft2(sh, at::IntArrayRef(s)));
-    diversity.copy_(at::fft_irfft2(dv, at::IntArrayRef(s)));
-    stats.copy_(bstats.sum(0));
+    outs.shared.copy_(at::fft_irfft2(sh, at::IntArrayRef(s)));
+    outs.diversity.copy_(at::fft_irfft2(dv, at::IntArrayRef(s)));
   }
+  if (sums) outs.stats.copy_(bstats.sum(0));
 }
 
 }  // namespace
@@ -817,21 +826,28 @@ namespace cuda_detail {
 namespace {
 
 // Why the dx kernel cannot take this call ("" if it can).
-std::string dx_refusal(const at::Tensor& grads, bool parts) {
+#if defined(SGS_WITH_DX)
+dx::InType dx_in_type(at::ScalarType t) {
+  return t == at::kHalf ? dx::InType::kHalf : t == at::kBFloat16 ? dx::InType::kBFloat16 : dx::InType::kFloat;
+}
+#endif
+
+std::string dx_refusal(const at::Tensor& grads, Outputs what) {
 #if defined(SGS_WITH_DX)
   const int H = static_cast<int>(grads.size(3)), W = static_cast<int>(grads.size(4));
   const auto t = grads.scalar_type();
-  if (parts) return "return_parts takes the portable kernel";
+  if (what == Outputs::kParts) return "return_parts takes the portable kernel";
   if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) return "float64 takes the portable kernel";
-  if (!dx::applies(H, W, grads.get_device()))
+  if (!dx::applies(H, W, dx_in_type(t), grads.get_device()))
     return std::to_string(H) + "x" + std::to_string(W) +
-           " is not an instantiated size or the device is not sm_90 (instantiated: " + dx::describe() + ")";
+           " is not an instantiated size, or the device is not sm_90 or cannot hold its CTAs (instantiated: " +
+           dx::describe() + ")";
   if (reinterpret_cast<uintptr_t>(grads.const_data_ptr()) % 16 != 0) return "input not 16-byte aligned";
   if ((grads.size(1) * grads.size(2) + 1) > static_cast<int64_t>(INT32_MAX)) return "too many planes";
   return "";
 #else
   (void)grads;
-  (void)parts;
+  (void)what;
   return "this build has no cuFFTDx kernel (nvidia-mathdx was not installed when it was compiled)";
 #endif
 }
@@ -839,12 +855,12 @@ std::string dx_refusal(const at::Tensor& grads, bool parts) {
 // The path this call takes (raises when a forced path cannot take it). plan: the portable plan,
 // computed when that path is a candidate.
 template <typename scalar_t, typename T>
-Path choose_path(const at::Tensor& grads, bool parts, FusedPlan& plan) {
+Path choose_path(const at::Tensor& grads, Outputs what, FusedPlan& plan) {
   const Path want = static_cast<Path>(options().path.load());
   const int64_t D = grads.size(0), planes = grads.size(1) * grads.size(2);
   const int H = static_cast<int>(grads.size(3)), W = static_cast<int>(grads.size(4));
   if (want == Path::kAuto || want == Path::kDx) {
-    const std::string why = dx_refusal(grads, parts);
+    const std::string why = dx_refusal(grads, what);
     TORCH_CHECK(want != Path::kDx || why.empty(), "sgs::surgery (CUDA): SGS_CUDA_PATH=dx but ", why);
     if (why.empty()) return Path::kDx;
   }
@@ -858,13 +874,14 @@ Path choose_path(const at::Tensor& grads, bool parts, FusedPlan& plan) {
 }  // namespace cuda_detail
 
 std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::Tensor& assign_in, double tau,
-                                          double rho, double alpha, double beta, bool soft, bool parts) {
+                                          double rho, double alpha, double beta, bool soft, Outputs what) {
   using namespace cuda_detail;
   TORCH_CHECK(grads_in.is_cuda(), "sgs::surgery (CUDA): grads must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(grads_in.device());
   const at::Tensor grads = grads_in.contiguous();
   const at::Tensor assign = assign_in.to(grads.device(), at::kLong).contiguous();
-  SurgeryOutputs outs(grads, parts);
+  SurgeryOutputs outs(grads, what);
+  const bool parts = outs.parts(), sums = outs.with_stats();
   at::Tensor &update = outs.update, &mean = outs.mean, &shared = outs.shared, &diversity = outs.diversity,
              &stats = outs.stats;
   if (grads.numel() == 0) return outs.list();
@@ -878,16 +895,15 @@ std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const SurgeryParams<T> p = make_params<T>(static_cast<int>(D), tau, rho, alpha, beta, soft);
     FusedPlan plan{};
-    const Path path = choose_path<scalar_t, T>(grads, parts, plan);
+    const Path path = choose_path<scalar_t, T>(grads, what, plan);
     if (path == Path::kDx) {
 #if defined(SGS_WITH_DX)
       dx::Call c;  // (float64 never gets here: dx_refusal)
       c.grads = grads.const_data_ptr();
-      c.in_type = std::is_same_v<scalar_t, at::Half>       ? dx::InType::kHalf
-                  : std::is_same_v<scalar_t, at::BFloat16> ? dx::InType::kBFloat16
-                                                           : dx::InType::kFloat;
+      c.in_type = dx_in_type(grads.scalar_type());
       c.assign = assign.const_data_ptr<int64_t>();
       c.update = update.data_ptr();
+      c.stats = sums ? stats.data_ptr<double>() : nullptr;  // zeroed by SurgeryOutputs; one atomicAdd per CTA
       c.planes = planes;
       c.channels = C;
       c.domains = static_cast<int>(D);
@@ -898,26 +914,27 @@ std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::
 #endif
     } else if (path == Path::kPortable) {
       at::Tensor plane_stats;
-      if (parts) plane_stats = at::empty({planes * plan.cs, 4}, grads.options().dtype(at::kDouble));
+      if (sums) plane_stats = at::empty({planes * plan.cs, 4}, grads.options().dtype(at::kDouble));
       FusedArgs<scalar_t, T> args;
       args.grads = grads.const_data_ptr<scalar_t>();
       args.assign = assign.const_data_ptr<int64_t>();
       args.update = update.data_ptr<scalar_t>();
       args.shared = parts ? shared.data_ptr<scalar_t>() : nullptr;
       args.diversity = parts ? diversity.data_ptr<scalar_t>() : nullptr;
-      args.plane_stats = parts ? plane_stats.data_ptr<double>() : nullptr;
+      args.plane_stats = sums ? plane_stats.data_ptr<double>() : nullptr;
       args.planes = planes;
       args.channels = C;
       args.domains = static_cast<int>(D);
       args.parts = parts;
+      args.sums = sums;
       args.p = p;
       args.plan = plan;
       args.rows = make_plan(plan.M);
       args.cols = make_plan(plan.H);
       launch_fused(args, stream, device);
-      if (parts) stats.copy_(plane_stats.sum(0));
+      if (sums) stats.copy_(plane_stats.sum(0));
     } else {
-      run_fallback<T>(grads, assign, p, parts, update, shared, diversity, stats);
+      run_fallback<T>(grads, assign, p, outs);
     }
     if (parts) {
       const at::ScalarType ct = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
@@ -938,7 +955,7 @@ std::string cuda_path(const at::Tensor& grads, bool parts) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "sgs_cuda_path", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     FusedPlan plan{};
-    name = path_name(choose_path<scalar_t, T>(grads.contiguous(), parts, plan));
+    name = path_name(choose_path<scalar_t, T>(grads.contiguous(), parts ? Outputs::kParts : Outputs::kUpdate, plan));
   });
   return name;
 }

@@ -38,9 +38,19 @@ bool device_runs_sm90(int device) {
   return ok;
 }
 
+int64_t resident_for(int H, int W, InType t, int device) {
+#define SGS_DX_RESIDENT(h, w) \
+  if (H == h && W == w) return resident_ctas<h, w>(t, device);
+  SGS_DX_SIZES(SGS_DX_RESIDENT)
+#undef SGS_DX_RESIDENT
+  return 0;
+}
+
 }  // namespace
 
-bool applies(int H, int W, int device) { return instantiated(H, W) && device_runs_sm90(device); }
+bool applies(int H, int W, InType t, int device) {
+  return instantiated(H, W) && device_runs_sm90(device) && resident_for(H, W, t, device) > 0;
+}
 
 void run(int H, int W, const Call& c) {
 #define SGS_DX_RUN(h, w) \
@@ -51,11 +61,12 @@ void run(int H, int W, const Call& c) {
 
 std::string describe() {
   std::string s;
-#define SGS_DX_DESCRIBE(h, w)                                                                        \
-  {                                                                                                  \
-    const auto r = resources<h, w>();                                                                \
-    s += (s.empty() ? "" : ", ") + std::to_string(h) + "x" + std::to_string(w) + " (" +              \
-         std::to_string(r[0]) + " threads, " + std::to_string((r[1] + 1023) / 1024) + " KB smem)";   \
+#define SGS_DX_DESCRIBE(h, w)                                                                      \
+  {                                                                                                \
+    const auto r = resources<h, w>();                                                              \
+    s += (s.empty() ? "" : ", ") + std::to_string(h) + "x" + std::to_string(w) + " (" +            \
+         std::to_string(r[0]) + " threads" + (r[2] > 1 ? " x " + std::to_string(r[2]) + " CTAs" : "") + \
+         ", " + std::to_string((r[1] + 1023) / 1024) + " KB smem)";                                 \
   }
   SGS_DX_SIZES(SGS_DX_DESCRIBE)
 #undef SGS_DX_DESCRIBE

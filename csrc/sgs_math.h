@@ -224,6 +224,40 @@ SGS_HD void stats_add(BinStats<T>& s, T re, T im) {
   s.sgn_im += signum(im);
 }
 
+// The same statistics with both sign counts in one int (sgn_re + 65536 * sgn_im; |counts| <= D
+// < 32768), for kernels that keep every bin's statistics in registers (the cuFFTDx kernel): one
+// register less per bin. unpacked() gives the BinStats that recombine_bin takes.
+template <typename T>
+struct PackedBinStats {
+  T sum_re, sum_im, min2, max2;
+  int sgn;
+
+  SGS_HD BinStats<T> unpacked() const {
+    const int lo = static_cast<int>(static_cast<short>(sgn & 0xffff));  // sign-extended sgn_re
+    return BinStats<T>{sum_re, sum_im, min2, max2, lo, (sgn - lo) / 65536};
+  }
+};
+
+template <typename T>
+SGS_HD void stats_first(PackedBinStats<T>& s, T re, T im) {
+  const T m2 = re * re + im * im;
+  s.sum_re = re;
+  s.sum_im = im;
+  s.min2 = m2;
+  s.max2 = m2;
+  s.sgn = signum(re) + 65536 * signum(im);
+}
+
+template <typename T>
+SGS_HD void stats_add(PackedBinStats<T>& s, T re, T im) {
+  const T m2 = re * re + im * im;
+  s.sum_re += re;
+  s.sum_im += im;
+  s.min2 = m2 < s.min2 ? m2 : s.min2;
+  s.max2 = m2 > s.max2 ? m2 : s.max2;
+  s.sgn += signum(re) + 65536 * signum(im);
+}
+
 template <typename T>
 struct SurgeryParams {
   int num_domains;

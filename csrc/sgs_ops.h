@@ -7,36 +7,46 @@
 
 namespace sgs {
 
-// The op's outputs, allocated the same way by every device kernel: update [N, C, H, W] and,
-// with parts, mean/shared/diversity of the same shape and stats [4] (float64, zeroed).
+// What a call computes: the update only (sgs::surgery), the update and the four diagnostic sums
+// (sgs::surgery_stats: what a DM loop logs every step), or everything (sgs::surgery_parts).
+enum class Outputs { kUpdate, kStats, kParts };
+
+// The op's outputs, allocated the same way by every device kernel: update [N, C, H, W]; with
+// stats, stats [4] (float64, zeroed: kernels add to it); with parts also mean/shared/diversity.
 struct SurgeryOutputs {
   at::Tensor update, mean, shared, diversity, stats;
-  bool parts;
+  Outputs what;
 
-  SurgeryOutputs(const at::Tensor& grads, bool with_parts) : parts(with_parts) {
+  SurgeryOutputs(const at::Tensor& grads, Outputs w) : what(w) {
     const auto shape = grads.sizes().slice(1);
     update = at::empty(shape, grads.options());
-    if (parts) {
+    if (what != Outputs::kUpdate) stats = at::zeros({4}, grads.options().dtype(at::kDouble));
+    if (what == Outputs::kParts) {
       mean = at::empty(shape, grads.options());
       shared = at::empty(shape, grads.options());
       diversity = at::empty(shape, grads.options());
-      stats = at::zeros({4}, grads.options().dtype(at::kDouble));
     }
   }
+  bool parts() const { return what == Outputs::kParts; }
+  bool with_stats() const { return what != Outputs::kUpdate; }
 
-  // An empty input has nothing to compute: the parts of no image are zero-sized anyway.
+  // {update}, {update, stats} or {update, mean, shared, diversity, stats}. An empty input has
+  // nothing to compute: the parts of no image are zero-sized anyway, the sums zero.
   std::vector<at::Tensor> list() const {
-    if (parts) return {update, mean, shared, diversity, stats};
+    if (what == Outputs::kParts) return {update, mean, shared, diversity, stats};
+    if (what == Outputs::kStats) return {update, stats};
     return {update};
   }
 };
 
-// Returns {update} or, with parts, {update, mean, shared, diversity, stats[4] (float64)}.
+// The sums in stats[4] (float64), over every (image, channel) plane's half spectrum [H][W/2+1]:
+// the hard or soft mask summed over the real and imaginary components, the number of those
+// components (2 per bin), sum |Sh|^2 and sum |Fbar|^2 (sgs_reference's stats).
 std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads, const at::Tensor& assign, double tau,
-                                         double rho, double alpha, double beta, bool soft, bool parts);
+                                         double rho, double alpha, double beta, bool soft, Outputs what);
 #ifdef SGS_WITH_CUDA
 std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads, const at::Tensor& assign, double tau,
-                                          double rho, double alpha, double beta, bool soft, bool parts);
+                                          double rho, double alpha, double beta, bool soft, Outputs what);
 #endif
 
 }  // namespace sgs

@@ -41,7 +41,8 @@ import torch
 _PKG = Path(__file__).resolve().parent
 CPP_SOURCES = ("bindings.cpp", "sgs_cpu.cpp")
 CUDA_SOURCES = ("sgs_cuda.cu",)
-DX_SOURCES = ("sgs_cuda_dx.cu", "sgs_cuda_dx_28.cu", "sgs_cuda_dx_32.cu", "sgs_cuda_dx_64.cu")
+DX_SOURCES = ("sgs_cuda_dx.cu", "sgs_cuda_dx_28.cu", "sgs_cuda_dx_32.cu", "sgs_cuda_dx_64.cu", "sgs_cuda_dx_128.cu",
+              "sgs_cuda_dx_128p.cu")
 HEADERS = ("sgs_math.h", "sgs_ops.h", "sgs_dx.h", "sgs_dx_api.h", "sgs_cuda_dx.cuh")
 BACKENDS = ("auto", "torch", "ext")
 MANIFEST = "manifest.json"
@@ -156,6 +157,16 @@ def sources(with_cuda: bool, with_dx: bool = False) -> tuple[str, ...]:
     return CPP_SOURCES + (CUDA_SOURCES if with_cuda else ()) + (DX_SOURCES if with_dx else ())
 
 
+def cuda_arch_list(with_cuda: bool) -> str:
+    """The architectures the CUDA sources are compiled for: ``TORCH_CUDA_ARCH_LIST``, else (no GPU
+    to detect) Hopper, sm_90, which the cuFFTDx kernel needs. Hashed into the build key as the
+    value the build uses, so a later process that inherits the variable finds the same build."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if with_cuda and not arch and not torch.cuda.is_available():
+        arch = "9.0"
+    return arch
+
+
 def build_key(with_cuda: bool, with_dx: bool = False) -> str:
     """Content hash of everything the build depends on (never the checkout's path)."""
     h = hashlib.sha256()
@@ -164,7 +175,7 @@ def build_key(with_cuda: bool, with_dx: bool = False) -> str:
         h.update(name.encode())
         h.update((src / name).read_bytes() if (src / name).is_file() else b"")
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{with_cuda}|{with_dx}|{_cpu_tag()}".encode())
-    h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+    h.update(cuda_arch_list(with_cuda).encode())
     h.update(repr(compile_flags(with_cuda, with_dx)).encode())
     return h.hexdigest()[:16]
 
@@ -236,8 +247,8 @@ def _copy_sources(src: Path, dst: Path, names) -> None:
 def _compile(name: str, build_dir: Path, with_cuda: bool, with_dx: bool, verbose: bool) -> None:
     """Compile into a scratch folder, then rename the library into place and write its manifest."""
     cpp_extension = _cpp_extension()
-    if with_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to detect: build for Hopper only
+    if with_cuda and cuda_arch_list(True) and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(True)  # (torch reads it; no GPU to detect)
     src = build_dir / "src"
     _copy_sources(source_dir(), src, sources(with_cuda, with_dx) + HEADERS)
     scratch = build_dir / "scratch"

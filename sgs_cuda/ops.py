@@ -50,6 +50,15 @@ class SGSParts(NamedTuple):
     diagnostics: dict[str, torch.Tensor]
 
 
+class SGSUpdate(NamedTuple):
+    """What ``spectral_gradient_surgery(..., return_diagnostics=True)`` returns: the update and the
+    diagnostics of :class:`SGSParts` without the parts, from one kernel that sums the diagnostics
+    as it goes (``sgs::surgery_stats``: on a GPU the fastest CUDA path, the cuFFTDx kernel where
+    it applies, which does not write parts)."""
+    update: torch.Tensor
+    diagnostics: dict[str, torch.Tensor]
+
+
 def _check_unit(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:
@@ -141,18 +150,24 @@ def _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite, normalize
     return assign, tau, rho, alpha, beta, planes
 
 
-# --- the kernels: (grads, assign, parts, params) -> update | (update, mean, shared, diversity, stats) ---
+# --- the kernels: (grads, assign, outputs, params) -> update (UPDATE) | (update, stats) (STATS) |
+# (update, mean, shared, diversity, stats) (PARTS); stats: the four float64 sums of sgs_reference ---
 
-def _spectral_kernel(grads, assign, parts, params):
+UPDATE, STATS, PARTS = "update", "stats", "parts"
+
+
+def _spectral_kernel(grads, assign, outputs, params):
     if _build.use_extension(grads.device):
-        op = torch.ops.sgs.surgery_parts if parts else torch.ops.sgs.surgery
+        op = {UPDATE: torch.ops.sgs.surgery, STATS: torch.ops.sgs.surgery_stats,
+              PARTS: torch.ops.sgs.surgery_parts}[outputs]
         return op(grads, assign, *params)
-    return sgs_reference(grads, assign, *params, return_parts=parts)
+    out = sgs_reference(grads, assign, *params, return_parts=outputs != UPDATE)
+    return (out[0], out[4]) if outputs == STATS else out
 
 
-def _spatial_kernel(grads, assign, parts, params):
+def _spatial_kernel(grads, assign, outputs, params):
     out = spatial_reference(grads, assign, *params)
-    return out if parts else out[0]
+    return {UPDATE: out[0], STATS: (out[0], out[4]), PARTS: out}[outputs]
 
 
 class _Kernel(NamedTuple):
@@ -164,7 +179,8 @@ class _Kernel(NamedTuple):
 def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
                               tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
                               beta: float = 0.25, mask: str = "hard", normalize: str = "none",
-                              return_parts: bool = False, check_finite: bool = True):
+                              return_parts: bool = False, check_finite: bool = True,
+                              return_diagnostics: bool = False):
     """Spectral Gradient Surgery of D domain-wise gradients (``shared/docs/sgs-spec.md`` sec. 3).
 
     Args:
@@ -198,9 +214,13 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
             (float32 compute, 32x32; the bounds depend on the size) may come back wrong (NaN, or
             a mask that lost small components). Inside ``torch.compile`` and CUDA graph capture
             the check is skipped the same way.
+        return_diagnostics: return the update with the diagnostics of :class:`SGSParts` but no
+            parts (an :class:`SGSUpdate`), as fast as the update alone: what a DM loop logs
+            every step. Ignored when ``return_parts``.
 
     Returns:
-        ``update`` ``[N, C, H, W]`` in ``grads.dtype``, or an :class:`SGSParts`.
+        ``update`` ``[N, C, H, W]`` in ``grads.dtype``, an :class:`SGSParts` (``return_parts``) or
+        an :class:`SGSUpdate` (``return_diagnostics``).
 
     Raises:
         ValueError: bad arguments, a non-finite input, or a true result that overflows the output
@@ -214,13 +234,15 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
                                                      normalize)
     D, N, C, H, W = grads.shape
     kernel = _Kernel(_spectral_kernel, H * W, 2 * N * C * H * (W // 2 + 1))
-    return _surgery(kernel, (tau, rho, alpha, beta, mask), grads, assign, normalize, return_parts, planes)
+    return _surgery(kernel, (tau, rho, alpha, beta, mask), grads, assign, normalize, return_parts, planes,
+                    return_diagnostics)
 
 
 def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
                              tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
                              beta: float = 0.25, mask: str = "hard", normalize: str = "none",
-                             return_parts: bool = False, check_finite: bool = True):
+                             return_parts: bool = False, check_finite: bool = True,
+                             return_diagnostics: bool = False):
     """The spatial-domain ablation (spec section 6): the agreement mask of
     :func:`spectral_gradient_surgery` computed per pixel instead of per frequency, with the same
     arguments, validation, numeric range, normalisation, autograd and return values (the
@@ -230,7 +252,8 @@ def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = 
     assign, tau, rho, alpha, beta, planes = _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite,
                                                      normalize)
     kernel = _Kernel(_spatial_kernel, 1, grads[0].numel())
-    return _surgery(kernel, (tau, rho, alpha, beta, mask), grads, assign, normalize, return_parts, planes)
+    return _surgery(kernel, (tau, rho, alpha, beta, mask), grads, assign, normalize, return_parts, planes,
+                    return_diagnostics)
 
 
 # --- numeric range ---------------------------------------------------------------------------------
@@ -264,33 +287,37 @@ def _output_bound(kernel: _Kernel, shape, alpha: float, beta: float, parts: bool
     return bound
 
 
-def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, planes):
+def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, planes, return_diagnostics=False):
     D, N, C, H, W = grads.shape
     alpha, beta = params[2], params[3]
     parts = return_parts or normalize != "none"
+    outputs = PARTS if parts else (STATS if return_diagnostics else UPDATE)
     lo, hi = _safe_exponents(grads.dtype, D, kernel.gain, alpha, beta)
     rescale = planes is not None and (
         planes.low < 2.0 ** lo or
         planes.top > min(2.0 ** hi, torch.finfo(grads.dtype).max /
                          (2 * _output_bound(kernel, grads.shape, alpha, beta, parts, normalize))))
     if rescale:
-        out = _run_rescaled(kernel, params, grads, assign, parts, planes.plane_max, lo, hi)
+        out = _run_rescaled(kernel, params, grads, assign, outputs, planes.plane_max, lo, hi)
     else:
-        out = kernel.run(grads, assign, parts, params)
+        out = kernel.run(grads, assign, outputs, params)
     if not parts:
+        update = out if outputs == UPDATE else out[0]
         if rescale:
-            out = out.to(grads.dtype)
-            _check_representable((out,), grads.dtype)
-        return out
+            update = update.to(grads.dtype)
+            _check_representable((update,), grads.dtype)
+        return update if outputs == UPDATE else SGSUpdate(update, _diagnostics(out[1]))
     result = _normalize(_parts(*out), alpha, normalize)
     if rescale:  # computed in the compute dtype: round once, and say if the result does not fit
         result = result._replace(**{k: getattr(result, k).to(grads.dtype) for k in ("update", "mean", "shared",
                                                                                     "diversity")})
         _check_representable(result if return_parts else result[:1], grads.dtype)
-    return result if return_parts else result.update
+    if return_parts:
+        return result
+    return SGSUpdate(result.update, result.diagnostics) if return_diagnostics else result.update
 
 
-def _run_rescaled(kernel: _Kernel, params, grads, assign, parts, plane_max, lo, hi):
+def _run_rescaled(kernel: _Kernel, params, grads, assign, outputs, plane_max, lo, hi):
     """The kernel on planes scaled by exact powers of two into ``[2**lo, 2**hi]``, with its outputs
     scaled back, in the compute dtype. Planes are scaled by ``2**(-step * k)``, k an integer per
     plane, so that a call needs one kernel launch per distinct k (at most a handful)."""
@@ -314,17 +341,17 @@ def _run_rescaled(kernel: _Kernel, params, grads, assign, parts, plane_max, lo, 
 
     outs, stats = [], []
     for k, g, a, _ in batches:
-        out = kernel.run(times_pow2(g.to(dtype), -step * k), a, parts, params)
-        out = out if parts else (out,)
-        outs.append([times_pow2(t, step * k) for t in out[:4]])
-        if parts:
-            stats.append((2 * step * k, out[4]))
+        out = kernel.run(times_pow2(g.to(dtype), -step * k), a, outputs, params)
+        out = (out,) if outputs == UPDATE else out
+        outs.append([times_pow2(t, step * k) for t in (out[:4] if outputs == PARTS else out[:1])])
+        if outputs != UPDATE:
+            stats.append((2 * step * k, out[-1]))
     if len(batches) == 1:
         tensors = outs[0]
     else:
         inverse = torch.argsort(torch.cat([b[3] for b in batches]))
         tensors = [torch.cat([o[i] for o in outs])[inverse].reshape(N, C, H, W) for i in range(len(outs[0]))]
-    return (*tensors, _combine_stats(stats, grads.device)) if parts else tensors[0]
+    return tensors[0] if outputs == UPDATE else (*tensors, _combine_stats(stats, grads.device))
 
 
 def _combine_stats(stats: list[tuple[int, torch.Tensor]], device) -> torch.Tensor:
@@ -353,13 +380,17 @@ def _check_representable(tensors: SGSParts | tuple, dtype: torch.dtype) -> None:
 
 # --- diagnostics and the matched-step normalisation ------------------------------------------------
 
-def _parts(update, mean, shared, diversity, stats) -> SGSParts:
-    """Bundle the parts with the diagnostics derived from the ``stats`` sums (no host sync)."""
-    diagnostics = {
+def _diagnostics(stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The diagnostics derived from the ``stats`` sums (no host sync)."""
+    return {
         "mask_fraction": stats[0] / stats[1].clamp_min(1),
         "shared_energy": stats[2] / stats[3].clamp_min(torch.finfo(torch.float64).tiny),
     }
-    return SGSParts(update, mean, shared, diversity, diagnostics)
+
+
+def _parts(update, mean, shared, diversity, stats) -> SGSParts:
+    """Bundle the parts with the diagnostics derived from the ``stats`` sums (no host sync)."""
+    return SGSParts(update, mean, shared, diversity, _diagnostics(stats))
 
 
 def _normalize(parts: SGSParts, alpha: float, normalize: str) -> SGSParts:
@@ -406,7 +437,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(grads, assign)
     ctx.params = (tau, rho, alpha, beta, mask)
     if isinstance(output, tuple):
-        ctx.mark_non_differentiable(output[4])  # the diagnostics' sums
+        ctx.mark_non_differentiable(output[-1])  # the diagnostics' sums
 
 
 def _backward(ctx, g_update, g_mean=None, g_shared=None, g_diversity=None, _g_stats=None):
@@ -416,9 +447,13 @@ def _backward(ctx, g_update, g_mean=None, g_shared=None, g_diversity=None, _g_st
     return grad, None, None, None, None, None, None
 
 
+def _backward_stats(ctx, g_update, _g_stats=None):  # sgs::surgery_stats: (update, stats)
+    return _backward(ctx, g_update)
+
+
 def _register_op_python_parts() -> None:
-    """Shape-only kernels so ``torch.compile``/``opcheck`` can trace ``sgs::surgery``, and the
-    backward of both ops (the mask held fixed, recomputed in torch from the saved gradients)."""
+    """Shape-only kernels so ``torch.compile``/``opcheck`` can trace the ``sgs::surgery*`` ops, and
+    their backward (the mask held fixed, recomputed in torch from the saved gradients)."""
 
     @torch.library.register_fake("sgs::surgery")
     def _(grads, assign, tau, rho, alpha, beta, mask):
@@ -430,8 +465,13 @@ def _register_op_python_parts() -> None:
         return (grads.new_empty(out), grads.new_empty(out), grads.new_empty(out),
                 grads.new_empty(out), grads.new_empty(4, dtype=torch.float64))
 
+    @torch.library.register_fake("sgs::surgery_stats")
+    def _(grads, assign, tau, rho, alpha, beta, mask):
+        return grads.new_empty(grads.shape[1:]), grads.new_empty(4, dtype=torch.float64)
+
     for op in ("sgs::surgery", "sgs::surgery_parts"):
         torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+    torch.library.register_autograd("sgs::surgery_stats", _backward_stats, setup_context=_setup_context)
 
 
 _build.on_load(_register_op_python_parts)

@@ -96,6 +96,27 @@ def domain_gradients(domain_losses: torch.Tensor, inputs: torch.Tensor, mode: st
                         for d in range(D)])
 
 
+class StepParts:
+    """The :class:`SGSParts` of a step that computed only the update and its diagnostics (the
+    fast path of :class:`SpectralGradientSurgery`): ``update`` and ``diagnostics`` at once;
+    ``mean``, ``shared`` and ``diversity`` on first access, by one more call of the op on the same
+    gradients and assignment (so a loop that reads them only at its log iterations pays for them
+    only there)."""
+
+    def __init__(self, update: torch.Tensor, diagnostics: dict, compute_parts):
+        self.update, self.diagnostics = update, diagnostics
+        self._compute, self._parts = compute_parts, None
+
+    def _full(self) -> SGSParts:
+        if self._parts is None:
+            self._parts, self._compute = self._compute(), None  # (drops the gradients it held)
+        return self._parts
+
+    mean = property(lambda self: self._full().mean)
+    shared = property(lambda self: self._full().shared)
+    diversity = property(lambda self: self._full().diversity)
+
+
 class SpectralGradientSurgery:
     """Drop-in replacement for ``loss.backward()`` in a DM loop with D source domains.
 
@@ -104,14 +125,16 @@ class SpectralGradientSurgery:
     >>> optimizer.zero_grad(); sgs.backward(losses, syn); optimizer.step()
 
     ``last`` holds the :class:`SGSParts` of the latest step (diagnostics as tensors, so reading
-    them is the only host synchronisation).
+    them is the only host synchronisation). With the spectral mask and ``normalize="none"`` a step
+    computes only the update and the diagnostics (``return_diagnostics``: on a GPU the fastest
+    CUDA path), and ``last`` is a :class:`StepParts` whose parts are computed if they are read.
     """
 
     def __init__(self, config: SGSConfig | None = None, check_finite: bool = True, grad_mode: str = "auto"):
         self.config = config or SGSConfig()
         self.check_finite = check_finite
         self.grad_mode = grad_mode
-        self.last: SGSParts | None = None
+        self.last: SGSParts | StepParts | None = None
 
     def assignment(self, num_domains: int, num_images: int, device) -> torch.Tensor | None:
         if self.config.assignment == "fixed":
@@ -121,11 +144,18 @@ class SpectralGradientSurgery:
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
         """The surgery of stacked domain gradients ``[D, N, C, H, W]`` -> update ``[N, C, H, W]``."""
         D, N = grads.shape[:2]
-        surgery = spatial_gradient_surgery if self.config.space == "spatial" else spectral_gradient_surgery
-        self.last = surgery(
-            grads, self.assignment(D, N, grads.device), return_parts=True,
-            check_finite=self.check_finite, **self.config.op_kwargs())
-        return self.last.update
+        kwargs = dict(check_finite=self.check_finite, **self.config.op_kwargs())
+        assign = self.assignment(D, N, grads.device)
+        if self.config.space == "spatial" or self.config.normalize != "none":  # these compute the parts anyway
+            surgery = spatial_gradient_surgery if self.config.space == "spatial" else spectral_gradient_surgery
+            self.last = surgery(grads, assign, return_parts=True, **kwargs)
+            return self.last.update
+        if assign is None:  # the op's own draw (the same generator calls), kept to recompute the parts
+            assign = torch.randint(0, D, (N,), device=grads.device)
+        step = spectral_gradient_surgery(grads, assign, return_diagnostics=True, **kwargs)
+        self.last = StepParts(step.update, step.diagnostics,
+                              lambda: spectral_gradient_surgery(grads, assign, return_parts=True, **kwargs))
+        return step.update
 
     def backward(self, domain_losses: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
         """Compute the domain gradients, apply the surgery and accumulate it into ``synthetic.grad``."""

@@ -99,6 +99,18 @@ def test_build_key_tracks_content_not_checkout_path(monkeypatch, tmp_path):
     assert _build.build_key(with_cuda=False) != key
 
 
+def test_build_key_is_the_architecture_the_build_uses(monkeypatch):
+    """Without a GPU and TORCH_CUDA_ARCH_LIST the build compiles for sm_90 and sets the variable
+    for torch; a child process that inherits it must find the same build, not compile another."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    unset = _build.build_key(with_cuda=True, with_dx=True)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _build.build_key(with_cuda=True, with_dx=True) == unset
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert _build.build_key(with_cuda=True, with_dx=True) != unset
+
+
 def test_cuda_sources_only_where_a_gpu_is_present_unless_forced(monkeypatch):
     monkeypatch.setattr(_build, "cuda_build_possible", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

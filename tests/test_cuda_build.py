@@ -81,13 +81,17 @@ _BUILD_AND_RUN = textwrap.dedent(r"""
             assert o.dtype == dtype and o.shape == r.shape and o.is_cuda, (name, o.dtype, o.shape)
             err = ((o.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
             assert err < tol, f"{shape} {dtype} {path} smem={smem} {mask} {name}: rel err {err:.2e}"
-        if parts:
-            st, rs = out[4], ref[4]
-            assert st.dtype == torch.float64 and st.is_cuda and st.shape == (4,)
-            assert st[1].item() == rs[1].item(), (st, rs)
-            # a self-conjugate Im component may be counted by the reference (rounding noise)
-            assert abs(st[0].item() - rs[0].item()) <= 4 * shape[1] * shape[2], (st, rs)
-            assert abs(st[3].item() - rs[3].item()) <= 1e-5 * rs[3].item(), (st, rs)
+        if parts:  # and the update with the sums alone (sgs::surgery_stats: the dx kernel where it applies)
+            up2, st2 = torch.ops.sgs.surgery_stats(g.to(dtype), a, *args)
+            err = ((up2.double() - ref[0]).abs().max() / ref[0].abs().max().clamp_min(1e-30)).item()
+            assert up2.dtype == dtype and err < tol, f"{shape} {dtype} {path} surgery_stats update: rel err {err:.2e}"
+            for st, rs in ((out[4], ref[4]), (st2, ref[4])):
+                assert st.dtype == torch.float64 and st.is_cuda and st.shape == (4,)
+                assert st[1].item() == rs[1].item(), (st, rs)
+                # a self-conjugate Im component may be counted by the reference (rounding noise)
+                assert abs(st[0].item() - rs[0].item()) <= 4 * shape[1] * shape[2], (st, rs)
+                assert abs(st[2].item() - rs[2].item()) <= 1e-5 * rs[3].item(), (st, rs)
+                assert abs(st[3].item() - rs[3].item()) <= 1e-5 * rs[3].item(), (st, rs)
         print("ok", shape, dtype, path, smem, mask, flush=True)
 
     for shape in [(3, 4, 3, 32, 32), (4, 2, 3, 64, 64), (3, 2, 2, 28, 28), (4, 2, 2, 128, 128),
@@ -232,7 +236,7 @@ static void wr_doubles(const std::vector<double>& v, FILE* f) { std::fwrite(v.da
 template <typename T>
 int run(const int64_t* h, const double* prm, FILE* in, FILE* out) {
   const int64_t mode = h[0], D = h[2], N = h[3], C = h[4], H = h[5], W = h[6];
-  const bool soft = h[7] != 0, parts = h[8] != 0, reverse = h[11] != 0;
+  const bool soft = h[7] != 0, parts = h[8] != 0, reverse = h[11] != 0, sums = parts || h[12] != 0;
   const SurgeryParams<T> p = make_params<T>(static_cast<int>(D), prm[0], prm[1], prm[2], prm[3], soft);
   std::vector<int64_t> assign(N);
   rd(assign.data(), sizeof(int64_t) * N, in);
@@ -246,7 +250,7 @@ int run(const int64_t* h, const double* prm, FILE* in, FILE* out) {
     a.spec = spec.data(), a.assign = assign.data(), a.upd = upd.data(), a.sh = sh.data(), a.dv = dv.data();
     a.block_stats = nullptr, a.nb = nb, a.per_image = C * H * Wr;
     a.H = static_cast<int>(H), a.W = static_cast<int>(W), a.Wr = static_cast<int>(Wr), a.domains = static_cast<int>(D);
-    a.parts = parts, a.p = p;
+    a.parts = parts, a.sums = sums, a.p = p;
     double acc[4] = {0, 0, 0, 0};
     for (int64_t b = 0; b < nb; ++b) recombine_spectra_bin(a, b, acc);
     const int64_t hdr[4] = {1, 1, 0, 0};
@@ -271,8 +275,9 @@ int run(const int64_t* h, const double* prm, FILE* in, FILE* out) {
   FusedArgs<T, T> a;
   a.grads = g.data(), a.assign = assign.data(), a.update = upd.data();
   a.shared = parts ? sh.data() : nullptr, a.diversity = parts ? dv.data() : nullptr;
-  a.plane_stats = parts ? ps.data() : nullptr;
-  a.planes = planes, a.channels = C, a.domains = static_cast<int>(D), a.parts = parts, a.p = p, a.plan = plan;
+  a.plane_stats = sums ? ps.data() : nullptr;
+  a.planes = planes, a.channels = C, a.domains = static_cast<int>(D), a.parts = parts, a.sums = sums, a.p = p;
+  a.plan = plan;
   a.rows = make_plan(plan.M), a.cols = make_plan(plan.H);
   std::vector<std::vector<unsigned char>> mem(plan.cs, std::vector<unsigned char>(plan.smem));
   std::vector<unsigned char*> ptrs(plan.cs);
@@ -292,7 +297,7 @@ int run(const int64_t* h, const double* prm, FILE* in, FILE* out) {
   wr_doubles(std::vector<double>(sh.begin(), sh.end()), out);
   wr_doubles(std::vector<double>(dv.begin(), dv.end()), out);
   double st[4] = {0, 0, 0, 0};
-  if (parts)
+  if (sums)
     for (int64_t i = 0; i < planes * plan.cs; ++i)
       for (int q = 0; q < 4; ++q) st[q] += ps[i * 4 + q];
   wr_doubles(std::vector<double>(st, st + 4), out);
@@ -343,7 +348,7 @@ int main(int argc, char** argv) {
   FILE* in = std::fopen(argv[1], "rb");
   FILE* out = std::fopen(argv[2], "wb");
   if (!in || !out) return 2;
-  int64_t h[12];
+  int64_t h[13];
   double prm[4];
   rd(h, sizeof(h), in);
   rd(prm, sizeof(prm), in);
@@ -372,9 +377,9 @@ def harness(tmp_path_factory):
 
 
 def _run_harness(exe, tmp_path, mode, dtype, data, assign, D, N, C, H, W, mask="hard", parts=True,
-                 smem=H100_SMEM, max_cluster=8, reverse=False, params=(0.9, 0.25, 1.0, 0.5)):
+                 smem=H100_SMEM, max_cluster=8, reverse=False, params=(0.9, 0.25, 1.0, 0.5), sums=False):
     head = np.array([mode, 1 if dtype == torch.float64 else 0, D, N, C, H, W, mask == "soft", parts, smem,
-                     max_cluster, reverse], dtype=np.int64)
+                     max_cluster, reverse, sums], dtype=np.int64)
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
         f.write(head.tobytes())
@@ -483,6 +488,22 @@ def test_fused_kernel_emulated_float64(harness, tmp_path, shape, smem, max_clust
     assert abs(stats[0].item() - ref[4][0].item()) <= 4 * shape[1] * shape[2]
     assert abs(stats[2].item() - ref[4][2].item()) <= 1e-9 * max(ref[4][2].item(), 1e-300)
     assert abs(stats[3].item() - ref[4][3].item()) <= 1e-9 * ref[4][3].item()
+
+
+@pytest.mark.parametrize("smem", [H100_SMEM, 24 * 1024], ids=["one-cta", "cluster"])
+def test_fused_kernel_emulated_sums_only(harness, tmp_path, smem):
+    """sgs::surgery_stats on the portable kernel: the update and the four sums, no parts written."""
+    grads = torch.randn(3, 2, 2, 32, 32, dtype=torch.float64)
+    assign = torch.tensor([2, 0])
+    (upd, sh, dv, stats), _ = _emulate(harness, tmp_path, grads, assign, torch.float64, parts=False, sums=True,
+                                       smem=smem)
+    ref = sgs_reference(grads, assign, 0.9, 0.25, 1.0, 0.5, "hard", return_parts=True)
+    assert _rel(upd, ref[0]) < 1e-10
+    assert torch.isnan(sh).all() and torch.isnan(dv).all()  # (poisoned, never written)
+    assert stats[1].item() == ref[4][1].item()
+    assert abs(stats[0].item() - ref[4][0].item()) <= 4 * 2 * 2
+    for q in (2, 3):
+        assert abs(stats[q].item() - ref[4][q].item()) <= 1e-9 * ref[4][3].item()
 
 
 def test_fused_kernel_emulated_no_parts(harness, tmp_path):

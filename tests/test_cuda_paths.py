@@ -2,9 +2,11 @@
 and the paths against each other. Skipped without a GPU (they run in benchmarks/gpu_check.sh).
 
 Paths (``sgs_cuda.backend_info("cuda")`` names them): ``dx`` the cuFFTDx kernel (instantiated
-sizes, float32/float16/bfloat16, update only, sm_90), ``portable`` the fused shared-memory kernel,
-``cufft`` cuFFT plus the bins kernel. A path that cannot take a case is skipped for it, except
-that ``dx`` must take every instantiated size when it was built.
+sizes, float32/float16/bfloat16, the update and the diagnostic sums, sm_90; 128x128 on a 2-CTA
+cluster), ``portable`` the fused shared-memory kernel, ``cufft`` cuFFT plus the bins kernel. A path
+that cannot take a case is skipped for it, except that ``dx`` must take every instantiated size
+when it was built. Each comparison runs ``sgs::surgery`` and ``sgs::surgery_stats`` (the DM loop's
+op: the update and the four sums).
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 PATHS = ("dx", "portable", "cufft")
 # [D, N, C, H, W]: the benchmark sizes (small N), the pairs, ragged plane groups, odd sizes.
 SHAPES = [(3, 4, 3, 28, 28), (3, 5, 3, 32, 32), (4, 3, 3, 64, 64), (4, 2, 3, 128, 128), (2, 3, 2, 32, 64),
-          (3, 3, 1, 64, 32), (5, 3, 1, 32, 32), (1, 3, 2, 32, 32), (3, 2, 2, 28, 32), (3, 2, 1, 30, 30),
-          (3, 2, 1, 33, 31)]
-DX_SIZES = {(28, 28), (32, 32), (64, 64), (32, 64), (64, 32)}
+          (3, 3, 1, 64, 32), (2, 3, 1, 64, 128), (3, 2, 1, 128, 64), (5, 3, 1, 32, 32), (1, 3, 2, 32, 32),
+          (1, 2, 1, 128, 128), (3, 2, 2, 28, 32), (3, 2, 1, 30, 30), (3, 2, 1, 33, 31)]
+DX_SIZES = {(28, 28), (32, 32), (64, 64), (32, 64), (64, 32), (128, 128), (64, 128), (128, 64)}
 PARAMS = dict(tau=1.0, rho=0.25, alpha=1.0, beta=0.5)
 
 
@@ -33,10 +35,11 @@ def ext():
     _build.set_cuda_path("auto")
 
 
-def run(path, grads, assign, mask="hard"):
+def run(path, grads, assign, mask="hard", op="surgery"):
     _build.set_cuda_path(path)
     try:
-        return torch.ops.sgs.surgery(grads, assign, PARAMS["tau"], PARAMS["rho"], PARAMS["alpha"], PARAMS["beta"], mask)
+        return getattr(torch.ops.sgs, op)(grads, assign, PARAMS["tau"], PARAMS["rho"], PARAMS["alpha"], PARAMS["beta"],
+                                          mask)
     except RuntimeError as exc:
         if f"SGS_CUDA_PATH={path}" in str(exc):
             if path == "dx" and _build._state["dx"] and tuple(grads.shape[3:]) in DX_SIZES and grads.dtype != torch.float64:
@@ -57,15 +60,22 @@ def rel_err(out, ref):
 def test_path_matches_float64_reference(ext, path, shape, mask):
     grads = separated_grads(*shape, rho=PARAMS["rho"], seed=sum(shape))
     assign = torch.arange(shape[1]) % shape[0]
-    ref = sgs_reference(grads, assign, **PARAMS, mask=mask)
+    ref, _, _, _, ref_stats = sgs_reference(grads, assign, **PARAMS, mask=mask, return_parts=True)
     out = run(path, grads.float().cuda(), assign.cuda(), mask)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert rel_err(out.cpu(), ref) <= 1e-5, (path, shape, mask)
+    update, stats = run(path, grads.float().cuda(), assign.cuda(), mask, op="surgery_stats")
+    assert torch.equal(update, out), (path, shape, mask)  # the same kernel computes the sums on the side
+    stats = stats.cpu()
+    assert stats.dtype == torch.float64 and stats[1].item() == ref_stats[1].item()
+    assert abs(stats[0].item() - ref_stats[0].item()) <= 4 * shape[1] * shape[2], (stats, ref_stats)
+    for q in (2, 3):
+        assert abs(stats[q].item() - ref_stats[q].item()) <= 1e-5 * ref_stats[3].item(), (q, stats, ref_stats)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("hw", [(28, 28), (32, 32), (64, 64)])
+@pytest.mark.parametrize("hw", [(28, 28), (32, 32), (64, 64), (128, 128)])
 def test_path_half_inputs_compute_in_float32(ext, path, dtype, hw):
     """Half inputs are loaded exactly into float32, computed in float32, rounded once."""
     grads = separated_grads(3, 4, 2, *hw, seed=5).to(dtype).cuda()
@@ -97,8 +107,8 @@ def test_backend_info_names_the_paths(ext):
     by_size = info["cuda_path_by_size"]
     assert set(by_size.values()) <= set(PATHS)
     if _build._state["dx"] and torch.cuda.get_device_capability() == (9, 0):
-        assert by_size["32x32"] == "dx" and by_size["64x64"] == "dx"
-    assert by_size["128x128"] in ("portable", "cufft")
+        assert all(by_size[f"{n}x{n}"] == "dx" for n in (28, 32, 64, 128)), by_size
+        assert "128x128 (512 threads x 2 CTAs" in info["cuda_kernels"], info["cuda_kernels"]
 
 
 def test_dx_random_inputs_and_graph_capture(ext):
@@ -124,3 +134,47 @@ def test_dx_random_inputs_and_graph_capture(ext):
     torch.cuda.synchronize()
     _build.set_cuda_path("auto")
     assert torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("shape", [(4, 500, 3, 32, 32), (3, 150, 3, 128, 128), (2, 40, 3, 28, 28)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_dx_persistent_grid_many_planes(ext, shape):
+    """More plane groups than resident CTAs (clusters at 128x128): each CTA loops over groups, the
+    next group's first domain prefetched; every plane must match the cuFFT path."""
+    if not _build._state["dx"]:
+        pytest.skip("dx kernel not built")
+    grads = separated_grads(*shape, rho=PARAMS["rho"], seed=3).float().cuda()
+    assign = (torch.arange(shape[1]) % shape[0]).cuda()
+    update, stats = run("dx", grads, assign, op="surgery_stats")
+    ref_update, ref_stats = run("cufft", grads, assign, op="surgery_stats")
+    assert rel_err(update, ref_update.double()) <= 2e-6
+    assert stats[1].item() == ref_stats[1].item()
+    assert abs(stats[0].item() - ref_stats[0].item()) <= 4 * shape[1] * shape[2]
+    torch.testing.assert_close(stats[2:], ref_stats[2:], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (128, 128)])
+def test_dx_stats_under_graph_capture(ext, hw):
+    """The DM loop's op on the dx path (a cluster launch at 128x128) captured and replayed: the same
+    update bit for bit, the same sums up to the order of the per-CTA atomic additions."""
+    if not _build._state["dx"]:
+        pytest.skip("dx kernel not built")
+    g = separated_grads(3, 6, 3, *hw, seed=6).float().cuda()
+    a = torch.tensor([0, 1, 2, 2, 1, 0], device="cuda")
+    eager = run("dx", g, a, op="surgery_stats")
+    _build.set_cuda_path("dx")
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.ops.sgs.surgery_stats(g, a, 1.0, 0.25, 1.0, 0.5, "hard")
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = torch.ops.sgs.surgery_stats(g, a, 1.0, 0.25, 1.0, 0.5, "hard")
+        graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        _build.set_cuda_path("auto")
+    assert torch.equal(captured[0], eager[0])
+    torch.testing.assert_close(captured[1], eager[1], rtol=1e-12, atol=0)

@@ -521,7 +521,9 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
                     row = pooled.detach().double().view(1)
                 else:
                     grads = domain_gradients(losses, part, "auto")
-                    parts = op(grads, assign[rows], return_parts=True, check_finite=False, **cfg.sgs.op_kwargs())
+                    # the parts only where the record or the bands need them; else the op's fastest path
+                    parts = op(grads, assign[rows], return_parts=with_bands or not whole, return_diagnostics=True,
+                               check_finite=False, **cfg.sgs.op_kwargs())
                     grad[rows] = parts.update
                     row = _surgery_record(pooled, losses, parts, cfg.sgs.space, whole)
                     if with_bands:
