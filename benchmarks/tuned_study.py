@@ -408,8 +408,8 @@ def progress_table(out: Path, targets) -> str:
 def fill_blocks(path: Path, blocks: dict) -> None:
     text = path.read_text()
     for name, body in blocks.items():
-        pattern = re.compile(rf"(<!-- tuned:{re.escape(name)} -->\n).*?(\n<!-- /tuned:{re.escape(name)} -->)", re.S)
-        text, n = pattern.subn(lambda m: m.group(1) + body + m.group(2), text)
+        pattern = re.compile(rf"(<!-- tuned:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /tuned:{re.escape(name)} -->)", re.S)
+        text, n = pattern.subn(lambda m: m.group(1) + body + "\n" + m.group(2), text)
         if n == 0:
             print(f"note: no block <!-- tuned:{name} --> in {path}", file=sys.stderr)
     path.write_text(text)
