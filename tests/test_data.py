@@ -16,8 +16,8 @@ from PIL import Image
 from sgs_cuda.data import (PRESETS, FashionMNISTStyles, ImageFolderDomains, InMemoryDomains, MultiDomainDataset,
                            PseudoDomainDataset, assign_pseudo_domains, denormalize, load_dataset,
                            sample_class_balanced, sample_domain_batches, save_sample_grid)
+from sgs_cuda.data import decode_cache
 from sgs_cuda.data import fmnist_styles as fms
-from sgs_cuda.data import folder as folder_mod
 from sgs_cuda.data.idx import read_idx
 from sgs_cuda.data.presets import Preset, get_preset
 from sgs_cuda.data.sampling import draw_indices
@@ -67,6 +67,12 @@ def make_fashion_idx(folder: Path, per_class_train=10, per_class_test=4, gz=True
         write_idx_file(folder / f"{split}-images-idx3-ubyte{ext}", images, gz)
         write_idx_file(folder / f"{split}-labels-idx1-ubyte{ext}", labels, gz)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Each test decodes into its own cache folder (never the user's)."""
+    monkeypatch.setenv("SGS_CACHE_DIR", str(tmp_path / "sgs-cache"))
 
 
 @pytest.fixture
@@ -122,26 +128,27 @@ def test_folder_split_deterministic_disjoint_and_per_domain(tmp_path):
     assert changed
 
 
-def test_folder_decodes_lazily(tree, monkeypatch):
-    def no_decode(*a, **k):
-        raise AssertionError("decoded at construction")
-
-    monkeypatch.setattr(folder_mod, "decode_image", no_decode)
-    monkeypatch.setattr(Image, "open", no_decode)
+def test_folder_decodes_once_into_the_cache(tree, monkeypatch):
     data = ImageFolderDomains(tree, resolution=8)
-    assert data.decode_count == 0
-    monkeypatch.undo()
-    data.real_batch("dA", 1, 2, generator=torch.Generator().manual_seed(0))
-    assert data.decode_count == 2
-    data.real_batch("dA", 1, 4)  # repeat visits hit the LRU cache
-    assert data.decode_count == 4
-    assert ImageFolderDomains(tree, resolution=8, cache_mb=0).real_batch("dA", 0, 2).shape == (2, 3, 8, 8)
+    assert data.decode_count == 2 * 3 * 5 and data.bad_files == []  # every file once, up front
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(decode_cache, "decode_image", no_decode)
+    monkeypatch.setattr(Image, "open", no_decode)
+    again = ImageFolderDomains(tree, resolution=8)  # a later run reuses the cache
+    assert again.decode_count == 0
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(data.real_batch("dA", 1, 6, g1), again.real_batch("dA", 1, 6, g2))  # batches: no decoding
 
 
 def test_folder_parallel_decoding_matches_serial(tmp_path):
     root = make_tree(tmp_path / "d", per_class=8)
-    serial = ImageFolderDomains(root, resolution=8, num_workers=1).split_tensors(["dA", "dB"], "train")
-    parallel = ImageFolderDomains(root, resolution=8, num_workers=3).split_tensors(["dA", "dB"], "train")
+    serial = ImageFolderDomains(root, resolution=8, num_workers=1, cache_dir=tmp_path / "c1")
+    parallel = ImageFolderDomains(root, resolution=8, num_workers=3, cache_dir=tmp_path / "c2")
+    assert serial.decode_count == parallel.decode_count == 48
+    serial, parallel = serial.split_tensors(["dA", "dB"], "train"), parallel.split_tensors(["dA", "dB"], "train")
     assert len(serial[1]) >= 16 and torch.equal(serial[0], parallel[0]) and torch.equal(serial[1], parallel[1])
 
 
@@ -181,12 +188,46 @@ def test_folder_empty_or_missing_class(tmp_path):
         ImageFolderDomains(root)
 
 
-def test_folder_corrupt_image_named_when_decoded(tree):
+def test_folder_corrupt_image_skipped_and_listed(tree):
     bad = tree / "dA" / "cat" / "zz_broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n definitely not a png")
-    data = ImageFolderDomains(tree, test_fraction=0.0)  # construction only scans names
-    with pytest.raises(ValueError, match=r"cannot decode image .*zz_broken\.png"):
-        data.split_tensors(["dA"], "train")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*zz_broken\.png"):
+        data = ImageFolderDomains(tree, test_fraction=0.0, resolution=8)
+    assert [p for p, _ in data.bad_files] == [str(bad)] and data.bad_files[0][1]
+    assert data.count("dA", 1, "train") == 5 and bad not in data.files("dA", 1, "train")
+    assert data.split_tensors(["dA"], "train")[0].shape == (15, 3, 8, 8)
+    for f in (tree / "dB" / "dog").iterdir():  # a class with no readable image at all is an error
+        f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="domain 'dB' has no readable images of class 'dog'"):
+        ImageFolderDomains(tree, resolution=8)
+
+
+def test_hold_out_of_a_folder_source_reads_by_position(tmp_path, monkeypatch):
+    """Training-domain validation on a folder source: the same split as the copying path, without
+    copying the source's train split into memory."""
+    from sgs_cuda.data.holdout import HeldOutPositions, hold_out
+
+    data = ImageFolderDomains(make_tree(tmp_path / "d", per_class=9), resolution=8, test_fraction=0.2)
+
+    class ProtocolOnly:  # the same source, seen through the protocol alone (the copying path)
+        def __init__(self, base):
+            self.base, self.domains, self.classes = base, base.domains, base.classes
+            self.image_shape, self.mean, self.std = base.image_shape, base.mean, base.std
+
+        def split_tensors(self, domains, split="test"):
+            return self.base.split_tensors(domains, split)
+
+    copied = hold_out(ProtocolOnly(data), ["dA", "dB"], fraction=0.3, seed=1)
+    monkeypatch.setattr(data, "split_tensors", lambda *a, **k: pytest.fail("copied the train split"))
+    view = hold_out(data, ["dA", "dB"], fraction=0.3, seed=1)
+    assert isinstance(view, HeldOutPositions) and view.domains == ["dA", "dB"]
+    for split in ("train", "test"):
+        for d in ("dA", "dB"):
+            x, y = view.split_tensors([d], split)
+            cx, cy = copied.split_tensors([d], split)
+            assert torch.equal(x, cx) and torch.equal(y, cy)
+    assert [view.count("dA", c, "test") for c in range(3)] == [2, 2, 2]  # round(0.3 * 7)
+    assert view.real_batch("dB", 2, 4, torch.Generator().manual_seed(0), split="test").shape == (4, 3, 8, 8)
 
 
 # -- presets and load_dataset -----------------------------------------------------------------
@@ -372,6 +413,24 @@ def planted_casts(n_per=30, size=16, seed=0):
 def purity(pred: torch.Tensor, truth: torch.Tensor) -> float:
     k = int(pred.max()) + 1
     return sum(torch.bincount(truth[pred == j]).max().item() for j in range(k) if (pred == j).any()) / len(pred)
+
+
+def test_low_frequency_features_equal_the_fft_definition():
+    """The partial DFT gives the central window of the centred fft2 (float64 reference), odd sizes
+    and windows wider than the image included."""
+    from sgs_cuda.data.pseudo_domains import low_frequency_features
+
+    g = torch.Generator().manual_seed(0)
+    for shape, window in (((5, 3, 16, 16), 8), ((4, 3, 17, 9), 8), ((3, 1, 5, 7), 8), ((2, 3, 64, 48), 6)):
+        x = torch.rand(shape, generator=g)
+        n, c, h, w = shape
+        wh, ww = min(window, h), min(window, w)
+        spec = torch.fft.fftshift(torch.fft.fft2(x.double()), dim=(-2, -1))
+        top, left = h // 2 - wh // 2, w // 2 - ww // 2
+        ref = torch.log1p(spec[..., top:top + wh, left:left + ww].abs() / (h * w) * 100.0).reshape(n, -1)
+        out = low_frequency_features(x, window)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
 
 
 def test_assign_pseudo_domains_recovers_planted_clusters():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import styles
+from .decode_cache import default_cache_dir, save_npz_atomic
 from .idx import read_idx
 from .memory import InMemoryDomains
 
@@ -39,10 +39,6 @@ IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-l
              "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 DEBIAN_PATH = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "SGS_FASHION_MNIST"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SGS_CACHE_DIR") or Path.home() / ".cache" / "sgs_cuda").expanduser()
 
 
 # -- finding and reading the source -----------------------------------------------------------
@@ -186,22 +182,6 @@ def _file_digest(paths: dict[str, Path]) -> str:
     return h.hexdigest()
 
 
-def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared data, not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class FashionMNISTStyles(InMemoryDomains):
     """Fashion-MNIST in four style domains (``photo``, ``cartoon``, ``sketch``, ``painting``), 3x32x32.
 
@@ -239,7 +219,7 @@ class FashionMNISTStyles(InMemoryDomains):
             arrays = build_styles(images, labels, per_class_train, per_class_test, seed, backgrounds)
             if use_cache:
                 try:
-                    _save_atomic(self.cache_path, arrays)
+                    save_npz_atomic(self.cache_path, arrays)
                 except OSError as e:  # a read-only home must not stop the experiment
                     warnings.warn(f"could not cache the Fashion-MNIST styles build at {self.cache_path}: {e}")
         self.source_index = {(d, s): torch.from_numpy(arrays[f"{d}/{s}/source"].astype(np.int64))

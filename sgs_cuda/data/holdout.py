@@ -86,22 +86,90 @@ def hold_out(data, source_domains: Sequence[str], fraction: float = 0.2, seed: i
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     gen = torch.Generator().manual_seed(int(seed))
     raw = hasattr(data, "raw") and hasattr(data, "normalize")
+    if not raw and hasattr(data, "uint8_images"):  # folder sources: held out by position, nothing copied
+        return _hold_out_by_position(data, source_domains, fraction, gen)
     cells = {}
     for d in source_domains:
         x, y = data.raw(d, "train") if raw else data.split_tensors([d], "train")
         held = []
         for c in range(len(data.classes)):
             idx = torch.nonzero(y == c).flatten()
-            if len(idx) == 0:
-                continue
-            if len(idx) < 2:
-                raise ValueError(f"domain {d!r} has {len(idx)} training image of class {data.classes[c]!r}: "
-                                 "need 2 to hold one out")
-            k = min(max(1, round(fraction * len(idx))), len(idx) - 1)
-            held.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+            if len(idx):
+                held.append(idx[_held_positions(len(idx), fraction, gen, d, data.classes[c])])
         held_idx = torch.cat(held).sort().values if held else torch.empty(0, dtype=torch.long)
         keep = torch.ones(len(y), dtype=torch.bool)
         keep[held_idx] = False
         cells[d] = {"train": (x[keep], y[keep]), "test": (x[held_idx], y[held_idx])}
     return HeldOutDomains(cells, data.classes, data.image_shape, data.mean, data.std,
                           convert=data.normalize if raw else None)
+
+
+def _held_positions(n: int, fraction: float, gen: torch.Generator, domain: str, cls: str) -> torch.Tensor:
+    """Which of a class's ``n`` training images (positions) are held out."""
+    if n < 2:
+        raise ValueError(f"domain {domain!r} has {n} training image of class {cls!r}: need 2 to hold one out")
+    k = min(max(1, round(fraction * n)), n - 1)
+    return torch.randperm(n, generator=gen)[:k]
+
+
+class HeldOutPositions:
+    """The training-domain validation view of a source with indexed reads (``uint8_images``):
+    it keeps, per (domain, split, class), positions into the source's train cell, and reads the
+    images through the source when asked, so a large (memory-mapped) source is never copied."""
+
+    def __init__(self, data, domains: Sequence[str], positions: dict):
+        self.data, self.domains, self._positions = data, list(domains), positions
+        self.classes, self.image_shape = list(data.classes), tuple(data.image_shape)
+        self.mean, self.std = tuple(data.mean), tuple(data.std)
+
+    def _index(self, domain: str, label: int, split: str) -> torch.Tensor:
+        if domain not in self.domains:
+            raise ValueError(f"unknown domain {domain!r}; this validation view holds {self.domains}")
+        if not 0 <= int(label) < len(self.classes):
+            raise ValueError(f"label {label} outside [0, {len(self.classes)})")
+        return self._positions[domain, check_split(split), int(label)]
+
+    def count(self, domain: str, label: int, split: str = "train") -> int:
+        return int(self._index(domain, label, split).numel())
+
+    def uint8_images(self, domain: str, label: int, index, split: str = "train") -> torch.Tensor:
+        pos = self._index(domain, label, split)[torch.as_tensor(index, dtype=torch.long).reshape(-1)]
+        return self.data.uint8_images(domain, label, pos.numpy(), "train")
+
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self.data.normalize(images_uint8)
+
+    def real_batch(self, domain: str, label: int, n: int, generator: torch.Generator | None = None,
+                   split: str = "train") -> torch.Tensor:
+        available = self.count(domain, label, split)
+        if available == 0 and n > 0:
+            raise ValueError(f"domain {domain!r} has no {split} images of class {self.classes[int(label)]!r}")
+        return self.normalize(self.uint8_images(domain, label, draw_indices(available, n, generator), split))
+
+    def split_tensors(self, domains: Sequence[str], split: str = "test"):
+        parts = [(self.uint8_images(d, c, torch.arange(self.count(d, c, split)), split), c)
+                 for d in domains for c in range(len(self.classes))]
+        if not parts:
+            return torch.empty((0, *self.image_shape)), torch.empty(0, dtype=torch.long)
+        return (self.normalize(torch.cat([x for x, _ in parts])),
+                torch.cat([torch.full((len(x),), c, dtype=torch.long) for x, c in parts]))
+
+    def __repr__(self) -> str:
+        n = {d: {s: sum(self.count(d, c, s) for c in range(len(self.classes))) for s in ("train", "test")}
+             for d in self.domains}
+        return f"{type(self).__name__}({n}, classes={len(self.classes)})"
+
+
+def _hold_out_by_position(data, source_domains: Sequence[str], fraction: float,
+                          gen: torch.Generator) -> HeldOutPositions:
+    """The same draws as the copying path (class by class, in the source's order), on positions."""
+    positions = {}
+    for d in source_domains:
+        for c in range(len(data.classes)):
+            n = data.count(d, c, "train")
+            held = _held_positions(n, fraction, gen, d, data.classes[c]).sort().values if n else \
+                torch.empty(0, dtype=torch.long)
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[held] = False
+            positions[d, "train", c], positions[d, "test", c] = torch.nonzero(keep).flatten(), held
+    return HeldOutPositions(data, source_domains, positions)

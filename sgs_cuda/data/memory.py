@@ -102,6 +102,11 @@ class InMemoryDomains:
         """The stored uint8 images and labels of one domain and split (no copy)."""
         return self._domain(domain)[check_split(split)]
 
+    def uint8_images(self, domain: str, label: int, index, split: str = "train") -> torch.Tensor:
+        """The images at positions ``index`` among the class's images of one domain and split (uint8)."""
+        idx = self._class_index(domain, label, split)
+        return self._cells[domain][split][0][idx[torch.as_tensor(index, dtype=torch.long).reshape(-1)]]
+
     # -- protocol --------------------------------------------------------------------------
     def count(self, domain: str, label: int, split: str = "train") -> int:
         return int(self._class_index(domain, label, split).numel())
