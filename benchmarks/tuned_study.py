@@ -261,6 +261,7 @@ def cmd_report(args) -> None:
     blocks["answers"] = answers_table(numbers["comparisons"])
     blocks["bands"], numbers["bands"] = bands_report(out, args.targets, docs / "tuned_bands.png")
     blocks["progress"] = progress_table(out, args.targets)
+    blocks["quick"] = quick_block(REPO / "docs" / "results" / "sweep-4targets-quick-2026-11-28.json")
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(numbers, indent=1, default=str) + "\n")
@@ -373,6 +374,27 @@ def bands_report(out: Path, targets, png: Path) -> tuple[str, dict]:
     return "\n".join(lines) + "\n\n" + note, {"runs": len(runs), "per_band": table}
 
 
+def quick_block(path: Path) -> str:
+    """The earlier quick-scale sweep (``benchmarks/dgdd_study.py sweep``'s JSON) with the same
+    statistics as the tables above: every variant minus DM, pooled over targets and seeds."""
+    from sgs_cuda.stats import summarize_differences
+
+    if not path.is_file():
+        return "_" + str(path) + " not found_"
+    results = json.loads(path.read_text())["results"]
+    variants = [v for v in next(iter(results.values())) if v != "dm"]
+    lines = ["| variant (quick preset, lr_img 1 unless named) | pairs | Δ OOD vs DM | pairs > 0 | Δ in-domain vs DM "
+             "| pairs > 0 |", "| --- | --- | --- | --- | --- | --- |"]
+    for v in variants:
+        cells = []
+        for key in ("ood", "in"):
+            d = [b - a for r in results.values() if v in r for a, b in zip(r["dm"][key], r[v][key])]
+            summary = summarize_differences(d).to_dict()
+            cells += [_fmt(summary), f"{summary['positive']}/{summary['n']}"]
+        lines.append(f"| {v} | {len(d)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nFrom `{path.relative_to(REPO)}`; Δ as above (95% Student-t interval)."
+
+
 def progress_table(out: Path, targets) -> str:
     """Which cells have finished (seeds per arm and target)."""
     head = ["arm"] + list(targets)
@@ -386,8 +408,8 @@ def progress_table(out: Path, targets) -> str:
 def fill_blocks(path: Path, blocks: dict) -> None:
     text = path.read_text()
     for name, body in blocks.items():
-        pattern = re.compile(rf"(<!-- tuned:{re.escape(name)} -->\n).*?(\n<!-- /tuned:{re.escape(name)} -->)", re.S)
-        text, n = pattern.subn(lambda m: m.group(1) + body + m.group(2), text)
+        pattern = re.compile(rf"(<!-- tuned:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /tuned:{re.escape(name)} -->)", re.S)
+        text, n = pattern.subn(lambda m: m.group(1) + body + "\n" + m.group(2), text)
         if n == 0:
             print(f"note: no block <!-- tuned:{name} --> in {path}", file=sys.stderr)
     path.write_text(text)
