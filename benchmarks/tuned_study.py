@@ -225,7 +225,7 @@ def machine() -> str:
 
 def cmd_report(args) -> None:
     sys.path.insert(0, str(REPO))
-    from sgs_cuda import experiment
+    from sgs_cuda.compare import compare_runs, selection_table
 
     out = Path(args.out)
     folders = {a.key: [out / t / a.key for t in args.targets if seed_done(out, t, a, 0)] for a in ARMS}
@@ -240,8 +240,8 @@ def cmd_report(args) -> None:
         if len(keys) < 2 or baseline not in keys:
             blocks[name] = "_not run yet_"
             return
-        result = experiment.compare_runs([d for k in keys for d in have[k]], baseline=ARM[baseline].label,
-                                         arms=[ARM[k].label for k in keys], plot=plot)
+        result = compare_runs([d for k in keys for d in have[k]], baseline=ARM[baseline].label,
+                              arms=[ARM[k].label for k in keys], plot=plot)
         blocks[name] = result["sections"]["main"]  # the ConvNet (the distillation's architecture)
         if name == "xarch":  # the other evaluation architectures
             blocks[name] = "\n\n".join(v for k, v in result["sections"].items() if k.startswith("arch:"))
@@ -253,8 +253,8 @@ def cmd_report(args) -> None:
     compare("m3d", ["m3d", "m3d_sgs"], "m3d")
     compare("m3d_vs_dm", ["dm", "m3d"], "dm")
     compare("xarch", ["dm", "dm_sgs"], "dm")
-    selection = experiment.selection_table([out / t / k for t in args.targets for k in ("dm", "dm_sgs")
-                                            if selection_path(out, t, ARM[k]).is_file()])
+    selection = selection_table([out / t / k for t in args.targets for k in ("dm", "dm_sgs")
+                                 if selection_path(out, t, ARM[k]).is_file()])
     blocks["selection"] = selection["markdown"] or "_not run yet_"
     numbers["selection"] = selection["rows"]
     blocks["steps"] = steps_table(out, args.targets)

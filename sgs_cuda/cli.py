@@ -19,8 +19,8 @@ option. With ``--resume`` the run folder's ``config.json`` is the starting point
 defaults, so ``sgs-dgdd run --resume --run-dir R`` continues R exactly.
 
 This module only parses arguments: the pipeline (run folders, reuse and resume, distillation,
-evaluation, comparison) is the Python API of :mod:`sgs_cuda.experiment`, which also says what a
-run folder holds. User errors end in one line, ``sgs-dgdd: error: ...``, and exit status 2.
+evaluation) is the Python API of :mod:`sgs_cuda.experiment`, which also says what a run folder
+holds; the configuration is :mod:`sgs_cuda.config`, the comparison :mod:`sgs_cuda.compare`. User errors end in one line, ``sgs-dgdd: error: ...``, and exit status 2.
 """
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import distributed, experiment
+from . import compare, config, distributed, experiment
 from ._io import RunFolderError
-from .experiment import ALL_METHODS, available_presets, distill_config, format_table  # noqa: F401 (re-exported)
+from .compare import format_table
+from .config import ALL_METHODS, available_presets, distill_config  # noqa: F401 (re-exported)
 
 # (flag attribute, config path) for the flags that map one-to-one onto an option.
 FLAG_PATHS = [
@@ -71,15 +72,15 @@ def overrides_from_args(args) -> dict:
     if getattr(args, "progress", None) is not None:
         out["progress"] = args.progress
     if getattr(args, "select_lr", None) is not None:
-        out["select.lr_grid"] = experiment.parse_grid(args.select_lr)
+        out["select.lr_grid"] = config.parse_grid(args.select_lr)
     for item in getattr(args, "data_option", None) or []:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise ValueError(f"--data-option expects KEY=VALUE (e.g. cache_dir=/fast/disk), got {item!r}")
-        key, value = experiment.parse_assignment(item)
+        key, value = config.parse_assignment(item)
         out.pop(f"data_kwargs.{key}", None)
         out[f"data_kwargs.{key}"] = value
     for item in getattr(args, "set", None) or []:
-        key, value = experiment.parse_assignment(item)
+        key, value = config.parse_assignment(item)
         out.pop(key, None)  # re-insert: --set comes last
         out[key] = value
     return out
@@ -87,8 +88,8 @@ def overrides_from_args(args) -> dict:
 
 def resolve_config(args, saved: dict | None = None) -> dict:
     """defaults (or a resumed run's saved config) <- --preset <- --config <- flags <- --set."""
-    return experiment.resolve_config(overrides_from_args(args), preset=getattr(args, "preset", None),
-                                     config_file=getattr(args, "config", None), saved=saved)
+    return config.resolve_config(overrides_from_args(args), preset=getattr(args, "preset", None),
+                                 config_file=getattr(args, "config", None), saved=saved)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def _experiment(args, need_run_dir_config: bool = False) -> experiment.Experimen
     saved = None
     if run_dir is not None and (args.resume or need_run_dir_config):  # under torchrun rank 0 reads it
         world, _ = distributed.init_from_env(getattr(args, "device", None) or "auto")
-        saved = world.on_main(lambda: experiment.load_saved_config(run_dir, required=need_run_dir_config))
+        saved = world.on_main(lambda: config.load_saved_config(run_dir, required=need_run_dir_config))
     cfg = resolve_config(args, saved)
     return experiment.Experiment(cfg, run_dir, resume=args.resume, preset=getattr(args, "preset", None))
 
@@ -123,12 +124,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_show(args) -> int:
-    print(experiment.describe_run(experiment.load_run(args.run_dir)))
+    print(compare.describe_run(compare.load_run(args.run_dir)))
     return 0
 
 
 def cmd_select_lr(args) -> int:
-    print(experiment.format_selection(_experiment(args).select_all()))
+    print(compare.format_selection(_experiment(args).select_all()))
     return 0
 
 
@@ -140,11 +141,11 @@ def cmd_make_demo(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    result = experiment.compare_runs(args.run_dirs, baseline=args.baseline, arms=args.arms,
-                                     confidence=args.confidence, plot=args.plot)
+    result = compare.compare_runs(args.run_dirs, baseline=args.baseline, arms=args.arms,
+                                  confidence=args.confidence, plot=args.plot)
     print(result["markdown"])
     if args.json:
-        experiment.write_comparison(result, args.json)
+        compare.write_comparison(result, args.json)
     return 0
 
 

@@ -1,19 +1,17 @@
-"""The pipeline as a Python API: configuration, data, run folders, reuse and resume, distillation,
-evaluation and the comparison. ``sgs-dgdd`` (:mod:`sgs_cuda.cli`) only parses arguments and
-calls this module. Evaluation is leave-one-domain-out for multi-domain sets (the target is one
-domain, the others are the sources), and for an ImageNet subset the sets are distilled from
-ImageNet train and tested on every OOD set given (ImageNet-Sketch, -R, -A, -V2) and on ImageNet
-val in one evaluation (:func:`prepare_data`, :func:`sgs_cuda.evaluate.evaluate_synthetic`).
+"""The pipeline as a Python API: data, run folders, reuse and resume, distillation and evaluation
+(:class:`Experiment`). The configuration is :mod:`sgs_cuda.config`, the comparison of finished run
+folders :mod:`sgs_cuda.compare`; their public names are re-exported here. ``sgs-dgdd``
+(:mod:`sgs_cuda.cli`) only parses arguments and calls these modules. Evaluation is
+leave-one-domain-out for multi-domain sets (the target is one domain, the others are the
+sources), and for an ImageNet subset the sets are distilled from ImageNet train and tested on
+every OOD set given (ImageNet-Sketch, -R, -A, -V2) and on ImageNet val in one evaluation
+(:func:`prepare_data`, :func:`sgs_cuda.evaluate.evaluate_synthetic`).
 
->>> from sgs_cuda.experiment import Experiment, resolve_config
+>>> from sgs_cuda.experiment import Experiment, format_table, resolve_config
 >>> cfg = resolve_config({"target": "photo", "distill.iterations": 50}, preset="quick")
 >>> exp = Experiment(cfg, "runs/photo")          # device, data, run folder, config.json
 >>> metrics = exp.run()                           # every method and seed: distil, evaluate, compare
 >>> print(format_table(metrics))
-
-Configuration: built-in defaults (the paper's) <- ``preset`` (``sgs_cuda/configs/*.yaml``) <-
-``config_file`` (YAML or JSON) <- ``overrides`` (``{"section.key": value}``, in order). With
-``saved`` (a resumed run folder's ``config.json``) the saved configuration replaces the defaults.
 
 A run folder holds ``config.json`` (the resolved configuration), ``metrics.json`` (the comparison,
 with the time of each phase of the last command) and ``curves.png`` (all methods), one folder per
@@ -29,9 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -43,14 +38,16 @@ import torch
 from . import _io
 from . import distributed
 from ._io import RunFolderError
-from .dm.distill import ADDED_OPTIONS, DistillConfig, distill, relevant_settings
+from .dm.distill import DistillConfig, distill, relevant_settings
 from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
-from .surgery import SGSConfig
+# configuration: what this module uses, and the public names of sgs_cuda.config it re-exports
+from .config import (ALL_METHODS, DISTILLED, METHOD_ALIASES, available_presets, default_config, distill_config,
+                     load_config_file, load_saved_config, parse_assignment, parse_grid, parse_methods, parse_targets,
+                     resolve_config)
+# results: what this module uses (summarize, _first), and the public names of sgs_cuda.compare it re-exports
+from .compare import (RunRecord, _first, arm_name, collect_arms, compare_runs, describe_run, format_selection,
+                      format_table, load_run, selection_table, summarize, write_comparison)
 
-PRESET_DIR = Path(__file__).resolve().parent / "configs"
-DISTILLED = ("dm", "dm_sgs")
-METHOD_ALIASES = {"both": ["dm", "dm_sgs"], "all": ["random", "herding", "dm", "dm_sgs"]}
-ALL_METHODS = (*BASELINES, *DISTILLED)
 PHASES = {"extension": "SGS op load/build", "data": "data", "select": "lr selection", "distill": "distillation",
           "evaluate": "evaluation"}
 BAD_IMAGES_NAME = "bad_images.txt"
@@ -63,239 +60,7 @@ __all__ = ["Experiment", "RunRecord", "RunFolderError", "resolve_config", "defau
            "selection_table", "format_selection", "parse_grid", "write_comparison"]
 
 
-# --- configuration --------------------------------------------------------------------------
-
-def default_config() -> dict:
-    distill_cfg = DistillConfig().to_dict()
-    sgs = distill_cfg.pop("sgs")
-    for key in ("method", "seed"):
-        distill_cfg.pop(key)
-    return {"dataset": "fmnist-styles", "data_root": None, "data_kwargs": {}, "pseudo_domains": None,
-            "target": None, "methods": ["dm", "dm_sgs"], "seeds": [0], "device": "auto",
-            "progress": True, "label": None, "distill": distill_cfg, "sgs": sgs, "eval": EvalConfig().to_dict(),
-            "select": dict(SELECT_DEFAULTS)}
-
-
-# lr_img selection by training-domain validation (sgs_cuda.selection): off while lr_grid is empty;
-# per distilled method, pick lr_img on `fraction` of the source training images held out (split
-# seed `holdout_seed`), distilling with `seeds` (keep them apart from the test seeds).
-SELECT_DEFAULTS = {"lr_grid": [], "seeds": [10], "fraction": 0.2, "holdout_seed": 0}
-
-
-def check_select(select: dict) -> None:
-    """Refuse a malformed ``select`` section with one line naming the option."""
-    grid = select["lr_grid"]
-    if not isinstance(grid, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                                             for v in grid):
-        raise ValueError(f"config option 'select.lr_grid' must be a list of positive numbers, got {grid!r}")
-    if len(set(grid)) != len(grid):
-        raise ValueError(f"config option 'select.lr_grid' lists a value twice: {grid!r}")
-    seeds = select["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in seeds):
-        raise ValueError(f"config option 'select.seeds' must be a non-empty list of integers, got {seeds!r}")
-    if not 0 < float(select["fraction"]) < 1:
-        raise ValueError(f"config option 'select.fraction' must lie in (0, 1), got {select['fraction']!r}")
-
-
-def parse_grid(text) -> list[float]:
-    """``"0.5,1,2"`` (or a list) -> ``[0.5, 1.0, 2.0]`` (the ``--select-lr`` grid)."""
-    items = text if isinstance(text, (list, tuple)) else str(text).replace(",", " ").split()
-    try:
-        return [float(v) for v in items]
-    except ValueError:
-        raise ValueError(f"--select-lr expects comma-separated learning rates (e.g. 0.5,1,2,4,8), got {text!r}") from None
-
-
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def load_config_file(path) -> dict:
-    """A YAML (``.yaml``/``.yml``) or JSON file holding a (partial) configuration mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} not found")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as exc:
-            raise ValueError("reading YAML configs needs PyYAML (pip install pyyaml), or use JSON") from exc
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
-    return data
-
-
-def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict:
-    """A preset's mapping; ``extends: other`` in a preset starts from that preset (the named
-    ImageNet-subset presets extend ``imagenet-128`` with their dataset)."""
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown preset {name!r}; available: {available_presets()}")
-    data = load_config_file(path)
-    base = data.pop("extends", None)
-    if base is None:
-        return data
-    if base in (*_seen, name):
-        raise ValueError(f"preset {name!r} extends {base!r}, which extends it again")
-    return _deep_update(load_preset(str(base), (*_seen, name)), data)
-
-
-def _deep_update(base: dict, override: Mapping) -> dict:
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-AUTO_OPTIONS = ("distill.depth", "distill.precision", "distill.channels_last", "eval.depth")  # "auto" or a value
-
-
-def _check_type(name: str, default, value) -> None:
-    """A leaf option keeps the type of its default (an int is a number too), so that a value of
-    the wrong type is refused here, naming the option, instead of deep inside a config class."""
-    if default is None or isinstance(default, list) or name in AUTO_OPTIONS:
-        return  # free-form (None), normalised later (methods, seeds), or "auto" or a value (checked later)
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, str):
-        ok = isinstance(value, (str, os.PathLike))
-    elif isinstance(default, dict):
-        ok = isinstance(value, dict)
-    else:
-        return
-    if not ok:
-        kind = "a mapping" if isinstance(default, dict) else _TYPE_NAMES[type(default)]
-        raise ValueError(f"config option {name!r} must be {kind}, got {value!r}")
-
-
-def merge_config(base: dict, override: Mapping, where: str = "") -> dict:
-    """Recursive update of ``base`` by ``override``; unknown keys and values of the wrong type
-    are errors that name the option (typos surface)."""
-    for key, value in override.items():
-        name = f"{where}{key}"
-        if key not in base:
-            raise ValueError(f"unknown config option {name!r}; known here: {sorted(base)}")
-        if isinstance(base[key], dict) and key != "data_kwargs":
-            if not isinstance(value, dict):
-                raise ValueError(f"config option {name!r} must be a mapping, got {value!r}")
-            merge_config(base[key], value, where=f"{name}.")
-        else:
-            _check_type(name, base[key], value)
-            base[key] = value
-    return base
-
-
-def set_option(cfg: dict, path: str, value) -> None:
-    """``cfg[section][key] = value`` for ``path = "section.key"`` (checked like :func:`merge_config`)."""
-    *parents, leaf = path.split(".")
-    if parents == ["data_kwargs"]:  # free-form keyword arguments of the data source (checked when loading)
-        if not isinstance(cfg.get("data_kwargs"), dict):
-            cfg["data_kwargs"] = {}
-        cfg["data_kwargs"][leaf] = value
-        return
-    node = cfg
-    for p in parents:
-        if not isinstance(node.get(p), dict):
-            raise ValueError(f"unknown config section {p!r} in {path!r}")
-        node = node[p]
-    merge_config(node, {leaf: value}, where=".".join(parents) + "." if parents else "")
-
-
-def parse_assignment(item: str) -> tuple[str, Any]:
-    """``"section.key=value"`` -> ``("section.key", value)``, the value read as YAML
-    (``3`` -> int, ``0.5`` -> float, ``true`` -> bool, ``[1, 2]`` -> list, else a string)."""
-    if "=" not in item:
-        raise ValueError(f"--set expects KEY=VALUE (e.g. distill.iterations=100), got {item!r}")
-    key, text = item.split("=", 1)
-    try:
-        import yaml
-        value = yaml.safe_load(text)
-    except ImportError:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-    except Exception:  # not YAML (e.g. "a: b: c"): take the text as it is
-        value = text
-    return key.strip(), value
-
-
-def parse_methods(values: Sequence[str]) -> list[str]:
-    methods: list[str] = []
-    for v in values:
-        for m in str(v).replace(",", " ").split():
-            for x in METHOD_ALIASES.get(m, [m]):
-                if x not in ALL_METHODS:
-                    raise ValueError(f"unknown method {x!r}; choose from {list(ALL_METHODS)} or {list(METHOD_ALIASES)}")
-                if x not in methods:
-                    methods.append(x)
-    if not methods:
-        raise ValueError("no method given")
-    return methods
-
-
-def resolve_config(overrides: Mapping[str, Any] | None = None, *, preset: str | None = None,
-                   config_file=None, saved: dict | None = None) -> dict:
-    """defaults (or ``saved``, a resumed run's config) <- ``preset`` <- ``config_file`` <-
-    ``overrides`` (``{"section.key": value}``, applied in order); validated."""
-    cfg = default_config()
-    if saved is not None:
-        if isinstance(saved.get("distill"), dict):  # options added since: as the run was made
-            saved = {**saved, "distill": {**ADDED_OPTIONS, **saved["distill"]}}
-        merge_config(cfg, {k: v for k, v in saved.items() if k in cfg})
-    if preset:
-        merge_config(cfg, load_preset(preset))
-    if config_file:
-        merge_config(cfg, load_config_file(config_file))
-    for path, value in (overrides or {}).items():
-        set_option(cfg, path, value)
-    cfg["methods"] = parse_methods(cfg["methods"] if isinstance(cfg["methods"], list) else [cfg["methods"]])
-    seeds = cfg["seeds"] if isinstance(cfg["seeds"], list) else [cfg["seeds"]]
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"config option 'seeds' must be integers, got {cfg['seeds']!r}")
-    cfg["seeds"] = [int(s) for s in seeds]
-    k = cfg["pseudo_domains"]
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k == 1 or k < 0):
-        raise ValueError(f"config option 'pseudo_domains' (--pseudo-domains) must be an integer >= 2 "
-                         f"(0: none), got {k!r}")
-    cfg["pseudo_domains"] = k or None
-    if cfg["data_kwargs"] is None:
-        cfg["data_kwargs"] = {}
-    parse_targets(cfg["target"])  # validates
-    if cfg["label"] is not None and not isinstance(cfg["label"], str):
-        raise ValueError(f"config option 'label' must be a string, got {cfg['label']!r}")
-    if isinstance(cfg["select"]["seeds"], int) and not isinstance(cfg["select"]["seeds"], bool):
-        cfg["select"]["seeds"] = [cfg["select"]["seeds"]]
-    check_select(cfg["select"])
-    distill_config(cfg, cfg["methods"][0] if cfg["methods"][0] in DISTILLED else "dm", 0)  # validates
-    EvalConfig.from_dict(cfg["eval"])
-    return cfg
-
-
-def distill_config(cfg: dict, method: str, seed: int) -> DistillConfig:
-    return DistillConfig.from_dict({**cfg["distill"], "method": method, "seed": seed,
-                                    "sgs": SGSConfig(**cfg["sgs"])})
-
+# --- device ---------------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -375,21 +140,6 @@ def check_data_kwargs(dataset, kwargs: Mapping) -> None:
     for key in ("sketch_root", "r_root", "a_root", "v2_root"):
         if key in kwargs and kwargs[key] is not None and not Path(str(kwargs[key])).expanduser().is_dir():
             raise FileNotFoundError(f"{_option_name(key)}: {str(kwargs[key])!r} does not exist or is not a directory")
-
-
-def parse_targets(spec) -> list[str] | None:
-    """``--target``: one domain, several as ``a,b`` (or ``a+b``, or a list); None: the default."""
-    if spec is None:
-        return None
-    items = spec if isinstance(spec, (list, tuple)) else str(spec).replace("+", ",").split(",")
-    if not all(isinstance(t, str) for t in items):
-        raise ValueError(f"config option 'target' must be a domain name or a list of them, got {spec!r}")
-    targets = [t.strip() for t in items if t.strip()]
-    if not targets:
-        raise ValueError(f"config option 'target' names no domain: {spec!r}")
-    if len(set(targets)) != len(targets):
-        raise ValueError(f"config option 'target' lists a domain twice: {spec!r}")
-    return targets
 
 
 @dataclass
@@ -488,16 +238,6 @@ def default_run_dir(cfg: dict, target: str, preset: str | None, resume: bool) ->
     if resume:
         return existing[-1] if existing else base
     return next(p for p in candidates if not p.exists())
-
-
-def load_saved_config(run_dir, required: bool = False) -> dict | None:
-    """A run folder's ``config.json`` (None when absent and not ``required``)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        if required:
-            raise FileNotFoundError(f"no config.json in {run_dir}: is it a run folder?")
-        return None
-    return _io.load_json(path, "fix or delete it (then give the run's options again), or use another --run-dir")
 
 
 def set_config(method: str, seed: int, cfg: dict) -> dict:
@@ -998,333 +738,3 @@ def merge_evaluations(parts: Sequence[tuple[int, dict]], ecfg: EvalConfig) -> di
 def _per_network(key: str | None) -> bool:
     """Whether a list under ``key`` holds one value per evaluation network (accuracies, losses)."""
     return key is not None and (key.endswith("_acc") or key == "train_loss")
-
-
-# --- results --------------------------------------------------------------------------------
-
-def _pooled(vals: Sequence[float]) -> tuple[float, float]:
-    mean = sum(vals) / len(vals)
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-    return mean, math.sqrt(var)
-
-
-def summarize(per_seed: dict[str, dict[int, dict]]) -> dict:
-    """Pool the per-net accuracies of every seed of a method: mean and sample std; with several
-    targets, also per target (``targets``: ``{target: {"ood_acc_mean", "ood_acc_std"}}``)."""
-    out = {}
-    for method, seeds in per_seed.items():
-        ood = [a for m in seeds.values() for a in m["ood_acc"]]
-        ind = [a for m in seeds.values() for a in m["in_domain_acc"]]
-        row = {"seeds": sorted(seeds), "num_nets": len(ood)}
-        for key, vals in (("ood_acc", ood), ("in_domain_acc", ind)):
-            row[f"{key}_mean"], row[f"{key}_std"] = _pooled(vals)
-        targets = [m.get("targets") or {} for m in seeds.values()]
-        names = [t for t in targets[0] if all(t in ts for ts in targets)]
-        if len(names) > 1:
-            row["targets"] = {t: dict(zip(("ood_acc_mean", "ood_acc_std"),
-                                          _pooled([a for ts in targets for a in ts[t]["ood_acc"]])))
-                              for t in names}
-        row["distill_seconds"] = sum(m.get("distill_seconds") or 0.0 for m in seeds.values())
-        row["eval_seconds"] = sum(m.get("seconds") or 0.0 for m in seeds.values())
-        row["per_seed"] = {str(s): {"ood_acc_mean": m["ood_acc_mean"], "in_domain_acc_mean": m["in_domain_acc_mean"]}
-                           for s, m in seeds.items()}
-        out[method] = row
-    return out
-
-
-def _first(names: Sequence[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
-
-
-def _short(target: str) -> str:
-    """A column title: ``imagenet-sketch`` -> ``sketch``."""
-    return target[len("imagenet-"):] if target.startswith("imagenet-") else target
-
-
-def format_table(metrics: dict) -> str:
-    """The comparison of a run folder: one row per method; with several OOD targets a column per
-    target, then their mean (each target weighted equally), in-domain and the costs."""
-    targets = metrics.get("target_domains") or [metrics["target"]]
-    multi = len(targets) > 1 and all("targets" in row for row in metrics["methods"].values())
-    where = (f"targets (OOD): {', '.join(targets)}" if len(targets) > 1 else f"target (OOD): {metrics['target']}")
-    lines = [f"{where}   sources: {', '.join(metrics['source_domains'])}   dataset: {metrics['dataset']}"]
-    cols = [(_short(t), 16) for t in targets] + [("OOD mean %", 16)] if multi else [("OOD acc %", 16)]
-    lines.append(f"{'method':<10}" + "".join(f"{name:>{w}}" for name, w in cols)
-                 + f"{'in-domain acc %':>18}{'nets':>6}{'distil s':>10}{'eval s':>9}")
-
-    def cell(mean, std, width=16):
-        return f"{100 * mean:>{width - 7}.2f} ± {100 * std:<4.2f}"
-
-    for method, row in metrics["methods"].items():
-        per_target = "".join(cell(row["targets"][t]["ood_acc_mean"], row["targets"][t]["ood_acc_std"])
-                             for t in targets) if multi else ""
-        lines.append(f"{method:<10}{per_target}{cell(row['ood_acc_mean'], row['ood_acc_std'])}"
-                     f"{100 * row['in_domain_acc_mean']:>11.2f} ± {100 * row['in_domain_acc_std']:<4.2f}"
-                     f"{row['num_nets']:>6}{row['distill_seconds']:>10.1f}{row['eval_seconds']:>9.1f}")
-    lines.append("(mean ± sample std over all evaluation nets of all seeds; per-seed means in metrics.json)")
-    for t, lacking in (metrics.get("missing_classes") or {}).items():
-        lines.append(f"{t} lacks {len(lacking)} class(es) ({_first(lacking)}): scored on the classes it has, "
-                     "predictions restricted to them (the ImageNet-R/A protocol)")
-    if metrics.get("lr_selection"):
-        lines.append("lr_img selected on held-out source images: "
-                     + ", ".join(f"{m} {r['selected_lr_img']:g}" for m, r in metrics["lr_selection"].items()))
-    return "\n".join(lines)
-
-
-def format_selection(records: Mapping[str, dict]) -> str:
-    """The validation accuracy of every grid point and the choice, one line per method."""
-    lines = []
-    for method, r in records.items():
-        scores = "  ".join(f"{lr}: {100 * a:.1f}%" for lr, a in r["validation_acc"].items())
-        lines.append(f"{method:<8} lr_img {r['selected_lr_img']:g} selected   (validation accuracy  {scores})")
-    return "\n".join(lines)
-
-
-@dataclass
-class RunRecord:
-    """What a finished run folder says: its configuration (None if absent) and comparison."""
-    run_dir: Path
-    config: dict | None
-    metrics: dict
-
-
-_METRICS_KEYS = ("target", "source_domains", "dataset", "methods")
-
-
-def load_run(run_dir) -> RunRecord:
-    """Read a run folder's ``config.json`` and ``metrics.json`` (for ``show`` and comparisons)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics.json in {run_dir} (run `sgs-dgdd run` or `evaluate` first)")
-    hint = f"rebuild it with `sgs-dgdd evaluate --run-dir {run_dir} --resume`"
-    metrics = _io.load_json(path, hint)
-    missing = [k for k in _METRICS_KEYS if k not in metrics]
-    if missing:
-        raise RunFolderError(f"{path} is damaged (no {missing}); {hint}")
-    return RunRecord(run_dir, load_saved_config(run_dir), metrics)
-
-
-def describe_run(record: RunRecord) -> str:
-    """The settings line (when the config is there) and the comparison table of a run folder."""
-    lines = []
-    if record.config is not None:
-        try:
-            d, s, e = record.config["distill"], record.config["sgs"], record.config["eval"]
-            normalize = s.get("normalize", "none")
-            lines.append(f"ipc {d['ipc']}, {d['iterations']} iterations, real batch {d['batch_real']}, "
-                         f"width {d['width']}, lr_img {d['lr_img']:g}, {d.get('matching', 'dm')} matching; "
-                         f"SGS tau {s['tau']} rho {s['rho']} alpha {s['alpha']} beta {s['beta']} "
-                         f"{s['mask']} {s['assignment']}{' spatial' if s.get('space') == 'spatial' else ''}"
-                         f"{'' if normalize == 'none' else f' normalize {normalize}'}; "
-                         f"eval {e['num_eval']} nets x {e['epochs']} epochs ({e.get('arch', 'convnet')})")
-            data = [f"{v} px" if k == "resolution" else f"{k} {v}"
-                    for k, v in (record.config.get("data_kwargs") or {}).items()
-                    if k in ("resolution", "crop", "train_per_class")]
-            if record.config.get("pseudo_domains"):
-                data.append(f"{record.config['pseudo_domains']} pseudo-domains")
-            if data:
-                lines[-1] += f"; data: {', '.join(data)}, ConvNet depth {d['depth']}"
-        except (KeyError, TypeError) as exc:
-            raise RunFolderError(f"{record.run_dir / 'config.json'} is damaged (no {exc}); fix or delete it") from exc
-    lines.append(format_table(record.metrics))
-    return "\n".join(lines)
-
-
-# --- comparisons across run folders (sgs-dgdd compare) ----------------------------------------
-
-MATCHING_NAMES = {"dm": "DM", "m3d": "M3D"}
-
-
-def arm_name(config: Mapping | None, method: str, methods_in_folder: int = 1) -> str:
-    """The name of one method of one run folder in a comparison: the folder's ``label`` when it
-    has one (followed by the method when the folder holds several), else the method as DM / DM+SGS
-    (M3D / M3D+SGS with ``m3d`` matching), with the surgery settings that differ from
-    :class:`~sgs_cuda.surgery.SGSConfig`'s defaults in brackets."""
-    config = config or {}
-    if method in BASELINES:
-        name = method
-    else:
-        matching = (config.get("distill") or {}).get("matching", "dm")
-        name = MATCHING_NAMES.get(matching, matching) + ("+SGS" if method == "dm_sgs" else "")
-        if method == "dm_sgs" and isinstance(config.get("sgs"), Mapping):
-            defaults = dataclasses.asdict(SGSConfig())
-            diffs = [f"{k}={v}" for k, v in config["sgs"].items() if k in defaults and v != defaults[k]]
-            if diffs:
-                name += f" ({', '.join(diffs)})"
-    label = config.get("label")
-    if label:
-        return label if methods_in_folder == 1 else f"{label}: {name}"
-    return name
-
-
-def _folder_methods(run_dir: Path) -> list[str]:
-    return [m for m in ALL_METHODS if any((run_dir / m).glob("seed*/metrics.json"))]
-
-
-def collect_arms(run_dirs: Sequence) -> dict[str, dict]:
-    """``{arm name: {"method": m, "dirs": [run folders]}}`` over every evaluated method of every
-    run folder (:func:`arm_name`), in the order met. An arm spans folders (one per target, or
-    seeds spread over folders); one name for two different methods is an error."""
-    arms: dict[str, dict] = {}
-    for run in run_dirs:
-        run = Path(run)
-        if not run.is_dir():
-            raise FileNotFoundError(f"run folder {run} does not exist")
-        config = load_saved_config(run)
-        methods = _folder_methods(run)
-        for method in methods:
-            name = arm_name(config, method, len(methods))
-            arm = arms.setdefault(name, {"method": method, "dirs": []})
-            if arm["method"] != method:
-                raise ValueError(f"the name {name!r} is given to {arm['method']} (in {arm['dirs'][0]}) and to "
-                                 f"{method} (in {run}): give the folders different labels (--label)")
-            arm["dirs"].append(run)
-    if not arms:
-        raise FileNotFoundError(f"no evaluated set (<method>/seed<k>/metrics.json) in {[str(r) for r in run_dirs]}")
-    return arms
-
-
-def _common_archs(seed_metrics: Mapping) -> list[str]:
-    """The architectures every per-seed metrics of an arm was evaluated on (``per_arch``)."""
-    names = None
-    for seeds in seed_metrics.values():
-        for m in seeds.values():
-            have = list((m.get("per_arch") or {}).keys()) or [parse_first_arch(m)]
-            names = have if names is None else [n for n in names if n in have]
-    return names or []
-
-
-def _common_targets(seed_metrics: Mapping) -> list[str]:
-    """The OOD targets that every per-seed metrics of an arm was tested on, when they were tested
-    on several at once (ImageNet subsets); [] for single-target (leave-one-domain-out) runs."""
-    names = None
-    for seeds in seed_metrics.values():
-        for m in seeds.values():
-            have = list((m.get("targets") or {}).keys())
-            names = have if names is None else [n for n in names if n in have]
-    return names if names and len(names) > 1 else []
-
-
-def parse_first_arch(metrics: Mapping) -> str:
-    from .dm.architectures import parse_archs
-    return parse_archs((metrics.get("config") or {}).get("arch", "convnet"))[0][0]
-
-
-def compare_runs(run_dirs: Sequence, baseline: str | None = None, arms: Sequence[str] | None = None,
-                 confidence: float = 0.95, plot=None) -> dict:
-    """Paired comparison of the arms found in ``run_dirs`` (:func:`collect_arms`) with
-    ``baseline`` (default: the arm named ``DM`` if there is one, else the first), per target and
-    pooled: accuracy mean ± sd over seeds, paired differences with their standard error, Student-t
-    ``confidence`` interval and positive pairs (:mod:`sgs_cuda.stats`), OOD and in-domain, first
-    for the first evaluation architecture, then for every further architecture that the baseline
-    and some other arm were both evaluated on. ``arms`` picks and orders the arms.
-
-    With several OOD targets per run (ImageNet subsets) the main table's OOD is their mean and
-    the ``targets`` section has a column per target (keys ``targets.<target>.ood_acc_mean``).
-
-    Returns ``{"markdown": tables, "sections" {"main", "targets", "arch:<name>", "selection": each table}, "baseline",
-    "arms" {name: {"method", "dirs", "accuracy" {key:
-    {target: {seed: %}}}, "lr_img" {target: {seed: lr}}}}, "comparisons" {key: {arm: {"per_target"
-    {target: {"differences", "summary"}}, "pooled"}}}, "selection": selection_table rows}``; with
-    ``plot`` also the per-seed pairs plot of OOD accuracy (PNG).
-    """
-    from . import stats
-
-    found = collect_arms(run_dirs)
-    if arms:
-        missing = [a for a in arms if a not in found]
-        if missing:
-            raise ValueError(f"no arm named {missing} in these folders; found {list(found)}")
-        found = {a: found[a] for a in arms}
-    baseline = baseline or ("DM" if "DM" in found else next(iter(found)))
-    if baseline not in found:
-        raise ValueError(f"baseline {baseline!r} is not one of the arms {list(found)}")
-    seed_metrics = {name: stats.load_seed_metrics(a["dirs"], a["method"]) for name, a in found.items()}
-    archs = {name: _common_archs(sm) for name, sm in seed_metrics.items()}
-    targets = {name: _common_targets(sm) for name, sm in seed_metrics.items()}
-    keys = list(stats.METRICS)
-    out_arms = {}
-    for name, a in found.items():
-        acc = {k: stats.accuracies(seed_metrics[name], k) for k in keys}
-        for t in targets[name]:
-            acc[f"targets.{t}.ood_acc_mean"] = stats.accuracies(seed_metrics[name], f"targets.{t}.ood_acc_mean")
-        for arch in archs[name]:
-            for k in keys:
-                with contextlib.suppress(KeyError):
-                    acc[f"per_arch.{arch}.{k}"] = stats.accuracies(seed_metrics[name], f"per_arch.{arch}.{k}")
-        lrs = {t: {s: m.get("lr_img") for s, m in seeds.items()} for t, seeds in seed_metrics[name].items()}
-        out_arms[name] = {"method": a["method"], "dirs": [str(d) for d in a["dirs"]], "accuracy": acc, "lr_img": lrs}
-    comparisons = {}
-    for key in out_arms[baseline]["accuracy"]:
-        for name, arm in out_arms.items():
-            if name != baseline and key in arm["accuracy"]:
-                c = stats.compare(out_arms[baseline]["accuracy"][key], arm["accuracy"][key], confidence)
-                comparisons.setdefault(key, {})[name] = {
-                    "per_target": {t: {"differences": r["differences"], "summary": r["summary"].to_dict()}
-                                   for t, r in c["per_target"].items()},
-                    "pooled": c["pooled"].to_dict()}
-    sections = {"main": stats.markdown_tables({n: (found[n]["dirs"], found[n]["method"]) for n in found}, baseline,
-                                              confidence=confidence)}
-    per_target = [t for t in targets[baseline] if any(t in targets[n] for n in found if n != baseline)]
-    if per_target:  # several OOD targets per run: a column per target (the main table has their mean)
-        with_all = [n for n in found if all(t in targets[n] for t in per_target)]
-        sections["targets"] = "Per OOD target (the main table's OOD is their mean, each weighted equally):\n\n" + \
-            stats.markdown_tables({n: (found[n]["dirs"], found[n]["method"]) for n in with_all}, baseline,
-                                  keys=[f"targets.{t}.ood_acc_mean" for t in per_target], confidence=confidence)
-    first = archs[baseline][0] if archs[baseline] else None
-    for arch in archs[baseline]:
-        if arch == first:
-            continue
-        with_arch = [n for n in found if arch in archs[n]]
-        if len(with_arch) < 2:
-            continue
-        sections[f"arch:{arch}"] = f"Evaluated by {arch}:\n\n" + stats.markdown_tables(
-            {n: (found[n]["dirs"], found[n]["method"]) for n in with_arch}, baseline,
-            keys=[f"per_arch.{arch}.{k}" for k in keys], confidence=confidence)
-    selection = selection_table([d for a in found.values() for d in a["dirs"]])
-    if selection["rows"]:
-        sections["selection"] = selection["markdown"]
-    result = {"markdown": "\n\n".join(sections.values()), "sections": sections, "baseline": baseline,
-              "arms": out_arms, "comparisons": comparisons, "selection": selection["rows"], "confidence": confidence}
-    if plot is not None:
-        stats.save_pairs_plot({n: a["accuracy"]["ood_acc_mean"] for n, a in out_arms.items()}, plot)
-        result["plot"] = str(plot)
-    return result
-
-
-def write_comparison(result: dict, path) -> Path:
-    """:func:`compare_runs`' numbers as JSON (atomically; the markdown included)."""
-    path = Path(path)
-    _io.ensure_dir(path.parent)
-    return _io.write_json(path, result)
-
-
-def selection_table(run_dirs: Sequence) -> dict:
-    """The lr_img selections (``<run>/<method>/lr_selection.json``) of ``run_dirs``: ``{"rows":
-    [{"target", "arm", "grid", "validation_acc" {lr: %}, "selected_lr_img", "seeds", "dir"}],
-    "markdown": a table}``."""
-    from .selection import SELECTION_NAME
-
-    rows = []
-    for run in dict.fromkeys(Path(r) for r in run_dirs):
-        config = load_saved_config(run) or {}
-        methods = [m for m in DISTILLED if (run / m / SELECTION_NAME).is_file()]
-        for method in methods:
-            path = run / method / SELECTION_NAME
-            rec = _io.load_json(path, "delete it to select again")
-            if "selected_lr_img" not in rec:
-                continue  # an interrupted selection
-            rows.append({"target": config.get("target"), "arm": arm_name(config, method, len(_folder_methods(run))),
-                         "grid": rec["grid"], "selected_lr_img": rec["selected_lr_img"], "seeds": rec["seeds"],
-                         "validation_acc": {lr: 100 * a for lr, a in rec["validation_acc"].items()}, "dir": str(run)})
-    grid = list(dict.fromkeys(str(lr) for r in rows for lr in r["validation_acc"]))
-    head = ["target", "method"] + [f"lr {float(lr):g}" for lr in grid] + ["selected lr_img"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        best = str(float(r["selected_lr_img"]))
-        cells = [f"**{r['validation_acc'][lr]:.1f}**" if lr == best else
-                 (f"{r['validation_acc'][lr]:.1f}" if lr in r["validation_acc"] else "") for lr in grid]
-        lines.append("| " + " | ".join([str(r["target"]), r["arm"], *cells, f"{r['selected_lr_img']:g}"]) + " |")
-    note = "Validation accuracy % (held-out source training images) of each lr_img of the grid; bold: selected."
-    return {"rows": rows, "markdown": "\n".join(lines) + "\n\n" + note if rows else ""}

@@ -235,7 +235,7 @@ def test_runs_saved_before_the_streams_resume_exactly(tmp_path):
 
 
 def test_saved_run_folder_configs_keep_their_settings():
-    from sgs_cuda.experiment import default_config, resolve_config
+    from sgs_cuda.config import default_config, resolve_config
 
     saved = default_config()
     for key in ("rng", "precision", "channels_last", "class_chunk", "memory_gib"):

@@ -12,6 +12,8 @@ import torch
 from tiny_domains import TinyDomains as _TinyDomains
 
 from sgs_cuda import cli, experiment
+from sgs_cuda.compare import describe_run, load_run
+from sgs_cuda.config import parse_targets
 
 
 class TinyDomains(_TinyDomains):
@@ -292,7 +294,7 @@ def test_select_lr_then_run_at_the_selected_step(tiny, tmp_path, capsys, monkeyp
             assert _per_seed(run_dir, m, seed)["lr_img"] == chosen[m]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {m: r["selected_lr_img"] for m, r in metrics["lr_selection"].items()} == chosen
-    assert "lr_img" in cli.experiment.describe_run(cli.experiment.load_run(run_dir))
+    assert "lr_img" in describe_run(load_run(run_dir))
 
 
 def test_compare_run_folders(tiny, tmp_path, capsys):
@@ -349,7 +351,7 @@ def test_data_flags_map_onto_data_kwargs():
     assert cfg["data_kwargs"] == {"resolution": 64, "crop": "center", "sketch_root": "/s", "r_root": "/r",
                                   "a_root": "/a", "v2_root": "/v2", "num_workers": 3, "train_per_class": 50,
                                   "cache_dir": "/fast", "seed": 2}  # the preset's crop kept, its resolution replaced
-    assert experiment.parse_targets(cfg["target"]) == ["imagenet-r", "imagenet-a"]
+    assert parse_targets(cfg["target"]) == ["imagenet-r", "imagenet-a"]
     later = cli.resolve_config(cli.build_parser().parse_args(
         ["run", "--resolution", "64", "--data-option", "resolution=256", "--set", "data_kwargs.crop=squash"]))
     assert later["data_kwargs"] == {"resolution": 256, "crop": "squash"}  # --data-option after the flags, --set last

@@ -77,7 +77,8 @@ class RunDomains(TinyDomains):
 # --- what each process runs ------------------------------------------------------------------
 
 def sharded_work(world, tmp):
-    from sgs_cuda.experiment import Experiment, resolve_config
+    from sgs_cuda.config import resolve_config
+    from sgs_cuda.experiment import Experiment
 
     out = {}
     for name, kw in CASES.items():
@@ -207,7 +208,8 @@ def test_killed_sharded_run_resumes_to_the_same_set(launches, tmp_path):
 
 
 def test_sharded_pipeline_equals_single_process(launches, tmp_path):
-    from sgs_cuda.experiment import Experiment, resolve_config
+    from sgs_cuda.config import resolve_config
+    from sgs_cuda.experiment import Experiment
 
     tmp, _, second = launches
     exp = Experiment(resolve_config(TINY_RUN), tmp_path / "run1", data=RunDomains(), log=lambda m: None)

@@ -1,13 +1,15 @@
-"""The pipeline's Python API (sgs_cuda.experiment), which the CLI and later distributed workers
-call: configuration layers, one set at a time, the whole run, reuse, bad-image lists."""
+"""The pipeline's Python API (sgs_cuda.experiment, with sgs_cuda.config and sgs_cuda.compare), which
+the CLI and later distributed workers call: configuration layers, one set at a time, the whole run,
+reuse, bad-image lists, the names experiment re-exports."""
 import json
 
 import pytest
 import torch
 from tiny_domains import TinyDomains as _TinyDomains
 
-from sgs_cuda import experiment
-from sgs_cuda.experiment import Experiment, RunFolderError, resolve_config
+from sgs_cuda import compare, config, experiment
+from sgs_cuda.config import resolve_config
+from sgs_cuda.experiment import Experiment, RunFolderError
 
 
 class TinyDomains(_TinyDomains):
@@ -37,8 +39,8 @@ def test_resolve_config_layers(tmp_path):
     # a resumed run's saved config replaces the defaults; later layers still apply
     again = resolve_config({"eval.epochs": 3}, saved=cfg)
     assert again["distill"]["iterations"] == 77 and again["eval"]["epochs"] == 3
-    assert experiment.parse_assignment("sgs.beta=0") == ("sgs.beta", 0)
-    assert experiment.parse_assignment("device = cuda:1") == ("device", "cuda:1")
+    assert config.parse_assignment("sgs.beta=0") == ("sgs.beta", 0)
+    assert config.parse_assignment("device = cuda:1") == ("device", "cuda:1")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -78,9 +80,9 @@ def test_sets_one_at_a_time_then_the_whole_run(tmp_path):
     summary = exp.run()  # dm is made now; dm_sgs is made again (no resume) with the same result
     assert list(summary["methods"]) == ["dm", "dm_sgs"]
     assert summary["methods"]["dm_sgs"]["ood_acc_mean"] == pytest.approx(sum(metrics["ood_acc"]) / 2)
-    record = experiment.load_run(tmp_path / "r")
+    record = compare.load_run(tmp_path / "r")
     assert record.metrics == json.loads(json.dumps(summary)) and record.config["target"] == "d1"
-    text = experiment.describe_run(record)
+    text = compare.describe_run(record)
     assert "4 iterations" in text and "dm_sgs" in text and "d1" in text
 
     fresh, more = TinyDomains(), []
@@ -175,11 +177,11 @@ def test_m3d_matching_and_arm_names(tmp_path):
     dm = Experiment(tiny_config(methods=["dm"]), tmp_path / "dm", data=TinyDomains(), log=lambda m: None).produce_set("dm", 0)
     assert m3d["config"]["matching"] == "m3d" and not torch.equal(m3d["images"], dm["images"])
     cfg = tiny_config(**{"distill.matching": "m3d", "sgs.space": "spatial"})
-    assert experiment.arm_name(cfg, "dm") == "M3D"
-    assert experiment.arm_name(cfg, "dm_sgs") == "M3D+SGS (space=spatial)"
-    assert experiment.arm_name(tiny_config(), "dm_sgs") == "DM+SGS" and experiment.arm_name(None, "random") == "random"
-    assert experiment.arm_name({**cfg, "label": "mine"}, "dm") == "mine"
-    assert experiment.arm_name({**cfg, "label": "mine"}, "dm", 2) == "mine: M3D"
+    assert compare.arm_name(cfg, "dm") == "M3D"
+    assert compare.arm_name(cfg, "dm_sgs") == "M3D+SGS (space=spatial)"
+    assert compare.arm_name(tiny_config(), "dm_sgs") == "DM+SGS" and compare.arm_name(None, "random") == "random"
+    assert compare.arm_name({**cfg, "label": "mine"}, "dm") == "mine"
+    assert compare.arm_name({**cfg, "label": "mine"}, "dm", 2) == "mine: M3D"
 
 
 def test_selection_refuses_pseudo_domains_and_empty_grids(tmp_path):
@@ -208,15 +210,29 @@ def test_several_targets_in_leave_domains_out(tmp_path):
     per = json.loads((exp.set_dir("dm", 0) / "metrics.json").read_text())
     assert per["ood_acc"] == pytest.approx([(a + b) / 2 for a, b in zip(per["targets"]["d0"]["ood_acc"],
                                                                          per["targets"]["d1"]["ood_acc"])])
-    table = experiment.format_table(summary)
+    table = compare.format_table(summary)
     assert "targets (OOD): d0, d1" in table
     assert table.splitlines()[1].split()[:5] == ["method", "d0", "d1", "OOD", "mean"]
     single = Experiment(tiny_config(target="d1", methods=["dm"]), tmp_path / "s", data=TinyDomains(),
                         log=lambda m: None).run()
-    text = experiment.format_table(single)
+    text = compare.format_table(single)
     assert text.splitlines()[1].split()[:4] == ["method", "OOD", "acc", "%"] and "OOD mean" not in text
     assert json.loads((tmp_path / "s" / "config.json").read_text())["target"] == "d1"  # a name, as before
     with pytest.raises(ValueError, match="DM\\+SGS needs at least two source domains"):
         Experiment(tiny_config(target="d0,d1"), tmp_path / "t", data=TinyDomains(), log=lambda m: None)
     with pytest.raises(ValueError, match="unknown target domain 'd7'"):
         Experiment(tiny_config(target="d0,d7"), tmp_path / "u", data=TinyDomains(), log=lambda m: None)
+
+
+def test_moved_names_are_re_exported_by_experiment():
+    """``from sgs_cuda.experiment import resolve_config`` (and every other public name that moved to
+    sgs_cuda.config or sgs_cuda.compare) still works, giving the same object."""
+    moved = set()
+    for name in experiment.__all__:
+        obj = getattr(experiment, name)  # every listed name is there
+        for module in (config, compare):
+            if hasattr(module, name):
+                assert obj is getattr(module, name), name
+                moved.add(name)
+    assert {"resolve_config", "default_config", "parse_targets", "load_saved_config", "ALL_METHODS", "load_run",
+            "describe_run", "compare_runs", "summarize", "format_table", "RunRecord", "selection_table"} <= moved

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sgs_cuda import cli, evaluate, experiment
+from sgs_cuda.config import resolve_config
 from sgs_cuda.data import PseudoDomainDataset, load_dataset
 from sgs_cuda.data.cells import DecodedCells
 from sgs_cuda.data.demo_tree import MARKER, V2_FOLDER, demo_command, demo_paths, make_demo_imagenet
@@ -249,7 +250,7 @@ def test_presets_128(tmp_path, monkeypatch):
     names = ["imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow", "imagenet100"]
     assert set(f"{n}-128" for n in names) | {"imagenet-128", "imagenette-cpu"} <= set(cli.available_presets())
     for name in names:
-        cfg = experiment.resolve_config({"distill.ipc": 50}, preset=f"{name}-128")
+        cfg = resolve_config({"distill.ipc": 50}, preset=f"{name}-128")
         assert cfg["dataset"] == {"imagenet100": "imagenet-100"}.get(name, name)
         d, e = cfg["distill"], cfg["eval"]
         assert (d["ipc"], d["iterations"], d["batch_real"], d["width"], d["depth"], d["norm"], d["lr_img"]) == \
@@ -263,11 +264,11 @@ def test_presets_128(tmp_path, monkeypatch):
     base = cli.resolve_config(cli.build_parser().parse_args(["run", "--preset", "imagenet-128", "--dataset",
                                                              "imagewoof"]))
     assert woof == base
-    monkeypatch.setattr(experiment, "PRESET_DIR", tmp_path)
+    monkeypatch.setattr("sgs_cuda.config.PRESET_DIR", tmp_path)
     (tmp_path / "a.yaml").write_text("extends: b\n")
     (tmp_path / "b.yaml").write_text("extends: a\n")
     with pytest.raises(ValueError, match="extends 'a', which extends it again"):
-        experiment.resolve_config(preset="a")
+        resolve_config(preset="a")
 
 
 # -- several targets in one evaluation, on a source whose answers are known --------------------------
