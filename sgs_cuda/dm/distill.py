@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import _io
-from .._config import DictConfig
+from .._dictconfig import DictConfig
 from ..distributed import SOLO, World
 from ..ops import spatial_gradient_surgery, spectral_gradient_surgery
 from ..surgery import SGSConfig, domain_gradients
