@@ -5,12 +5,13 @@ evaluation architectures, at the ``medium`` preset (the evidence in ``docs/RESUL
     python benchmarks/tuned_study.py report --out runs/tuned --results docs/RESULTS.md
 
 Per target domain (leave-one-domain-out on ``fmnist-styles``), in this order, so that what
-finishes first is a complete target:
+finishes first is a complete target, and within a target the main comparison (DM, DM+SGS, the
+matched step) on every seed before the other arms:
 
 A. ``lr_img`` for DM and for DM+SGS (the op's defaults), each picked from ``GRID`` on 20 % of the
    source training images held out (selection seed 10, apart from the test seeds; the target is
    never read): ``sgs-dgdd select-lr`` in the arm's run folder.
-B. per seed (0, 1, 2): DM and DM+SGS at their selected steps; DM+SGS with the matched step
+B. per seed (0, 1, 2), the first three arms first: DM and DM+SGS at their selected steps; DM+SGS with the matched step
    (``--normalize dm_norm``: every image's update rescaled to the norm of its DM gradient) at
    DM's step; the spatial mask at DM+SGS's step; M3D at DM's step and M3D+SGS at DM+SGS's step
    (M3D's loss is in DM units; its steps are DM's, an approximation); last, if time allows,
@@ -66,13 +67,15 @@ class Arm:
     flags: tuple = ()
     lr_from: str | None = None  # None: selects its own lr_img; else the arm whose selection it uses
     late: bool = False  # after every target's other cells
+    core: bool = False  # the main question (DM, DM+SGS, matched step): all seeds before the other arms
     normalize: bool = False  # needs the op's normalize option
 
 
 ARMS = [
-    Arm("dm", "DM", "dm", ("--eval-arch", XARCH)),
-    Arm("dm_sgs", "DM+SGS", "dm_sgs", (*SGS_DEFAULTS, "--eval-arch", XARCH)),
-    Arm("matched", "DM+SGS matched step", "dm_sgs", (*SGS_DEFAULTS, "--normalize", "dm_norm"), "dm", normalize=True),
+    Arm("dm", "DM", "dm", ("--eval-arch", XARCH), core=True),
+    Arm("dm_sgs", "DM+SGS", "dm_sgs", (*SGS_DEFAULTS, "--eval-arch", XARCH), core=True),
+    Arm("matched", "DM+SGS matched step", "dm_sgs", (*SGS_DEFAULTS, "--normalize", "dm_norm"), "dm",
+        normalize=True, core=True),
     Arm("spatial", "spatial mask", "dm_sgs", (*SGS_DEFAULTS[:-1], "spatial"), "dm_sgs"),
     Arm("m3d", "M3D", "dm", ("--matching", "m3d"), "dm"),
     Arm("m3d_sgs", "M3D+SGS", "dm_sgs", (*SGS_DEFAULTS, "--matching", "m3d"), "dm_sgs"),
@@ -145,12 +148,14 @@ class Job:
 
 
 def all_jobs(targets) -> list[Job]:
-    """Every cell in priority order: a whole target (A, then B+C seed by seed) before the next;
-    the late arms after every target."""
+    """Every cell in priority order: a whole target before the next (A; then the core arms, DM,
+    DM+SGS and the matched step, seed by seed; then the other arms seed by seed); the late arms
+    after every target."""
     jobs = []
     for t in targets:
         jobs += [Job(t, a, None) for a in ARMS if a.lr_from is None]
-        jobs += [Job(t, a, s) for s in SEEDS for a in ARMS if not a.late]
+        for core in (True, False):
+            jobs += [Job(t, a, s) for s in SEEDS for a in ARMS if not a.late and a.core == core]
     jobs += [Job(t, a, s) for t in targets for s in SEEDS for a in ARMS if a.late]
     return jobs
 

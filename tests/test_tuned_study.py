@@ -30,6 +30,8 @@ def test_cells_finish_a_target_before_the_next(study):
     assert names[:2] == ["photo-dm-select", "photo-dm_sgs-select"]
     assert names.index("photo-m3d_sgs-seed2") < names.index("sketch-dm-select")
     assert names.index("photo-dm_sgs-seed0") < names.index("photo-dm-seed1")  # seeds in order
+    # the main comparison on every seed before the other arms of the target
+    assert names.index("photo-matched-seed2") < names.index("photo-spatial-seed0")
     late = [n for n in names if "-kept-" in n]
     assert late and names[-len(late):] == late  # the optional arm after every target
     assert len(names) == len(set(names)) == 2 * (2 + 6 * 3) + 2 * 3
