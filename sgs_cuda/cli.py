@@ -20,7 +20,8 @@ defaults, so ``sgs-dgdd run --resume --run-dir R`` continues R exactly.
 
 This module only parses arguments: the pipeline (run folders, reuse and resume, distillation,
 evaluation) is the Python API of :mod:`sgs_cuda.experiment`, which also says what a run folder
-holds; the configuration is :mod:`sgs_cuda.config`, the comparison :mod:`sgs_cuda.compare`. User errors end in one line, ``sgs-dgdd: error: ...``, and exit status 2.
+holds; the configuration is :mod:`sgs_cuda.config`, the comparison :mod:`sgs_cuda.compare`.
+User errors end in one line, ``sgs-dgdd: error: ...``, and exit status 2.
 """
 from __future__ import annotations
 
