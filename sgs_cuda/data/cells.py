@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .decode_cache import DecodedGroup, summarize_bad_files
-from .sampling import SPLITS, check_split, draw_indices
+from .sampling import SPLITS, check_cell, draw_indices
 
 Cell = tuple["DecodedGroup | None", np.ndarray]  # the entry and the rows of it that form the cell
 
@@ -55,12 +55,7 @@ class DecodedCells:
 
     # -- cells -----------------------------------------------------------------------------
     def _cell(self, domain: str, label: int, split: str) -> Cell:
-        if domain not in self.domains:
-            raise ValueError(f"unknown domain {domain!r}; available: {self.domains}")
-        check_split(split)
-        if not 0 <= int(label) < len(self.classes):
-            raise ValueError(f"label {label} outside [0, {len(self.classes)})")
-        return self._cells[domain, split, int(label)]
+        return self._cells[check_cell(self, domain, label, split)]
 
     def files(self, domain: str, label: int, split: str = "train") -> list[Path]:
         """The image paths of one (domain, class, split) cell, in a fixed order."""

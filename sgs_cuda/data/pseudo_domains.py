@@ -18,7 +18,7 @@ import torch
 from .base import denormalize
 from .decode_cache import default_cache_dir, save_npz_atomic
 from .memory import InMemoryDomains
-from .sampling import SPLITS, check_split, draw_indices
+from .sampling import SPLITS, check_cell, draw_indices
 
 CACHE_VERSION = 2  # of the cached assignment; bump when the clustering changes
 
@@ -234,12 +234,7 @@ class PseudoDomainDataset:
 
     # -- protocol ---------------------------------------------------------------------------
     def _cell(self, domain: str, label: int, split: str) -> np.ndarray:
-        if domain not in self.domains:
-            raise ValueError(f"unknown domain {domain!r}; available: {self.domains}")
-        check_split(split)
-        if not 0 <= int(label) < len(self.classes):
-            raise ValueError(f"label {label} outside [0, {len(self.classes)})")
-        return self._cells[domain, split, int(label)]
+        return self._cells[check_cell(self, domain, label, split)]
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.base.normalize(images_uint8)  # batches exactly as the base source gives them

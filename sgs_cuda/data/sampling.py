@@ -20,6 +20,16 @@ def check_split(split: str) -> str:
     return split
 
 
+def check_cell(source, domain: str, label: int, split: str) -> tuple[str, str, int]:
+    """``(domain, split, label)`` of one cell of ``source`` (its ``domains`` and ``classes``), checked."""
+    if domain not in source.domains:
+        raise ValueError(f"unknown domain {domain!r}; available: {source.domains}")
+    check_split(split)
+    if not 0 <= int(label) < len(source.classes):
+        raise ValueError(f"label {label} outside [0, {len(source.classes)})")
+    return domain, split, int(label)
+
+
 def draw_indices(available: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` indices into a cell of ``available`` images, as an int64 CPU tensor.
 
