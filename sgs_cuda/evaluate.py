@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._dictconfig import DictConfig
+from .data.sampling import iter_uint8_split
 from .dm.architectures import build_network, parse_archs
 from .dm.dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
 from .dm.networks import NORMS, build_convnet
@@ -119,13 +119,7 @@ def iter_batches(data, domains: Sequence[str], split: str = "test",
     if hasattr(data, "iter_split"):
         yield from data.iter_split(domains, split, batch)
     elif hasattr(data, "uint8_images") and hasattr(data, "normalize"):
-        for d in domains:
-            for c in range(len(data.classes)):
-                n = data.count(d, c, split)
-                for start in range(0, n, batch):
-                    index = np.arange(start, min(n, start + batch))
-                    yield (data.normalize(data.uint8_images(d, c, index, split)),
-                           torch.full((len(index),), c, dtype=torch.long))
+        yield from iter_uint8_split(data, domains, split, batch)
     else:
         x, y = data.split_tensors(domains, split)
         for start in range(0, len(y), batch):

@@ -20,7 +20,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from tiny_domains import TinyDomains
+from tiny_domains import CrashingDomains, TinyDomains
 
 from sgs_cuda import SGSConfig, distributed
 from sgs_cuda.dm import DistillConfig, distill
@@ -40,17 +40,6 @@ def tiny_cfg(**kw):
     return DistillConfig(**base)
 
 
-class CrashingDomains(TinyDomains):
-    """Raises once ``real_batch`` has been called ``limit`` times (a process killed mid-run)."""
-
-    def __init__(self, limit, **kw):
-        super().__init__(**kw)
-        self.limit = limit
-
-    def real_batch(self, *a, **kw):
-        if len(self.calls) >= self.limit:
-            raise KeyboardInterrupt("killed")
-        return super().real_batch(*a, **kw)
 
 
 CUT = dict(method="dm_sgs", iterations=7, checkpoint_every=2)

@@ -11,7 +11,7 @@ from sgs_cuda.dm.distill import CHECKPOINT_NAME, initial_images, matching_losses
 from sgs_cuda.dm.dsa import FAMILIES, parse_strategy
 
 
-from tiny_domains import TinyDomains  # noqa: E402
+from tiny_domains import CrashingDomains, TinyDomains  # noqa: E402
 
 
 def tiny_cfg(**kw):
@@ -281,17 +281,6 @@ class Crash(Exception):
     pass
 
 
-class CrashingDomains(TinyDomains):
-    """Raises once ``real_batch`` has been called ``limit`` times (a run killed mid-way)."""
-
-    def __init__(self, limit, **kw):
-        super().__init__(**kw)
-        self.limit = limit
-
-    def real_batch(self, *a, **kw):
-        if len(self.calls) >= self.limit:
-            raise Crash()
-        return super().real_batch(*a, **kw)
 
 
 @pytest.mark.parametrize("method,assignment", [("dm_sgs", "random"), ("dm", "random"), ("dm_sgs", "fixed")])
@@ -300,7 +289,7 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path, method, assignment):
     full = distill(TinyDomains(), ["d0", "d1", "d2"], cfg, run_dir=tmp_path / "full", progress=False)
     # killed during iteration 6 (init: 3 classes x 2 images over 3 domains = 6 calls; then 9 per iteration)
     with pytest.raises(Crash):
-        distill(CrashingDomains(6 + 9 * 5 + 4), ["d0", "d1", "d2"], cfg, run_dir=tmp_path / "cut", progress=False)
+        distill(CrashingDomains(6 + 9 * 5 + 4, Crash), ["d0", "d1", "d2"], cfg, run_dir=tmp_path / "cut", progress=False)
     saved = torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=False)
     assert saved["iteration"] == 4 and len(saved["history"]["loss"]) == 4
     assert [p.name for p in (tmp_path / "cut").iterdir()] == [CHECKPOINT_NAME]  # no temporary files left

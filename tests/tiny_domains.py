@@ -32,3 +32,16 @@ class TinyDomains:
         xs = [torch.cat(self._x[d, split]) for d in domains]
         ys = [torch.arange(len(self.classes)).repeat_interleave(len(self._x[d, split][0])) for d in domains]
         return torch.cat(xs), torch.cat(ys)
+
+
+class CrashingDomains(TinyDomains):
+    """Raises ``error`` once ``real_batch`` has been called ``limit`` times (a run killed mid-way)."""
+
+    def __init__(self, limit, error=KeyboardInterrupt, **kw):
+        super().__init__(**kw)
+        self.limit, self.error = limit, error
+
+    def real_batch(self, *a, **kw):
+        if len(self.calls) >= self.limit:
+            raise self.error("killed")
+        return super().real_batch(*a, **kw)

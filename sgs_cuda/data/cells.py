@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .decode_cache import DecodedGroup, summarize_bad_files
-from .sampling import SPLITS, check_cell, draw_indices
+from .sampling import SPLITS, check_cell, draw_indices, iter_uint8_split
 
 Cell = tuple["DecodedGroup | None", np.ndarray]  # the entry and the rows of it that form the cell
 
@@ -102,13 +102,7 @@ class DecodedCells:
     def iter_split(self, domains: Sequence[str], split: str = "test",
                    batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``split_tensors`` in batches of at most ``batch_size`` (memory bounded by the batch)."""
-        for d in domains:
-            for c in range(len(self.classes)):
-                n = self.count(d, c, split)
-                for start in range(0, n, batch_size):
-                    index = np.arange(start, min(n, start + batch_size))
-                    yield (self.normalize(self.uint8_images(d, c, index, split)),
-                           torch.full((len(index),), c, dtype=torch.long))
+        yield from iter_uint8_split(self, domains, split, batch_size)
 
     def split_tensors(self, domains: Sequence[str], split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         """Every image of the split (normalised float32): fine for test sets; ``iter_split`` streams."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 SPLITS = ("train", "test")
@@ -76,3 +77,15 @@ def sample_class_balanced(data, domain: str, n_per_class: int, generator: torch.
               for c in range(len(data.classes))]
     labels = torch.arange(len(data.classes)).repeat_interleave(n_per_class)
     return torch.cat(images), labels
+
+
+def iter_uint8_split(source, domains, split: str, batch_size: int):
+    """``(images, labels)`` of ``split`` in batches of at most ``batch_size``, class by class, for a
+    source that stores uint8 cells (``count``, ``uint8_images``, ``normalize``)."""
+    for d in domains:
+        for c in range(len(source.classes)):
+            n = source.count(d, c, split)
+            for start in range(0, n, batch_size):
+                index = np.arange(start, min(n, start + batch_size))
+                yield (source.normalize(source.uint8_images(d, c, index, split)),
+                       torch.full((len(index),), c, dtype=torch.long))
