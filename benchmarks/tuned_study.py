@@ -148,14 +148,15 @@ class Job:
 
 
 def all_jobs(targets) -> list[Job]:
-    """Every cell in priority order: a whole target before the next (A; then the core arms, DM,
-    DM+SGS and the matched step, seed by seed; then the other arms seed by seed); the late arms
-    after every target."""
+    """Every cell in priority order: the main question first on every target (the lr selections
+    (A), then DM, DM+SGS and the matched step, target by target, seed by seed), then the other
+    arms target by target, then the late arms. A study cut short still answers the main question
+    on as many targets as it reached."""
     jobs = []
     for t in targets:
         jobs += [Job(t, a, None) for a in ARMS if a.lr_from is None]
-        for core in (True, False):
-            jobs += [Job(t, a, s) for s in SEEDS for a in ARMS if not a.late and a.core == core]
+        jobs += [Job(t, a, s) for s in SEEDS for a in ARMS if a.core]
+    jobs += [Job(t, a, s) for t in targets for s in SEEDS for a in ARMS if not a.late and not a.core]
     jobs += [Job(t, a, s) for t in targets for s in SEEDS for a in ARMS if a.late]
     return jobs
 

@@ -24,14 +24,15 @@ def _select(out: Path, target: str, arm: str, method: str, lr: float):
     path.write_text(json.dumps({"selected_lr_img": lr}))
 
 
-def test_cells_finish_a_target_before_the_next(study):
+def test_cells_answer_the_main_question_on_every_target_first(study):
     jobs = study.all_jobs(["photo", "sketch"])
     names = [j.name for j in jobs]
     assert names[:2] == ["photo-dm-select", "photo-dm_sgs-select"]
-    assert names.index("photo-m3d_sgs-seed2") < names.index("sketch-dm-select")
+    assert names.index("photo-matched-seed2") < names.index("sketch-dm-select")
     assert names.index("photo-dm_sgs-seed0") < names.index("photo-dm-seed1")  # seeds in order
-    # the main comparison on every seed before the other arms of the target
-    assert names.index("photo-matched-seed2") < names.index("photo-spatial-seed0")
+    # the main comparison (DM, DM+SGS, matched step) on every target before any other arm
+    assert names.index("sketch-matched-seed2") < names.index("photo-spatial-seed0")
+    assert names.index("photo-m3d_sgs-seed2") < names.index("sketch-spatial-seed0")
     late = [n for n in names if "-kept-" in n]
     assert late and names[-len(late):] == late  # the optional arm after every target
     assert len(names) == len(set(names)) == 2 * (2 + 6 * 3) + 2 * 3
