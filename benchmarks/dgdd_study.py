@@ -28,7 +28,7 @@ from pathlib import Path
 # does not move when the op's defaults do (since the sweep, the op's rho default is 0: the
 # "sign only" row).
 INITIAL = ["--tau", "1", "--rho", "0.25", "--alpha", "1", "--beta", "0.25", "--mask", "hard",
-           "--assignment", "random", "--space", "spectral"]
+           "--assignment", "random", "--normalize", "none", "--space", "spectral"]
 # name -> CLI flags; each changes one thing from INITIAL ("defaults")
 VARIANTS = {
     "defaults": [],

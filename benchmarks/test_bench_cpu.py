@@ -53,3 +53,25 @@ def test_sgs_cpu(benchmark, shape, impl):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
     benchmark.extra_info["bytes_floor"] = (shape[0] + 1) * torch.Size(shape[1:]).numel() * 4
     benchmark.pedantic(fn, args=(grads, assign), rounds=15, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("path", ["update_only", "with_parts"])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_dm_norm_cpu(benchmark, shape, path):
+    """The matched step (``normalize="dm_norm"``): the update alone (the DM loop's step: one
+    reduction over the inputs for the DM gradient's norm) against the same update through the
+    parts (what it cost before: the kernel's mean, shared and diversity outputs)."""
+    from sgs_cuda import spectral_gradient_surgery
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(shape, generator=gen)
+    assign = torch.randint(0, shape[0], (shape[1],), generator=gen)
+    kw = dict(PARAMS, normalize="dm_norm", check_finite=False)
+    if path == "update_only":
+        fn = lambda: spectral_gradient_surgery(grads, assign, return_diagnostics=True, **kw).update  # noqa: E731
+    else:
+        fn = lambda: spectral_gradient_surgery(grads, assign, return_parts=True, **kw).update  # noqa: E731
+    ref = sgs_reference(grads.double(), assign, **PARAMS)
+    mean = grads.double().mean(0)
+    ref = ref * (mean.flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1))[:, None, None, None]
+    assert ((fn().double() - ref).norm() / ref.norm()).item() < 1e-5
+    benchmark.pedantic(fn, rounds=15, warmup_rounds=2)

@@ -56,7 +56,7 @@ SELECT = ["--select-lr", GRID, "--select-seeds", "10", "--holdout-fraction", "0.
 XARCH = "convnet,alexnet:32,vgg11:16,resnet18:16"
 # The op's defaults, passed explicitly so the study does not move when they do.
 SGS_DEFAULTS = ["--tau", "1", "--rho", "0", "--alpha", "1", "--beta", "0.25", "--mask", "hard",
-                "--assignment", "random", "--space", "spectral"]
+                "--assignment", "random", "--normalize", "none", "--space", "spectral"]
 
 
 @dataclass(frozen=True)

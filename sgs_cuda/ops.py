@@ -200,7 +200,8 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
         normalize: matched-step variants, so that a comparison with DM isolates the direction the
             surgery chooses from the size of its step. ``"none"`` (default): the update above.
             ``"dm_norm"``: each image's update is rescaled to the norm of its plain DM gradient
-            ``mean_d grads[d]`` (over C, H, W). ``"kept_fraction"``: the shared part is divided by
+            ``mean_d grads[d]`` (over C, H, W); without the parts this costs one reduction over
+            ``grads``, not the parts' extra outputs. ``"kept_fraction"``: the shared part is divided by
             the fraction of components the mask kept, as the AND-mask does (Parascandolo et al.,
             2021, ``scale_grad_inverse_sparsity``). The fraction is taken per call, over all
             images, not per image: the AND-mask takes it per parameter tensor, and the synthetic
@@ -291,12 +292,19 @@ def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, pl
     D, N, C, H, W = grads.shape
     alpha, beta = params[2], params[3]
     parts = return_parts or normalize != "none"
-    outputs = PARTS if parts else (STATS if return_diagnostics else UPDATE)
     lo, hi = _safe_exponents(grads.dtype, D, kernel.gain, alpha, beta)
     rescale = planes is not None and (
         planes.low < 2.0 ** lo or
         planes.top > min(2.0 ** hi, torch.finfo(grads.dtype).max /
                          (2 * _output_bound(kernel, grads.shape, alpha, beta, parts, normalize))))
+    if normalize == "dm_norm" and not return_parts and not rescale:
+        # the rescale needs only the DM gradient's norm: one reduction, not the kernel's three parts
+        out = kernel.run(grads, assign, STATS, params)
+        dtype = compute_dtype(grads.dtype)
+        update, scale = _rescale_to_norm(out[0].to(dtype), grads.to(dtype).mean(0))
+        update = update.to(out[0].dtype)
+        return SGSUpdate(update, {**_diagnostics(out[1]), "update_scale": scale}) if return_diagnostics else update
+    outputs = PARTS if parts else (STATS if return_diagnostics else UPDATE)
     if rescale:
         out = _run_rescaled(kernel, params, grads, assign, outputs, planes.plane_max, lo, hi)
     else:

@@ -125,7 +125,7 @@ class SpectralGradientSurgery:
     >>> optimizer.zero_grad(); sgs.backward(losses, syn); optimizer.step()
 
     ``last`` holds the :class:`SGSParts` of the latest step (diagnostics as tensors, so reading
-    them is the only host synchronisation). With the spectral mask and ``normalize="none"`` a step
+    them is the only host synchronisation). With the spectral mask and normalize "none" or "dm_norm" a step
     computes only the update and the diagnostics (``return_diagnostics``: on a GPU the fastest
     CUDA path), and ``last`` is a :class:`StepParts` whose parts are computed if they are read.
     """
@@ -146,7 +146,7 @@ class SpectralGradientSurgery:
         D, N = grads.shape[:2]
         kwargs = dict(check_finite=self.check_finite, **self.config.op_kwargs())
         assign = self.assignment(D, N, grads.device)
-        if self.config.space == "spatial" or self.config.normalize != "none":  # these compute the parts anyway
+        if self.config.space == "spatial" or self.config.normalize == "kept_fraction":  # these compute the parts anyway
             surgery = spatial_gradient_surgery if self.config.space == "spatial" else spectral_gradient_surgery
             self.last = surgery(grads, assign, return_parts=True, **kwargs)
             return self.last.update

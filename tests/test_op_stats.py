@@ -120,19 +120,22 @@ def test_return_diagnostics_with_rescaled_planes(ext):
 
 @pytest.mark.parametrize("backend", ["ext", "torch"])
 @pytest.mark.parametrize("assignment", ["random", "fixed"])
-def test_dm_step_uses_the_fast_op_and_recomputes_parts_on_demand(device, backend, assignment, monkeypatch):
+@pytest.mark.parametrize("normalize", ["none", "dm_norm"])
+def test_dm_step_uses_the_fast_op_and_recomputes_parts_on_demand(device, backend, assignment, normalize,
+                                                                   monkeypatch):
     """The DM loop's step: the same update and diagnostics as with the parts (the same random
     assignment draw), and the parts, when read, those of the same inputs and assignment."""
     monkeypatch.setenv("SGS_BACKEND", backend)
     grads = torch.randn(3, 6, 2, 16, 16, device=device)
-    sgs = SpectralGradientSurgery(SGSConfig(assignment=assignment, rho=0.25))
+    sgs = SpectralGradientSurgery(SGSConfig(assignment=assignment, rho=0.25, normalize=normalize))
     torch.manual_seed(5)
     update = sgs(grads)
     assert isinstance(sgs.last, StepParts) and sgs.last._parts is None
     torch.manual_seed(5)
     assign = sgs.assignment(3, 6, grads.device)
-    expected = spectral_gradient_surgery(grads, assign, rho=0.25, return_parts=True)  # draws as the step did
-    if device.type == "cpu":
+    # draws as the step did
+    expected = spectral_gradient_surgery(grads, assign, rho=0.25, normalize=normalize, return_parts=True)
+    if device.type == "cpu" and normalize == "none":
         assert torch.equal(update, expected.update)
     else:
         torch.testing.assert_close(update, expected.update, rtol=1e-4, atol=1e-5)

@@ -90,7 +90,7 @@ def test_config_selects_the_space():
     grads = torch.randn(3, 6, 3, 8, 8)
     cfg = SGSConfig(space="spatial", assignment="fixed", beta=0.5)
     got = SpectralGradientSurgery(cfg)(grads)
-    want = spatial_gradient_surgery(grads, torch.arange(6) % 3, beta=0.5)
+    want = spatial_gradient_surgery(grads, torch.arange(6) % 3, beta=0.5, normalize=cfg.normalize)
     torch.testing.assert_close(got, want)
 
 

@@ -44,7 +44,7 @@ def test_commands_wait_for_the_selection_they_use(study, tmp_path):
     assert matched.command(tmp_path, "medium") is None and jobs["photo-dm-seed0"].command(tmp_path, "medium") is None
     _select(tmp_path, "photo", "dm", "dm", 4.0)
     cmd = matched.command(tmp_path, "medium", ["--set", "eval.epochs=2"])
-    assert cmd[cmd.index("--lr-img") + 1] == "4" and cmd[cmd.index("--normalize") + 1] == "dm_norm"
+    assert cmd[cmd.index("--lr-img") + 1] == "4" and [cmd[i + 1] for i, a in enumerate(cmd) if a == "--normalize"][-1] == "dm_norm"  # the last wins
     assert cmd[cmd.index("--seeds") + 1:] == ["0", "1"]  # seed 1 reuses seed 0, so the folder covers both
     assert "--resume" in cmd and cmd[cmd.index("--label") + 1] == "DM+SGS matched step" and "eval.epochs=2" in cmd
     assert spatial.command(tmp_path, "medium") is None  # needs DM+SGS's selection
