@@ -299,10 +299,11 @@ def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, pl
                          (2 * _output_bound(kernel, grads.shape, alpha, beta, parts, normalize))))
     if normalize == "dm_norm" and not return_parts and not rescale:
         # the rescale needs only the DM gradient's norm: one reduction, not the kernel's three parts
-        out = kernel.run(grads, assign, STATS, params)
+        out = kernel.run(grads, assign, STATS if return_diagnostics else UPDATE, params)
+        raw = out[0] if return_diagnostics else out
         dtype = compute_dtype(grads.dtype)
-        update, scale = _rescale_to_norm(out[0].to(dtype), grads.to(dtype).mean(0))
-        update = update.to(out[0].dtype)
+        update, scale = _rescale_to_norm(raw.to(dtype), grads.to(dtype).mean(0))
+        update = update.to(raw.dtype)
         return SGSUpdate(update, {**_diagnostics(out[1]), "update_scale": scale}) if return_diagnostics else update
     outputs = PARTS if parts else (STATS if return_diagnostics else UPDATE)
     if rescale:

@@ -125,9 +125,10 @@ class SpectralGradientSurgery:
     >>> optimizer.zero_grad(); sgs.backward(losses, syn); optimizer.step()
 
     ``last`` holds the :class:`SGSParts` of the latest step (diagnostics as tensors, so reading
-    them is the only host synchronisation). With the spectral mask and normalize "none" or "dm_norm" a step
-    computes only the update and the diagnostics (``return_diagnostics``: on a GPU the fastest
-    CUDA path), and ``last`` is a :class:`StepParts` whose parts are computed if they are read.
+    them is the only host synchronisation). With the spectral mask and ``normalize`` "none" or
+    "dm_norm" a step computes only the update and the diagnostics (``return_diagnostics``: on a
+    GPU the fastest CUDA path), and ``last`` is a :class:`StepParts` whose parts are computed if
+    they are read.
     """
 
     def __init__(self, config: SGSConfig | None = None, check_finite: bool = True, grad_mode: str = "auto"):
