@@ -10,7 +10,9 @@ matched step) on every seed before the other arms:
 
 A. ``lr_img`` for DM and for DM+SGS (the op's defaults), each picked from ``GRID`` on 20 % of the
    source training images held out (selection seed 10, apart from the test seeds; the target is
-   never read): ``sgs-dgdd select-lr`` in the arm's run folder.
+   never read): ``sgs-dgdd select-lr`` in the arm's run folder. Where the pick is the grid's first
+   or last value, one more step past that end (the same ratio: 0.25 or 16) is scored the same way
+   in ``<arm>-edge`` after the other arms, to show whether the curve still rises beyond the grid.
 B. per seed (0, 1, 2), the first three arms first: DM and DM+SGS at their selected steps; DM+SGS with the matched step
    (``--normalize dm_norm``: every image's update rescaled to the norm of its DM gradient) at
    DM's step; the spatial mask at DM+SGS's step; M3D at DM's step and M3D+SGS at DM+SGS's step
@@ -59,6 +61,12 @@ SGS_DEFAULTS = ["--tau", "1", "--rho", "0", "--alpha", "1", "--beta", "0.25", "-
                 "--assignment", "random", "--normalize", "none", "--space", "spectral"]
 
 
+def with_flag(flags, name: str, value: str) -> tuple:
+    """``flags`` with ``name``'s value replaced."""
+    i = flags.index(name)
+    return (*flags[:i + 1], value, *flags[i + 2:])
+
+
 @dataclass(frozen=True)
 class Arm:
     key: str  # run folder name
@@ -76,7 +84,7 @@ ARMS = [
     Arm("dm_sgs", "DM+SGS", "dm_sgs", (*SGS_DEFAULTS, "--eval-arch", XARCH), core=True),
     Arm("matched", "DM+SGS matched step", "dm_sgs", (*SGS_DEFAULTS, "--normalize", "dm_norm"), "dm",
         normalize=True, core=True),
-    Arm("spatial", "spatial mask", "dm_sgs", (*SGS_DEFAULTS[:-1], "spatial"), "dm_sgs"),
+    Arm("spatial", "spatial mask", "dm_sgs", with_flag(SGS_DEFAULTS, "--space", "spatial"), "dm_sgs"),
     Arm("m3d", "M3D", "dm", ("--matching", "m3d"), "dm"),
     Arm("m3d_sgs", "M3D+SGS", "dm_sgs", (*SGS_DEFAULTS, "--matching", "m3d"), "dm_sgs"),
     Arm("kept", "DM+SGS kept-fraction step", "dm_sgs", (*SGS_DEFAULTS, "--normalize", "kept_fraction"), "dm",
@@ -99,6 +107,23 @@ def selected_lr(out: Path, target: str, arm_key: str) -> float | None:
         return None
 
 
+def beyond_edge(out: Path, target: str, arm: Arm) -> float | None:
+    """The step one grid ratio past the grid's end when the arm's selection sits on that end (the
+    validation curve may still rise past it), else None (also while the selection is missing)."""
+    try:
+        record = json.loads(selection_path(out, target, arm).read_text())
+        grid, best = [float(v) for v in record["grid"]], float(record["selected_lr_img"])
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    if len(grid) < 2 or best not in (grid[0], grid[-1]):
+        return None
+    return grid[0] ** 2 / grid[1] if best == grid[0] else grid[-1] ** 2 / grid[-2]
+
+
+def edge_folder(out: Path, target: str, arm: Arm) -> Path:
+    return out / target / f"{arm.key}-edge"
+
+
 def seed_done(out: Path, target: str, arm: Arm, seed: int) -> bool:
     return (out / target / arm.key / arm.method / f"seed{seed}" / "metrics.json").is_file()
 
@@ -112,17 +137,24 @@ class Job:
     target: str
     arm: Arm
     seed: int | None  # None: the lr selection (A)
+    edge: bool = False  # the selection's check one step past the grid's end (with seed None)
     failures: int = 0
     name: str = field(init=False)
 
     def __post_init__(self):
-        self.name = f"{self.target}-{self.arm.key}-" + ("select" if self.seed is None else f"seed{self.seed}")
+        kind = "edge" if self.edge else "select" if self.seed is None else f"seed{self.seed}"
+        self.name = f"{self.target}-{self.arm.key}-{kind}"
 
     @property
     def folder(self) -> str:
-        return f"{self.target}/{self.arm.key}"
+        return f"{self.target}/{self.arm.key}" + ("-edge" if self.edge else "")
 
     def done(self, out: Path) -> bool:
+        if self.edge:
+            if selected_lr(out, self.target, self.arm.key) is None:
+                return False
+            return (beyond_edge(out, self.target, self.arm) is None
+                    or (edge_folder(out, self.target, self.arm) / self.arm.method / "lr_selection.json").is_file())
         if self.seed is None:
             return selected_lr(out, self.target, self.arm.key) is not None
         return seed_done(out, self.target, self.arm, self.seed)
@@ -132,6 +164,10 @@ class Job:
         arm, base = self.arm, ["--preset", preset, "--target", self.target, "--method", self.arm.method,
                                "--run-dir", str(out / self.folder), "--label", self.arm.label, *self.arm.flags,
                                "--resume", "--no-progress", *extra]
+        if self.edge:
+            lr = beyond_edge(out, self.target, self.arm)
+            return None if lr is None else [sys.executable, "-m", "sgs_cuda.cli", "select-lr", *base,
+                                            "--select-lr", f"{lr:g}", *SELECT[2:]]
         if self.seed is None:
             return [sys.executable, "-m", "sgs_cuda.cli", "select-lr", *base, *SELECT]
         if arm.lr_from is None:
@@ -150,13 +186,14 @@ class Job:
 def all_jobs(targets) -> list[Job]:
     """Every cell in priority order: the main question first on every target (the lr selections
     (A), then DM, DM+SGS and the matched step, target by target, seed by seed), then the other
-    arms target by target, then the late arms. A study cut short still answers the main question
-    on as many targets as it reached."""
+    arms target by target, then the selections' edge checks, then the late arms. A study cut short
+    still answers the main question on as many targets as it reached."""
     jobs = []
     for t in targets:
         jobs += [Job(t, a, None) for a in ARMS if a.lr_from is None]
         jobs += [Job(t, a, s) for s in SEEDS for a in ARMS if a.core]
     jobs += [Job(t, a, s) for t in targets for s in SEEDS for a in ARMS if not a.late and not a.core]
+    jobs += [Job(t, a, None, edge=True) for t in targets for a in ARMS if a.lr_from is None]
     jobs += [Job(t, a, s) for t in targets for s in SEEDS for a in ARMS if a.late]
     return jobs
 
@@ -263,6 +300,7 @@ def cmd_report(args) -> None:
                                  if selection_path(out, t, ARM[k]).is_file()])
     blocks["selection"] = selection["markdown"] or "_not run yet_"
     numbers["selection"] = selection["rows"]
+    blocks["edges"], numbers["edges"] = edges_table(out, args.targets)
     blocks["steps"] = steps_table(out, args.targets)
     blocks["answers"] = answers_table(numbers["comparisons"])
     blocks["bands"], numbers["bands"] = bands_report(out, args.targets, docs / "tuned_bands.png")
@@ -275,6 +313,34 @@ def cmd_report(args) -> None:
         print(f"\n<!-- tuned:{name} -->\n{text}\n<!-- /tuned:{name} -->")
     if args.results:
         fill_blocks(Path(args.results), blocks)
+
+
+def edges_table(out: Path, targets) -> tuple[str, list]:
+    """Selections on a grid's end next to the validation score one step past it: would the pick move?"""
+    lines = ["| target | arm | selected (grid) | its validation acc. | one step past | its validation acc. "
+             "| pick on the longer grid |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
+    for t in targets:
+        for arm in ARMS:
+            past = edge_folder(out, t, arm) / arm.method / "lr_selection.json"
+            if arm.lr_from is not None or not past.is_file():
+                continue
+            grid = json.loads(selection_path(out, t, arm).read_text())
+            extra = json.loads(past.read_text())
+            scores = {**grid["validation_acc"], **extra["validation_acc"]}
+            lrs = sorted(float(v) for v in scores)
+            pick = max(lrs, key=lambda v: (scores[str(v)], -abs(v - grid["selected_lr_img"])))
+            row = {"target": t, "arm": arm.label, "selected": grid["selected_lr_img"],
+                   "selected_acc": grid["validation_acc"][str(float(grid["selected_lr_img"]))],
+                   "past": extra["selected_lr_img"], "past_acc": extra["validation_acc"][str(float(extra["selected_lr_img"]))],
+                   "pick": pick}
+            rows.append(row)
+            lines.append(f"| {t} | {arm.label} | {row['selected']:g} | {100 * row['selected_acc']:.2f} % | "
+                         f"{row['past']:g} | {100 * row['past_acc']:.2f} % | {pick:g} |")
+    if not rows:
+        return "_no selection on a grid's end checked yet_", rows
+    return "\n".join(lines) + ("\n\nValidation accuracy on the held-out source images (selection seed 10, "
+                               "ConvNet), as in the selection above; ties keep the grid's pick."), rows
 
 
 def steps_table(out: Path, targets) -> str:

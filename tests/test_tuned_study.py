@@ -18,10 +18,12 @@ def study():
     return module
 
 
-def _select(out: Path, target: str, arm: str, method: str, lr: float):
+def _select(out: Path, target: str, arm: str, method: str, lr: float, scores: dict | None = None):
     path = out / target / arm / method / "lr_selection.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"selected_lr_img": lr}))
+    scores = scores or {lr: 0.5}
+    path.write_text(json.dumps({"selected_lr_img": lr, "grid": list(scores),
+                                "validation_acc": {str(float(v)): a for v, a in scores.items()}}))
 
 
 def test_cells_answer_the_main_question_on_every_target_first(study):
@@ -35,7 +37,10 @@ def test_cells_answer_the_main_question_on_every_target_first(study):
     assert names.index("photo-m3d_sgs-seed2") < names.index("sketch-spatial-seed0")
     late = [n for n in names if "-kept-" in n]
     assert late and names[-len(late):] == late  # the optional arm after every target
-    assert len(names) == len(set(names)) == 2 * (2 + 6 * 3) + 2 * 3
+    edges = [n for n in names if n.endswith("-edge")]
+    assert edges == ["photo-dm-edge", "photo-dm_sgs-edge", "sketch-dm-edge", "sketch-dm_sgs-edge"]
+    assert names.index("sketch-m3d_sgs-seed2") < names.index(edges[0]) and names.index(edges[-1]) < names.index(late[0])
+    assert len(names) == len(set(names)) == 2 * (2 + 6 * 3) + 2 * 3 + 4
 
 
 def test_commands_wait_for_the_selection_they_use(study, tmp_path):
@@ -65,3 +70,27 @@ def test_blocks_are_replaced_in_place(study, tmp_path):
     once = doc.read_text()
     study.fill_blocks(doc, {"a": "| new |", "b": "x\ny"})
     assert doc.read_text() == once  # a second report leaves the file as it was
+
+
+def test_a_selection_on_the_grids_end_is_checked_one_step_past_it(study, tmp_path):
+    jobs = {j.name: j for j in study.all_jobs(["photo", "sketch"])}
+    low, high, inside = jobs["photo-dm_sgs-edge"], jobs["sketch-dm-edge"], jobs["photo-dm-edge"]
+    assert not low.done(tmp_path) and low.command(tmp_path, "medium") is None  # waits for the selection
+    grid = [0.5, 1, 2, 4, 8]
+    _select(tmp_path, "photo", "dm_sgs", "dm_sgs", 0.5, dict(zip(grid, [0.7, 0.6, 0.6, 0.5, 0.5])))
+    _select(tmp_path, "sketch", "dm", "dm", 8.0, dict(zip(grid, [0.5, 0.5, 0.6, 0.6, 0.7])))
+    _select(tmp_path, "photo", "dm", "dm", 2.0, dict(zip(grid, [0.5, 0.6, 0.7, 0.6, 0.5])))
+    assert inside.done(tmp_path)  # a pick inside the grid needs no check
+    for job, lr in ((low, "0.25"), (high, "16")):
+        cmd = job.command(tmp_path, "medium")
+        assert not job.done(tmp_path) and cmd[3] == "select-lr" and cmd[cmd.index("--select-lr") + 1] == lr
+        assert cmd[cmd.index("--run-dir") + 1].endswith(job.target + "/" + job.arm.key + "-edge")
+        assert cmd[cmd.index("--select-seeds") + 1] == "10"  # scored like the grid
+    assert study.edges_table(tmp_path, ["photo", "sketch"])[1] == []
+    _select(tmp_path, "photo", "dm_sgs-edge", "dm_sgs", 0.25, {0.25: 0.65})  # below the pick: it stays
+    _select(tmp_path, "sketch", "dm-edge", "dm", 16.0, {16.0: 0.75})  # above: the pick would move
+    assert low.done(tmp_path) and high.done(tmp_path)
+    text, rows = study.edges_table(tmp_path, ["photo", "sketch"])
+    assert [(r["target"], r["selected"], r["past"], r["pick"]) for r in rows] == [("photo", 0.5, 0.25, 0.5),
+                                                                                 ("sketch", 8.0, 16.0, 16.0)]
+    assert "| sketch | DM | 8 | 70.00 % | 16 | 75.00 % | 16 |" in text
