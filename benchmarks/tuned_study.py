@@ -12,7 +12,8 @@ A. ``lr_img`` for DM and for DM+SGS (the op's defaults), each picked from ``GRID
    source training images held out (selection seed 10, apart from the test seeds; the target is
    never read): ``sgs-dgdd select-lr`` in the arm's run folder. Where the pick is the grid's first
    or last value, one more step past that end (the same ratio: 0.25 or 16) is scored the same way
-   in ``<arm>-edge`` after the other arms, to show whether the curve still rises beyond the grid.
+   in ``<arm>-edge`` after the other arms, to show whether the curve still rises beyond the grid;
+   where that moves the pick, the arm runs again at it (``<arm>_longer``, 3 seeds, ConvNet only).
 B. per seed (0, 1, 2), the first three arms first: DM and DM+SGS at their selected steps; DM+SGS with the matched step
    (``--normalize dm_norm``: every image's update rescaled to the norm of its DM gradient) at
    DM's step; the spatial mask at DM+SGS's step; M3D at DM's step and M3D+SGS at DM+SGS's step
@@ -77,6 +78,7 @@ class Arm:
     late: bool = False  # after every target's other cells
     core: bool = False  # the main question (DM, DM+SGS, matched step): all seeds before the other arms
     normalize: bool = False  # needs the op's normalize option
+    longer: bool = False  # runs at lr_from's pick on the grid extended past its end, where that pick moved
 
 
 ARMS = [
@@ -87,6 +89,8 @@ ARMS = [
     Arm("spatial", "spatial mask", "dm_sgs", with_flag(SGS_DEFAULTS, "--space", "spatial"), "dm_sgs"),
     Arm("m3d", "M3D", "dm", ("--matching", "m3d"), "dm"),
     Arm("m3d_sgs", "M3D+SGS", "dm_sgs", (*SGS_DEFAULTS, "--matching", "m3d"), "dm_sgs"),
+    Arm("dm_longer", "DM, longer grid", "dm", (), "dm", longer=True),
+    Arm("dm_sgs_longer", "DM+SGS, longer grid", "dm_sgs", SGS_DEFAULTS, "dm_sgs", longer=True),
     Arm("kept", "DM+SGS kept-fraction step", "dm_sgs", (*SGS_DEFAULTS, "--normalize", "kept_fraction"), "dm",
         late=True, normalize=True),
 ]
@@ -124,6 +128,25 @@ def edge_folder(out: Path, target: str, arm: Arm) -> Path:
     return out / target / f"{arm.key}-edge"
 
 
+def longer_grid(out: Path, target: str, arm: Arm) -> dict | None:
+    """The selection on the grid plus the step past its end: ``{"scores" {lr: acc}, "selected",
+    "past", "pick"}`` (ties keep the grid's pick), or None until that step is scored."""
+    past = edge_folder(out, target, arm) / arm.method / "lr_selection.json"
+    if not past.is_file():
+        return None
+    grid, extra = (json.loads(f.read_text()) for f in (selection_path(out, target, arm), past))
+    scores = {float(v): a for v, a in {**grid["validation_acc"], **extra["validation_acc"]}.items()}
+    selected = float(grid["selected_lr_img"])
+    pick = max(sorted(scores), key=lambda v: (scores[v], v == selected))
+    return {"scores": scores, "selected": selected, "past": float(extra["selected_lr_img"]), "pick": pick}
+
+
+def moved_pick(out: Path, target: str, arm_key: str) -> float | None:
+    """Arm ``arm_key``'s pick on the longer grid where it differs from the grid's, else None."""
+    longer = longer_grid(out, target, ARM[arm_key])
+    return longer["pick"] if longer and longer["pick"] != longer["selected"] else None
+
+
 def seed_done(out: Path, target: str, arm: Arm, seed: int) -> bool:
     return (out / target / arm.key / arm.method / f"seed{seed}" / "metrics.json").is_file()
 
@@ -157,6 +180,11 @@ class Job:
                     or (edge_folder(out, self.target, self.arm) / self.arm.method / "lr_selection.json").is_file())
         if self.seed is None:
             return selected_lr(out, self.target, self.arm.key) is not None
+        if self.arm.longer:
+            if not Job(self.target, ARM[self.arm.lr_from], None, edge=True).done(out):
+                return False
+            if moved_pick(out, self.target, self.arm.lr_from) is None:
+                return True  # the pick stayed on the grid: nothing to run
         return seed_done(out, self.target, self.arm, self.seed)
 
     def command(self, out: Path, preset: str, extra=()) -> list[str] | None:
@@ -174,6 +202,11 @@ class Job:
             if selected_lr(out, self.target, arm.key) is None:
                 return None
             lr = SELECT
+        elif arm.longer:
+            value = moved_pick(out, self.target, arm.lr_from)
+            if value is None:
+                return None
+            lr = ["--lr-img", f"{value:g}"]
         else:
             value = selected_lr(out, self.target, arm.lr_from)
             if value is None:
@@ -192,8 +225,9 @@ def all_jobs(targets) -> list[Job]:
     for t in targets:
         jobs += [Job(t, a, None) for a in ARMS if a.lr_from is None]
         jobs += [Job(t, a, s) for s in SEEDS for a in ARMS if a.core]
-    jobs += [Job(t, a, s) for t in targets for s in SEEDS for a in ARMS if not a.late and not a.core]
+    jobs += [Job(t, a, s) for t in targets for s in SEEDS for a in ARMS if not (a.late or a.core or a.longer)]
     jobs += [Job(t, a, None, edge=True) for t in targets for a in ARMS if a.lr_from is None]
+    jobs += [Job(t, a, s) for t in targets for s in SEEDS for a in ARMS if a.longer]
     jobs += [Job(t, a, s) for t in targets for s in SEEDS for a in ARMS if a.late]
     return jobs
 
@@ -278,12 +312,13 @@ def cmd_report(args) -> None:
     blocks, numbers = {}, {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": args.preset,
                            "command": " ".join(sys.argv), "comparisons": {}}
 
-    def compare(name: str, keys: list[str], baseline: str, plot: Path | None = None) -> None:
-        keys = [k for k in keys if k in have]
+    def compare(name: str, keys: list[str], baseline: str, plot: Path | None = None, targets=None) -> None:
+        dirs = {k: [d for d in have.get(k, []) if targets is None or d.parent.name in targets] for k in keys}
+        keys = [k for k in keys if dirs[k]]
         if len(keys) < 2 or baseline not in keys:
             blocks[name] = "_not run yet_"
             return
-        result = compare_runs([d for k in keys for d in have[k]], baseline=ARM[baseline].label,
+        result = compare_runs([d for k in keys for d in dirs[k]], baseline=ARM[baseline].label,
                               arms=[ARM[k].label for k in keys], plot=plot)
         blocks[name] = result["sections"]["main"]  # the ConvNet (the distillation's architecture)
         if name == "xarch":  # the other evaluation architectures
@@ -296,6 +331,9 @@ def cmd_report(args) -> None:
     compare("m3d", ["m3d", "m3d_sgs"], "m3d")
     compare("m3d_vs_dm", ["dm", "m3d"], "dm")
     compare("xarch", ["dm", "dm_sgs"], "dm")
+    # where DM's pick moved past the grid: DM at that pick against DM and DM+SGS as they ran
+    compare("longer", ["dm_longer", "dm", "dm_sgs", "dm_sgs_longer"], "dm_longer",
+            targets=[d.parent.name for d in have.get("dm_longer", [])])
     selection = selection_table([out / t / k for t in args.targets for k in ("dm", "dm_sgs")
                                  if selection_path(out, t, ARM[k]).is_file()])
     blocks["selection"] = selection["markdown"] or "_not run yet_"
@@ -322,21 +360,14 @@ def edges_table(out: Path, targets) -> tuple[str, list]:
     rows = []
     for t in targets:
         for arm in ARMS:
-            past = edge_folder(out, t, arm) / arm.method / "lr_selection.json"
-            if arm.lr_from is not None or not past.is_file():
+            longer = longer_grid(out, t, arm) if arm.lr_from is None else None
+            if longer is None:
                 continue
-            grid = json.loads(selection_path(out, t, arm).read_text())
-            extra = json.loads(past.read_text())
-            scores = {**grid["validation_acc"], **extra["validation_acc"]}
-            lrs = sorted(float(v) for v in scores)
-            pick = max(lrs, key=lambda v: (scores[str(v)], -abs(v - grid["selected_lr_img"])))
-            row = {"target": t, "arm": arm.label, "selected": grid["selected_lr_img"],
-                   "selected_acc": grid["validation_acc"][str(float(grid["selected_lr_img"]))],
-                   "past": extra["selected_lr_img"], "past_acc": extra["validation_acc"][str(float(extra["selected_lr_img"]))],
-                   "pick": pick}
-            rows.append(row)
+            scores = longer.pop("scores")
+            rows.append(row := {"target": t, "arm": arm.label, **longer, "selected_acc": scores[longer["selected"]],
+                                "past_acc": scores[longer["past"]]})
             lines.append(f"| {t} | {arm.label} | {row['selected']:g} | {100 * row['selected_acc']:.2f} % | "
-                         f"{row['past']:g} | {100 * row['past_acc']:.2f} % | {pick:g} |")
+                         f"{row['past']:g} | {100 * row['past_acc']:.2f} % | {row['pick']:g} |")
     if not rows:
         return "_no selection on a grid's end checked yet_", rows
     return "\n".join(lines) + ("\n\nValidation accuracy on the held-out source images (selection seed 10, "
@@ -472,7 +503,8 @@ def progress_table(out: Path, targets) -> str:
     head = ["arm"] + list(targets)
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for arm in ARMS:
-        cells = [", ".join(str(s) for s in SEEDS if seed_done(out, t, arm, s)) or "–" for t in targets]
+        cells = [", ".join(str(s) for s in SEEDS if seed_done(out, t, arm, s))
+                 or ("not needed" if arm.longer and Job(t, arm, SEEDS[0]).done(out) else "–") for t in targets]
         lines.append("| " + " | ".join([arm.label, *cells]) + " |")
     return "\n".join(lines) + "\n\nSeeds finished per arm and target."
 

@@ -40,7 +40,9 @@ def test_cells_answer_the_main_question_on_every_target_first(study):
     edges = [n for n in names if n.endswith("-edge")]
     assert edges == ["photo-dm-edge", "photo-dm_sgs-edge", "sketch-dm-edge", "sketch-dm_sgs-edge"]
     assert names.index("sketch-m3d_sgs-seed2") < names.index(edges[0]) and names.index(edges[-1]) < names.index(late[0])
-    assert len(names) == len(set(names)) == 2 * (2 + 6 * 3) + 2 * 3 + 4
+    longer = [n for n in names if "_longer-" in n]  # the runs at a pick that moved past the grid
+    assert names.index(edges[-1]) < names.index(longer[0]) and names.index(longer[-1]) < names.index(late[0])
+    assert len(names) == len(set(names)) == 2 * (2 + 6 * 3) + 2 * 3 + 4 + len(longer) and len(longer) == 2 * 2 * 3
 
 
 def test_commands_wait_for_the_selection_they_use(study, tmp_path):
@@ -94,3 +96,19 @@ def test_a_selection_on_the_grids_end_is_checked_one_step_past_it(study, tmp_pat
     assert [(r["target"], r["selected"], r["past"], r["pick"]) for r in rows] == [("photo", 0.5, 0.25, 0.5),
                                                                                  ("sketch", 8.0, 16.0, 16.0)]
     assert "| sketch | DM | 8 | 70.00 % | 16 | 75.00 % | 16 |" in text
+    # where the pick moved, the arm runs again at it; where it stayed, there is nothing to run
+    moved, stayed = jobs["sketch-dm_longer-seed1"], jobs["photo-dm_sgs_longer-seed0"]
+    assert stayed.done(tmp_path) and stayed.command(tmp_path, "medium") is None
+    cmd = moved.command(tmp_path, "medium")
+    assert not moved.done(tmp_path) and cmd[cmd.index("--lr-img") + 1] == "16" and cmd[cmd.index("--seeds") + 1:] == ["0", "1"]
+    assert cmd[cmd.index("--run-dir") + 1].endswith("sketch/dm_longer") and cmd[cmd.index("--method") + 1] == "dm"
+    assert jobs["photo-dm_longer-seed0"].done(tmp_path)  # DM's pick on photo was inside the grid
+
+
+def test_the_longer_grid_waits_for_its_edge_check(study, tmp_path):
+    job = {j.name: j for j in study.all_jobs(["sketch"])}["sketch-dm_longer-seed0"]
+    assert not job.done(tmp_path) and job.command(tmp_path, "medium") is None  # no selection yet
+    _select(tmp_path, "sketch", "dm", "dm", 8.0, {4.0: 0.6, 8.0: 0.7})
+    assert not job.done(tmp_path) and job.command(tmp_path, "medium") is None  # the step past 8 not scored yet
+    _select(tmp_path, "sketch", "dm-edge", "dm", 16.0, {16.0: 0.7})  # a tie keeps the grid's pick
+    assert job.done(tmp_path) and study.moved_pick(tmp_path, "sketch", "dm") is None
