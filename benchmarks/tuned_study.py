@@ -124,14 +124,15 @@ def beyond_edge(out: Path, target: str, arm: Arm) -> float | None:
     return grid[0] ** 2 / grid[1] if best == grid[0] else grid[-1] ** 2 / grid[-2]
 
 
-def edge_folder(out: Path, target: str, arm: Arm) -> Path:
-    return out / target / f"{arm.key}-edge"
+def edge_selection_path(out: Path, target: str, arm: Arm) -> Path:
+    """Where the score of the step past the grid's end is kept (its own run folder, ``<arm>-edge``)."""
+    return out / target / f"{arm.key}-edge" / arm.method / "lr_selection.json"
 
 
 def longer_grid(out: Path, target: str, arm: Arm) -> dict | None:
     """The selection on the grid plus the step past its end: ``{"scores" {lr: acc}, "selected",
     "past", "pick"}`` (ties keep the grid's pick), or None until that step is scored."""
-    past = edge_folder(out, target, arm) / arm.method / "lr_selection.json"
+    past = edge_selection_path(out, target, arm)
     if not past.is_file():
         return None
     grid, extra = (json.loads(f.read_text()) for f in (selection_path(out, target, arm), past))
@@ -177,7 +178,7 @@ class Job:
             if selected_lr(out, self.target, self.arm.key) is None:
                 return False
             return (beyond_edge(out, self.target, self.arm) is None
-                    or (edge_folder(out, self.target, self.arm) / self.arm.method / "lr_selection.json").is_file())
+                    or edge_selection_path(out, self.target, self.arm).is_file())
         if self.seed is None:
             return selected_lr(out, self.target, self.arm.key) is not None
         if self.arm.longer:
