@@ -153,15 +153,14 @@ def cmd_compare(args) -> int:
 # --- argument parsing -----------------------------------------------------------------------
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from .data.registry import names as dataset_names
     g = p.add_argument_group("configuration")
     g.add_argument("--preset", help=f"named configuration ({', '.join(available_presets())})")
     g.add_argument("--config", help="YAML or JSON config file (overrides the preset)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any option, e.g. --set distill.momentum=0.9 (repeatable; overrides everything)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="dataset name (fmnist-styles, PACS, VLCS, OfficeHome, DomainNet, "
-                                     "TerraIncognita; imagenette, imagewoof, imagefruit, imagemeow, imagesquawk, "
-                                     "imageyellow, imagenet-100, imagenet:<wnid list file>) or folder")
+    g.add_argument("--dataset", help=f"dataset name ({', '.join(dataset_names())}) or folder")
     g.add_argument("--data-root", help="where the dataset lives (ImageNet: the folder holding train/ and val/)")
     g.add_argument("--target", help="the unseen target domain (default: the first domain); ImageNet subsets: "
                                     "default every OOD set given, or a comma-separated choice of them")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import sys
 import time
 from dataclasses import dataclass
@@ -82,13 +83,20 @@ def load_data(name: str, root=None, **kwargs):
     return load_dataset(name, root=root, **kwargs)
 
 
-def _preset_needing_root(name) -> str | None:
-    """The preset's name when ``name`` is a dataset preset (they all live in a folder)."""
+def _registered(name):
+    """The registry entry of a dataset name (``sgs_cuda.data.registry``), or None."""
     try:
-        from .data import get_preset
-        return get_preset(str(name)).name
-    except (ImportError, ValueError):
+        from .data.registry import find
+    except ImportError:
         return None
+    found = find(name)
+    return found[0] if found is not None else None
+
+
+def _preset_needing_root(name) -> str | None:
+    """The dataset's name when it is a registered folder dataset (it needs ``--data-root``)."""
+    entry = _registered(name)
+    return entry.name if entry is not None and entry.root is not None and entry.kind != "imagenet" else None
 
 
 # data_kwargs keys that have their own sgs-dgdd flag (named in errors); any other key: --data-option KEY=VALUE
@@ -100,18 +108,13 @@ NOT_DATA_OPTIONS = {"root", "classes", "preset", "pseudo_domains", "self"}  # se
 
 def data_source(name) -> tuple[str, type] | None:
     """``(kind, class)`` of the source that :func:`sgs_cuda.data.load_dataset` builds for ``name``
-    (``kind``: ``"imagenet"``, ``"folder"`` or ``"fmnist-styles"``); None when it cannot tell."""
-    try:
-        from .data import FashionMNISTStyles, ImageFolderDomains, ImageNetSubset
-        from .data.presets import FMNIST_STYLES_NAMES, _imagenet_classes, _key
-    except ImportError:
-        return None
-    name = str(name)
-    if _key(name) in {_key(n) for n in FMNIST_STYLES_NAMES}:
-        return "fmnist-styles", FashionMNISTStyles
-    if _imagenet_classes(name) is not None:
-        return "imagenet", ImageNetSubset
-    if _preset_needing_root(name) is not None or Path(name).expanduser().exists():
+    (``kind``: the registry's, e.g. ``"imagenet"``, ``"folder"``, ``"fmnist-styles"``, ``"digits"``;
+    ``"folder"`` for a path); None when it cannot tell."""
+    entry = _registered(name)
+    if entry is not None:
+        return entry.kind, entry.cls
+    if Path(str(name)).expanduser().exists():
+        from .data import ImageFolderDomains
         return "folder", ImageFolderDomains
     return None
 
@@ -127,14 +130,13 @@ def check_data_kwargs(dataset, kwargs: Mapping) -> None:
     source = data_source(dataset)
     if source is None or not kwargs:
         return
-    import inspect
-
     kind, cls = source
-    takes = [k for k in inspect.signature(cls.__init__).parameters if k not in NOT_DATA_OPTIONS]
+    entry = _registered(dataset)
+    fixed = entry.fixed if entry is not None else {}
+    takes = [k for k in inspect.signature(cls.__init__).parameters if k not in NOT_DATA_OPTIONS and k not in fixed]
     for key in kwargs:
         if key not in takes:
-            what = {"imagenet": "an ImageNet subset", "folder": "an image-folder dataset",
-                    "fmnist-styles": "the embedded benchmark"}[kind]
+            what = entry.about if entry is not None else "an image-folder dataset"
             raise ValueError(f"{_option_name(key)} does not apply to dataset {str(dataset)!r} ({what}); "
                              f"its data options: {', '.join(takes)}")
     for key in ("sketch_root", "r_root", "a_root", "v2_root"):
@@ -183,7 +185,7 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
         preset = _preset_needing_root(cfg["dataset"])
         if preset is not None and cfg["data_root"] is None:
             raise ValueError(f"dataset {preset!r} needs its folder: pass --data-root DIR (data_root in a config "
-                             f"file), the folder holding {preset}'s domain folders")
+                             f"file), the {_registered(preset).root}")
         kwargs = dict(cfg["data_kwargs"] or {})
         check_data_kwargs(cfg["dataset"], kwargs)
         source = data_source(cfg["dataset"])
@@ -192,7 +194,7 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
                 raise ValueError(f"dataset {cfg['dataset']!r} needs the ImageNet folder: pass --data-root DIR "
                                  "(the folder holding train/<wnid>/ and val/<wnid>/)")
             _needs_pseudo_domains(cfg, str(cfg["dataset"]), ["imagenet"])
-        if source is not None and source[0] != "fmnist-styles":
+        if source is not None and "progress" in inspect.signature(source[1].__init__).parameters:
             kwargs.setdefault("progress", bool(cfg["progress"]))  # the decode progress bar
         data = load_data(cfg["dataset"], cfg["data_root"], **kwargs)
     train_domains = getattr(data, "train_domains", None)
@@ -206,11 +208,14 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
         if unknown:
             raise ValueError(f"unknown target domain(s) {unknown}; the targets given are {available}")
     else:
-        targets = wanted or [data.domains[0]]
+        groups = getattr(data, "target_groups", None) or {}  # named target sets: CORe50's "outdoor"
+        targets = [t for w in wanted for t in groups.get(w, [w])] or [data.domains[0]]
         unknown = [t for t in targets if t not in data.domains]
         if unknown:
+            missing = getattr(data, "missing_domains", None) or {}
+            why = "".join(f"; {missing[t]}" for t in unknown if t in missing)
             raise ValueError(f"unknown target domain {', '.join(map(repr, unknown))}; "
-                             f"the dataset has {list(data.domains)}")
+                             f"the dataset has {list(data.domains)}{' and named sets ' + str(list(groups)) if groups else ''}{why}")
         sources = [d for d in data.domains if d not in targets]
         if not sources:
             raise ValueError("leave-one-domain-out needs at least two domains")

@@ -6,9 +6,12 @@ Images come out as float32 tensors ``[n, C, H, W]`` already normalised with ``me
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from types import MappingProxyType
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from .sampling import draw_indices
 
 
 @runtime_checkable
@@ -32,6 +35,25 @@ class MultiDomainDataset(Protocol):
     def count(self, domain: str, label: int, split: str = "train") -> int:
         """How many images of class ``label`` the domain holds in ``split``."""
         ...
+
+
+class DataSource:
+    """Base class of the sources: the optional attributes callers read have their defaults here,
+    and ``real_batch`` is written once over what a subclass provides: ``domains``, ``classes``,
+    ``count``, ``uint8_images(domain, label, index, split)`` and ``normalize``."""
+    train_domains: list[str] | None = None  # the domains with a train split, when only some have one
+    target_domains: list[str] | None = None  # the out-of-distribution targets, when they differ from those
+    bad_files: Sequence[tuple[str, str]] = ()  # (path, why) of every unreadable file skipped
+    missing_classes: Mapping[str, list[str]] = MappingProxyType({})  # domain -> classes it lacks
+    missing_domains: Mapping[str, str] = MappingProxyType({})  # domain -> why it is absent (files looked for)
+    target_groups: Mapping[str, tuple[str, ...]] = MappingProxyType({})  # named target sets (CORe50 "outdoor")
+
+    def real_batch(self, domain: str, label: int, n: int, generator: torch.Generator | None = None,
+                   split: str = "train") -> torch.Tensor:
+        available = self.count(domain, label, split)
+        if available == 0 and n > 0:
+            raise ValueError(f"domain {domain!r} has no {split} images of class {self.classes[int(label)]!r}")
+        return self.normalize(self.uint8_images(domain, label, draw_indices(available, n, generator).numpy(), split))
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -15,13 +15,14 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from .base import DataSource
 from .decode_cache import DecodedGroup, summarize_bad_files
-from .sampling import SPLITS, check_cell, draw_indices, iter_uint8_split
+from .sampling import SPLITS, check_cell, iter_uint8_split
 
 Cell = tuple["DecodedGroup | None", np.ndarray]  # the entry and the rows of it that form the cell
 
 
-class DecodedCells:
+class DecodedCells(DataSource):
     """Protocol implementation shared by the folder sources.
 
     Subclasses decode their files with :class:`~sgs_cuda.data.decode_cache.DecodeCache` and call
@@ -91,13 +92,6 @@ class DecodedCells:
     # -- protocol --------------------------------------------------------------------------
     def count(self, domain: str, label: int, split: str = "train") -> int:
         return len(self._cell(domain, label, split)[1])
-
-    def real_batch(self, domain: str, label: int, n: int, generator: torch.Generator | None = None,
-                   split: str = "train") -> torch.Tensor:
-        available = self.count(domain, label, split)
-        if available == 0 and n > 0:
-            raise ValueError(f"domain {domain!r} has no {split} images of class {self.classes[int(label)]!r}")
-        return self.normalize(self.uint8_images(domain, label, draw_indices(available, n, generator).numpy(), split))
 
     def iter_split(self, domains: Sequence[str], split: str = "test",
                    batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -34,7 +34,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -94,6 +94,23 @@ def decode_image(path, resolution: int, crop: str = "center") -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files (OSError, SyntaxError, bombs ...)
         raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def to_rgb_square(images: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 ``[n, h, w]`` (grey) or ``[n, h, w, 3]`` images -> uint8 ``[n, 3, r, r]`` RGB: what
+    :func:`decode_image` gives for a file, for images that come out of a container (IDX, .mat ...).
+    Grey is repeated over the channels; a size other than ``r x r`` is resized bilinearly by PIL."""
+    from PIL import Image
+
+    images = np.asarray(images, dtype=np.uint8)
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected [n, h, w] or [n, h, w, 3] images, got {list(images.shape)}")
+    if images.shape[1:3] != (resolution, resolution):
+        images = np.stack([np.asarray(Image.fromarray(x).resize((resolution, resolution), Image.BILINEAR))
+                           for x in images]) if len(images) else np.empty((0, resolution, resolution, 3), np.uint8)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,13 +215,13 @@ class _EntryWriter:
                 raise OSError(errno.ENOSPC, "short write (disk full?)", str(self.tmp))
         self.remaining -= 1
 
-    def commit(self) -> DecodedGroup:
+    def commit(self, extra: Mapping | None = None) -> DecodedGroup:
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         meta = {"version": DECODE_VERSION, "key": self.key, "resolution": self.resolution, "crop": self.crop,
                 "count": len(self.files), "bad": {str(i): r for i, r in sorted(self.bad.items())},
-                "bad_files": [self.files[i] for i in sorted(self.bad)]}
+                "bad_files": [self.files[i] for i in sorted(self.bad)], **(extra or {})}
         with open(self.tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -253,9 +270,9 @@ class DecodeCache:
         self.decoded = 0
 
     # -- keys and entries ----------------------------------------------------------------
-    def key(self, files: Sequence) -> str:
-        """Hash of the settings and each file's absolute path, size and mtime."""
-        h = hashlib.sha256(json.dumps([DECODE_VERSION, self.resolution, self.crop]).encode())
+    def key(self, files: Sequence, tag: str = "") -> str:
+        """Hash of the settings and each file's absolute path, size and mtime (and ``tag``)."""
+        h = hashlib.sha256(json.dumps([DECODE_VERSION, self.resolution, self.crop, *([tag] if tag else [])]).encode())
         for f in files:
             st = os.stat(f)
             h.update(f"\0{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
@@ -358,6 +375,47 @@ class DecodeCache:
             if todo:
                 found.update(self._decode(todo, desc))
         return found
+
+    def build_array(self, sources: Sequence, read: Callable[[], tuple[np.ndarray, np.ndarray]],
+                    ) -> tuple[DecodedGroup, np.ndarray]:
+        """The entry of images stored inside files (IDX, MATLAB .mat, libsvm text ...), and their labels.
+
+        ``read()`` returns the uint8 images (``[n, h, w]`` or ``[n, h, w, 3]``) and labels ``[n]``
+        of ``sources``; it is called only when no entry exists for them (keyed by their paths,
+        sizes and mtimes, as files are). Row ``i`` is named ``"<first source>[i]"``. ``read``'s
+        ``ValueError`` (an unreadable file) propagates.
+        """
+        sources = [str(f) for f in sources]
+        key = self.key(sources, tag="array")
+        try:
+            meta = json.loads((self.root / key / "meta.json").read_text())
+            count, labels = int(meta["count"]), np.asarray(meta["labels"], dtype=np.int64)
+        except (OSError, ValueError, KeyError, TypeError):
+            count, labels = -1, None
+        if labels is not None and len(labels) == count:
+            group = self._open(key, tuple(f"{sources[0]}[{i}]" for i in range(count)))
+            if group is not None:
+                return group, labels
+        images, labels = read()
+        images = to_rgb_square(images, self.resolution)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(images) != len(labels):
+            raise ValueError(f"{sources[0]}: {len(images)} images but {len(labels)} labels")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            self._remove_stale_temporaries()
+            self._check_space(len(images))
+            writer = _EntryWriter(self.root, key, tuple(f"{sources[0]}[{i}]" for i in range(len(images))),
+                                  self.resolution, self.crop)
+            try:
+                for i, image in enumerate(images):
+                    writer.put(i, image, None)
+                group = writer.commit({"labels": labels.tolist()})
+            except BaseException:
+                writer.abort()
+                raise
+        self.decoded += len(images)
+        return group, labels
 
     def _check_space(self, n_images: int) -> None:
         need = n_images * 3 * self.resolution ** 2

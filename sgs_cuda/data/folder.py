@@ -109,12 +109,7 @@ class ImageFolderDomains(DecodedCells):
         files: dict[tuple[str, int], list[Path]] = {}
         for d, dpath in domain_dirs.items():
             for c, name in enumerate(classes):
-                try:
-                    folder = resolve_folder(name, class_dirs[d], "class", dpath)
-                except ValueError:
-                    files[d, c] = []
-                    continue
-                files[d, c] = _image_files(dpath / folder)
+                files[d, c] = self._class_files(dpath, class_dirs[d], name)
         if not any(files.values()):
             raise ValueError(f"no images found under {self.root} (layout root/<domain>/<class>/<image>, "
                              f"extensions {sorted(IMAGE_EXTENSIONS)})")
@@ -135,6 +130,13 @@ class ImageFolderDomains(DecodedCells):
             train, test = self._split(d, classes[c], good)
             cells[d, "train", c], cells[d, "test", c] = (group, train), (group, test)
         super().__init__(list(domain_dirs), classes, resolution, mean, std, cells, bad)
+
+    def _class_files(self, domain_dir: Path, folders: list[str], cls: str) -> list[Path]:
+        """The image files of class ``cls`` in one domain (none when its folder is absent)."""
+        try:
+            return _image_files(domain_dir / resolve_folder(cls, folders, "class", domain_dir))
+        except ValueError:
+            return []
 
     def _split(self, domain: str, cls: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Seed from names, not positions, so adding a domain never reshuffles another one.

@@ -50,63 +50,33 @@ def get_preset(name: str) -> Preset:
     raise ValueError(f"unknown dataset preset {name!r}; known: {sorted(PRESETS)} and 'fmnist-styles'")
 
 
-def _imagenet_classes(name: str):
-    """The class subset named by ``name`` when it is an ImageNet dataset name, else None."""
-    from .imagenet import SUBSET_NAMES
-
-    if name.lower().startswith("imagenet:"):
-        return name.split(":", 1)[1]
-    if _key(name) in {_key(n) for n in SUBSET_NAMES}:
-        return name
-    return None
-
-
 def load_dataset(name_or_path, root=None, pseudo_domains: int | None = None, **kw):
     """Return a data source implementing :class:`~sgs_cuda.data.base.MultiDomainDataset`.
 
-    - ``"fmnist-styles"``: the embedded benchmark (``root`` = where the Fashion-MNIST IDX files
-      are, optional); ``kw`` go to :class:`~sgs_cuda.data.fmnist_styles.FashionMNISTStyles`.
-    - an ImageNet subset: ``"imagenette"``, ``"imagewoof"``, ``"imagefruit"``, ``"imagemeow"``,
-      ``"imagesquawk"``, ``"imageyellow"``, ``"imagenet-100"``, or ``"imagenet:<list file>"``,
-      with ``root`` = the ImageNet folder (``train/``, ``val/``); ``kw`` go to
-      :class:`~sgs_cuda.data.imagenet.ImageNetSubset` (``sketch_root``, ``r_root``, ``a_root``,
-      ``v2_root``, ``resolution`` ...).
-    - a preset name (``"PACS"``, ``"vlcs"``, ``"office-home"`` ...) with ``root`` = its folder.
-    - a path to a ``root/<domain>/<class>/<image>`` tree.
+    - a registered name (:data:`sgs_cuda.data.registry.DATASETS`): ``"fmnist-styles"`` (``root``
+      optional: where the Fashion-MNIST IDX files are); a DomainBed preset (``"PACS"``, ``"vlcs"``,
+      ``"office-home"`` ...); an ImageNet subset (``"imagenette"`` ... ``"imagenet-100"``,
+      ``"imagenet:<list file>"``, ``root`` = the folder holding ``train/`` and ``val/``);
+      ``"digits"``; ``"CORe50"``. ``kw`` go to the dataset's class.
+    - a path to a ``root/<domain>/<class>/<image>`` tree (:class:`~sgs_cuda.data.folder.ImageFolderDomains`).
 
-    ``kw`` go to :class:`~sgs_cuda.data.folder.ImageFolderDomains` for folders. With
-    ``pseudo_domains=k`` the result's training domains are pooled and re-split into ``k``
+    With ``pseudo_domains=k`` the result's training domains are pooled and re-split into ``k``
     pseudo-domains.
     """
-    from .fmnist_styles import FashionMNISTStyles
     from .folder import ImageFolderDomains
+    from .registry import find, names
 
     name = str(name_or_path)
-    imagenet_classes = _imagenet_classes(name)
-    if _key(name) in {_key(n) for n in FMNIST_STYLES_NAMES}:
-        data = FashionMNISTStyles(root=root, **kw)
-    elif imagenet_classes is not None:
-        from .imagenet import ImageNetSubset
-        if root is None:
-            raise ValueError(f"dataset {name!r} needs root=<the ImageNet folder holding train/ and val/> "
-                             f"(--data-root on the command line)")
-        if "classes" in kw:
-            raise ValueError(f"dataset {name!r} already names its classes; drop classes=")
-        data = ImageNetSubset(root, classes=imagenet_classes, **kw)
-    elif any(_key(p.name) == _key(name) for p in PRESETS.values()):
-        preset = get_preset(name)
-        if root is None:
-            raise ValueError(f"dataset {preset.name!r} needs root=<folder holding {preset.name}'s domain folders> "
-                             f"(--data-root on the command line)")
-        data = ImageFolderDomains(root, preset=preset, **kw)
+    found = find(name)
+    if found is not None:
+        entry, argument = found
+        data = entry.build(root, argument, **kw)
     elif Path(name).expanduser().exists():
         if root is not None:
             raise ValueError(f"give either a path ({name!r}) or root=, not both")
         data = ImageFolderDomains(name, **kw)
     else:
-        from .imagenet import SUBSET_NAMES
-        raise FileNotFoundError(f"{name!r} is neither a known dataset ({sorted(PRESETS)}, 'fmnist-styles', "
-                                f"{list(SUBSET_NAMES)}, 'imagenet:<list file>') nor an existing path")
+        raise FileNotFoundError(f"{name!r} is neither a known dataset ({', '.join(names())}) nor an existing path")
     if pseudo_domains is not None:
         from .pseudo_domains import PseudoDomainDataset
         data = PseudoDomainDataset(data, pseudo_domains, seed=kw.get("seed", 0),
