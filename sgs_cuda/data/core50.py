@@ -4,7 +4,7 @@ sessions (backgrounds and lighting) are the domains.
 Files: the official ``core50_128x128.zip`` unpacks to ``core50_128x128/s1 ... s11/o1 ... o50/*.png``
 (300 frames per object and session). Classes are the 10 categories (objects ``o1-o5`` plug
 adapters, ``o6-o10`` mobile phones ... ``o46-o50`` remote controls), or the 50 objects with
-``classes="objects"``. Each (session, class) cell is split into train/test as image folders are
+``level="object"`` (``--data-option level=object``). Each (session, class) cell is split into train/test as image folders are
 (:class:`~sgs_cuda.data.folder.ImageFolderDomains`), decoded once into the cache.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ class CORe50(ImageFolderDomains):
     Args:
         root: ``core50_128x128`` or the folder holding it.
         sessions: the sessions to use, in this order (default all 11).
-        classes: ``"categories"`` (10, default) or ``"objects"`` (50).
+        level: ``"category"`` (10 classes, default) or ``"object"`` (50), as CORe50 names its two tasks.
         resolution: square side (64), test_fraction, seed, mean, std, cache_dir, num_workers,
             progress: as for :class:`~sgs_cuda.data.folder.ImageFolderDomains`.
 
@@ -39,16 +39,16 @@ class CORe50(ImageFolderDomains):
     """
     target_groups = TARGET_GROUPS
 
-    def __init__(self, root, sessions: Sequence[str] = SESSIONS, classes: str = "categories",
+    def __init__(self, root, sessions: Sequence[str] = SESSIONS, level: str = "category",
                  resolution: int = 64, test_fraction: float = 0.2, seed: int = 0,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  cache_dir=None, num_workers: int | None = None, progress: bool = True):
-        if classes not in ("categories", "objects"):
-            raise ValueError(f"CORe50 classes must be 'categories' or 'objects', got {classes!r}")
+        if level not in ("category", "object"):
+            raise ValueError(f"CORe50 level must be 'category' or 'object', got {level!r}")
         root = Path(root).expanduser()
         if (root / "core50_128x128").is_dir():
             root = root / "core50_128x128"
-        self._objects = classes == "objects"
+        self._objects = level == "object"
         super().__init__(root, domains=list(sessions), classes=OBJECTS if self._objects else CATEGORIES,
                          resolution=resolution, test_fraction=test_fraction, seed=seed, mean=mean, std=std,
                          crop="squash", cache_dir=cache_dir, num_workers=num_workers, progress=progress)

@@ -191,8 +191,8 @@ class Digits(DecodedCells):
             raise FileNotFoundError(f"no digit domain found under {self.root}: "
                                     + "; ".join(f"{d}: {why}" for d, why in missing.items()))
         if missing:
-            warnings.warn(f"digits under {self.root}: domain(s) {', '.join(missing)} not found, left out "
-                          f"(looked for {'; '.join(missing.values())})", stacklevel=2)
+            warnings.warn(f"digits: domain(s) {', '.join(missing)} not found, left out ({'; '.join(missing.values())})",
+                          stacklevel=2)
         super().__init__(present, CLASSES, resolution, mean, std, cells, bad)
 
     # -- finding and reading one domain ----------------------------------------------------
@@ -211,8 +211,8 @@ class Digits(DecodedCells):
             if any(all(paths[s]) for s in paths):
                 return self._load_native(domain, paths, cache, bad)
         files = ", ".join(n for names in native.values() for n in names)
-        return (f"{domain}: none of {', '.join(f'{self.root}/{f}/' for f in FOLDERS[domain])} holds "
-                f"{files} (or digits_dg/{domain}/train/)")
+        return (f"{domain}: no {' or '.join(f + '/' for f in FOLDERS[domain])} under {self.root} holding {files}, "
+                f"nor digits_dg/{domain}/train/")
 
     def _load_native(self, domain: str, paths: dict, cache: DecodeCache, bad: list) -> dict | str:
         out = {}
