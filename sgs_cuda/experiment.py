@@ -209,7 +209,7 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
             raise ValueError(f"unknown target domain(s) {unknown}; the targets given are {available}")
     else:
         groups = getattr(data, "target_groups", None) or {}  # named target sets: CORe50's "outdoor"
-        targets = [t for w in wanted for t in groups.get(w, [w])] or [data.domains[0]]
+        targets = [t for w in wanted or [] for t in groups.get(w, [w])] or [data.domains[0]]
         unknown = [t for t in targets if t not in data.domains]
         if unknown:
             missing = getattr(data, "missing_domains", None) or {}

@@ -14,6 +14,9 @@ a build killed at any point leaves no entry that looks valid, and the temporary 
 builds are removed by the next build. Unreadable files are skipped (their rows stay zero and are
 never handed out) and reported all at once, before any training starts.
 
+Images stored inside files (IDX, MATLAB ``.mat``, libsvm text) are entries too
+(:meth:`DecodeCache.build_array`), keyed by those files, with their labels in ``meta.json``.
+
 Reads map the file for the duration of one batch only, so a process holds the batches it asked
 for, never the data set (``np.load(path, mmap_mode="r")`` opens an entry for inspection).
 """

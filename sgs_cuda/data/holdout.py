@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .base import DataSource
 from .sampling import check_split, draw_indices
 
 
@@ -112,7 +113,7 @@ def _held_positions(n: int, fraction: float, gen: torch.Generator, domain: str, 
     return torch.randperm(n, generator=gen)[:k]
 
 
-class HeldOutPositions:
+class HeldOutPositions(DataSource):
     """The training-domain validation view of a source with indexed reads (``uint8_images``):
     it keeps, per (domain, split, class), positions into the source's train cell, and reads the
     images through the source when asked, so a large (memory-mapped) source is never copied."""
@@ -138,13 +139,6 @@ class HeldOutPositions:
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.data.normalize(images_uint8)
-
-    def real_batch(self, domain: str, label: int, n: int, generator: torch.Generator | None = None,
-                   split: str = "train") -> torch.Tensor:
-        available = self.count(domain, label, split)
-        if available == 0 and n > 0:
-            raise ValueError(f"domain {domain!r} has no {split} images of class {self.classes[int(label)]!r}")
-        return self.normalize(self.uint8_images(domain, label, draw_indices(available, n, generator), split))
 
     def split_tensors(self, domains: Sequence[str], split: str = "test"):
         parts = [(self.uint8_images(d, c, torch.arange(self.count(d, c, split)), split), c)

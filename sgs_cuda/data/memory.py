@@ -9,7 +9,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .sampling import SPLITS, check_split, draw_indices
+from .base import DataSource
+from .sampling import SPLITS, check_split
 
 Cell = tuple[torch.Tensor, torch.Tensor]  # (uint8 images [n, C, H, W], int64 labels [n])
 
@@ -31,7 +32,7 @@ def channel_stats(images: Sequence[torch.Tensor]) -> tuple[tuple[float, ...], tu
     return tuple(mean.tolist()), tuple(std.clamp_min(1e-3).tolist())
 
 
-class InMemoryDomains:
+class InMemoryDomains(DataSource):
     """``cells[domain][split] = (uint8 images, labels)``; labels index ``classes``.
 
     ``mean``/``std`` default to the statistics of the pooled train split.
@@ -110,14 +111,6 @@ class InMemoryDomains:
     # -- protocol --------------------------------------------------------------------------
     def count(self, domain: str, label: int, split: str = "train") -> int:
         return int(self._class_index(domain, label, split).numel())
-
-    def real_batch(self, domain: str, label: int, n: int, generator: torch.Generator | None = None,
-                   split: str = "train") -> torch.Tensor:
-        idx = self._class_index(domain, label, split)
-        if idx.numel() == 0 and n > 0:
-            raise ValueError(f"domain {domain!r} has no {split} images of class {self.classes[int(label)]!r}")
-        pick = idx[draw_indices(idx.numel(), n, generator)]
-        return self.normalize(self._cells[domain][split][0][pick])
 
     def split_tensors(self, domains: Sequence[str], split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         check_split(split)

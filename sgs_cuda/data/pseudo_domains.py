@@ -15,10 +15,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import denormalize
+from .base import DataSource, denormalize
 from .decode_cache import default_cache_dir, save_npz_atomic
 from .memory import InMemoryDomains
-from .sampling import SPLITS, check_cell, draw_indices
+from .sampling import SPLITS, check_cell
 
 CACHE_VERSION = 2  # of the cached assignment; bump when the clustering changes
 
@@ -112,7 +112,7 @@ def assign_pseudo_domains(images: torch.Tensor, k: int, seed: int = 0, window: i
     return kmeans(low_frequency_features(images, window), k, seed)[0]
 
 
-class PseudoDomainDataset:
+class PseudoDomainDataset(DataSource):
     """A protocol dataset whose domains are ``pseudo0 .. pseudo{k-1}``, found by clustering.
 
     The train images of ``base``'s domains (all, or ``domains``) are pooled and clustered by
@@ -245,13 +245,6 @@ class PseudoDomainDataset:
 
     def count(self, domain: str, label: int, split: str = "train") -> int:
         return len(self._cell(domain, label, split))
-
-    def real_batch(self, domain: str, label: int, n: int, generator: torch.Generator | None = None,
-                   split: str = "train") -> torch.Tensor:
-        available = self.count(domain, label, split)
-        if available == 0 and n > 0:
-            raise ValueError(f"domain {domain!r} has no {split} images of class {self.classes[int(label)]!r}")
-        return self.normalize(self.uint8_images(domain, label, draw_indices(available, n, generator).numpy(), split))
 
     def split_tensors(self, domains: Sequence[str], split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         K = len(self.classes)
