@@ -213,7 +213,7 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
         unknown = [t for t in targets if t not in data.domains]
         if unknown:
             missing = getattr(data, "missing_domains", None) or {}
-            why = "".join(f"; {missing[t]}" for t in unknown if t in missing)
+            why = "".join(f"; {t}: {missing[t]}" for t in unknown if t in missing)
             raise ValueError(f"unknown target domain {', '.join(map(repr, unknown))}; "
                              f"the dataset has {list(data.domains)}{' and named sets ' + str(list(groups)) if groups else ''}{why}")
         sources = [d for d in data.domains if d not in targets]

@@ -116,3 +116,7 @@ def test_options(root, tmp_path):
     data = load(root, tmp_path, domains=["usps", "svhn"], train_per_class=2, resolution=16)
     assert data.domains == ["usps", "svhn"] and data.image_shape == (3, 16, 16)
     assert data.count("usps", 3, "train") == 2 and data.count("usps", 3, "test") == 2
+    alone = load(root, tmp_path, domains=["usps"], train_per_class=2, resolution=16)
+    for c in range(10):  # the seeded choice of a domain does not depend on the other domains loaded
+        assert alone.files("usps", c) == data.files("usps", c)
+    assert str(data.files("usps", 3)[0]).startswith(str(root / "usps" / "usps.bz2") + "[")

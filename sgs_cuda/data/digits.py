@@ -25,6 +25,7 @@ from __future__ import annotations
 import bz2
 import os
 import warnings
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -171,7 +172,6 @@ class Digits(DecodedCells):
         if train_per_class is not None and int(train_per_class) < 1:
             raise ValueError(f"train_per_class must be >= 1, got {train_per_class}")
         cache = DecodeCache(resolution, "squash", cache_dir, num_workers, progress)
-        rng = np.random.default_rng(seed)
         cells, bad, missing = {}, [], {}
         for d in (domains or DOMAINS):
             found = self._load_domain(d, cache, bad)
@@ -180,6 +180,8 @@ class Digits(DecodedCells):
                 continue
             for (split, c), (group, rows) in found.items():
                 if split == "train" and train_per_class is not None and len(rows) > train_per_class:
+                    # seeded by names, so a domain's choice does not depend on the other domains loaded
+                    rng = np.random.default_rng([seed, zlib.crc32(f"{d}\0{c}".encode())])
                     rows = np.sort(rng.choice(rows, int(train_per_class), replace=False))
                 cells[d, split, c] = (group, rows)
         self.missing_domains = missing
@@ -191,8 +193,8 @@ class Digits(DecodedCells):
             raise FileNotFoundError(f"no digit domain found under {self.root}: "
                                     + "; ".join(f"{d}: {why}" for d, why in missing.items()))
         if missing:
-            warnings.warn(f"digits: domain(s) {', '.join(missing)} not found, left out ({'; '.join(missing.values())})",
-                          stacklevel=2)
+            warnings.warn(f"digits: domain(s) {', '.join(missing)} not found, left out ("
+                          + "; ".join(f"{d}: {why}" for d, why in missing.items()) + ")", stacklevel=2)
         super().__init__(present, CLASSES, resolution, mean, std, cells, bad)
 
     # -- finding and reading one domain ----------------------------------------------------
@@ -202,7 +204,7 @@ class Digits(DecodedCells):
             folder = _child(base, domain)
             if folder is not None and _child(folder, "train") is not None:
                 return self._load_dassl(domain, folder, cache, bad)
-        native = {split: names for split, names in NATIVE[domain].items()}
+        native = NATIVE[domain]
         for name in FOLDERS[domain]:
             folder = _child(self.root, name)
             if folder is None:
@@ -211,7 +213,7 @@ class Digits(DecodedCells):
             if any(all(paths[s]) for s in paths):
                 return self._load_native(domain, paths, cache, bad)
         files = ", ".join(n for names in native.values() for n in names)
-        return (f"{domain}: no {' or '.join(f + '/' for f in FOLDERS[domain])} under {self.root} holding {files}, "
+        return (f"no {' or '.join(f + '/' for f in FOLDERS[domain])} under {self.root} holding {files}, "
                 f"nor digits_dg/{domain}/train/")
 
     def _load_native(self, domain: str, paths: dict, cache: DecodeCache, bad: list) -> dict | str:
@@ -235,7 +237,7 @@ class Digits(DecodedCells):
                 continue
             for c in range(len(CLASSES)):
                 out[split, c] = (group, np.flatnonzero(labels == c))
-        return out or f"{domain}: no readable file ({', '.join(str(p) for fs in paths.values() for p in fs if p)})"
+        return out or f"no readable file ({', '.join(str(p) for fs in paths.values() for p in fs if p)})"
 
     @staticmethod
     def _mnist_m_groups(folder: Path, labels_path: Path, bad: list) -> dict[int, list[Path]]:

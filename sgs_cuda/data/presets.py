@@ -1,6 +1,7 @@
-"""Named multi-domain datasets and :func:`load_dataset`, the single entry point by name or path.
+"""The DomainBed folder layouts (:class:`Preset`, :data:`PRESETS`) and :func:`load_dataset`, the
+single entry point by name (looked up in :mod:`sgs_cuda.data.registry`) or path.
 
-A preset fixes the domain order (so ``leave-one-domain-out`` indices mean the same thing in every
+A layout preset (not to be confused with the run presets of ``sgs_cuda/configs``) fixes the domain order (so ``leave-one-domain-out`` indices mean the same thing in every
 run), the class order where the benchmark defines one, and the resolution the distillation uses.
 Folder names are matched ignoring case, spaces, ``_`` and ``-``.
 """
