@@ -1,6 +1,5 @@
-"""CORe50 on a generated ``core50_128x128/s1..s11/o1..o50/*.png`` tree (sessions as domains, the
-objects grouped into categories or kept as classes, named target sets), and the dataset registry
-every loader registers in."""
+"""CORe50 on a generated ``core50_128x128/s1..s11/o1..o50/*.png`` tree: sessions as domains, the
+objects grouped into categories or kept as classes, named target sets."""
 from __future__ import annotations
 
 import shutil
@@ -13,7 +12,6 @@ from benchmark_files import CORE50_COLOURS, make_core50
 from sgs_cuda import experiment
 from sgs_cuda.data import load_dataset
 from sgs_cuda.data.core50 import CATEGORIES, CORe50, OUTDOOR, SESSIONS
-from sgs_cuda.data.registry import DATASETS, find, names
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +47,3 @@ def test_named_target_sets_and_missing_sessions(root, tmp_path):
         CORe50(broken, cache_dir=tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="level must be 'category' or 'object'"):
         CORe50(broken, level="things")
-
-
-def test_the_registry_is_the_one_place_names_live():
-    assert find("Digits-DG")[0] is find("digits")[0] and find("pacs")[0].name == "PACS"
-    assert find("imagenet:my_list.txt")[1] == "my_list.txt" and find("imagenet") is None
-    assert {"digits", "CORe50", "PACS", "fmnist-styles", "imagenette"} <= set(names())
-    for name in ("digits", "CORe50"):
-        assert experiment.data_source(name) == (DATASETS[name.lower()].kind, DATASETS[name.lower()].cls)
-        assert experiment._preset_needing_root(name) == name
-    from sgs_cuda import cli
-    run = cli.build_parser()._subparsers._group_actions[0].choices["run"]
-    help_text = " ".join(run.format_help().split())
-    assert "dataset name (fmnist-styles, PACS," in help_text and "imagenet:<classes>, digits, CORe50) or folder" in help_text
-    with pytest.raises(ValueError, match=r"dataset 'digits' needs root=<folder holding the digit domains"):
-        load_dataset("digits")
-    with pytest.raises(ValueError, match="data option 'frames' does not apply to dataset 'core50' "
-                                         r"\(the CORe50 benchmark\); its data options: sessions, level, resolution"):
-        experiment.check_data_kwargs("core50", {"frames": 3})
