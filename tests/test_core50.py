@@ -45,5 +45,7 @@ def test_named_target_sets_and_missing_sessions(root, tmp_path):
     shutil.rmtree(broken / "s5")
     with pytest.raises(ValueError, match="domain 's5' not found in .*broken"):
         CORe50(broken, cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(FileNotFoundError, match="no CORe50 session folder .* expected core50_128x128/s1"):
+        CORe50(broken / "s1", cache_dir=tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="level must be 'category' or 'object'"):
         CORe50(broken, level="things")

@@ -48,6 +48,9 @@ class CORe50(ImageFolderDomains):
         root = Path(root).expanduser()
         if (root / "core50_128x128").is_dir():
             root = root / "core50_128x128"
+        if root.is_dir() and not any((root / s).is_dir() for s in sessions):
+            raise FileNotFoundError(f"no CORe50 session folder ({', '.join(sessions)}) in {root}: expected "
+                                    "core50_128x128/s1 ... s11/o1 ... o50/*.png (the folder or its parent)")
         self._objects = level == "object"
         super().__init__(root, domains=list(sessions), classes=OBJECTS if self._objects else CATEGORIES,
                          resolution=resolution, test_fraction=test_fraction, seed=seed, mean=mean, std=std,

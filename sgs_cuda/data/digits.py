@@ -212,7 +212,7 @@ class Digits(DecodedCells):
             paths = {split: [_native_file(folder, n) for n in names] for split, names in native.items()}
             if any(all(paths[s]) for s in paths):
                 return self._load_native(domain, paths, cache, bad)
-        files = ", ".join(n for names in native.values() for n in names)
+        files = ", ".join(n + "[.gz]" * (domain == "mnist") for names in native.values() for n in names)
         return (f"no {' or '.join(f + '/' for f in FOLDERS[domain])} under {self.root} holding {files}, "
                 f"nor digits_dg/{domain}/train/")
 
