@@ -213,9 +213,10 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
         unknown = [t for t in targets if t not in data.domains]
         if unknown:
             missing = getattr(data, "missing_domains", None) or {}
+            named = f" and the named sets {list(groups)}" if groups else ""
             why = "".join(f"; {t}: {missing[t]}" for t in unknown if t in missing)
             raise ValueError(f"unknown target domain {', '.join(map(repr, unknown))}; "
-                             f"the dataset has {list(data.domains)}{' and named sets ' + str(list(groups)) if groups else ''}{why}")
+                             f"the dataset has {list(data.domains)}{named}{why}")
         sources = [d for d in data.domains if d not in targets]
         if not sources:
             raise ValueError("leave-one-domain-out needs at least two domains")

@@ -2,7 +2,8 @@
 
 The distillation loop and the evaluation only talk to this protocol, so a folder of images,
 the embedded Fashion-MNIST styles benchmark and pseudo-domain data are interchangeable.
-:class:`DataSource` is the base class the sources derive from. Images come out as float32 tensors ``[n, C, H, W]`` already normalised with ``mean``/``std``.
+:class:`DataSource` is the base class the sources derive from. Images come out as float32 tensors
+``[n, C, H, W]`` already normalised with ``mean``/``std``.
 """
 from __future__ import annotations
 

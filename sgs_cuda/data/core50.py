@@ -4,8 +4,9 @@ sessions (backgrounds and lighting) are the domains.
 Files: the official ``core50_128x128.zip`` unpacks to ``core50_128x128/s1 ... s11/o1 ... o50/*.png``
 (300 frames per object and session). Classes are the 10 categories (objects ``o1-o5`` plug
 adapters, ``o6-o10`` mobile phones ... ``o46-o50`` remote controls), or the 50 objects with
-``level="object"`` (``--data-option level=object``). Each (session, class) cell is split into train/test as image folders are
-(:class:`~sgs_cuda.data.folder.ImageFolderDomains`), decoded once into the cache.
+``level="object"`` (``--data-option level=object``). Each (session, class) cell is split into
+train/test as image folders are (:class:`~sgs_cuda.data.folder.ImageFolderDomains`), decoded once
+into the cache.
 """
 from __future__ import annotations
 
