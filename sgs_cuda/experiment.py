@@ -103,12 +103,15 @@ def data_source(name) -> tuple[str, type] | None:
     (``kind``: ``"imagenet"``, ``"folder"`` or ``"fmnist-styles"``); None when it cannot tell."""
     try:
         from .data import FashionMNISTStyles, ImageFolderDomains, ImageNetSubset
-        from .data.presets import FMNIST_STYLES_NAMES, _imagenet_classes, _key
+        from .data.fmnist_cues import FashionMNISTCues
+        from .data.presets import FMNIST_CUES_NAMES, FMNIST_STYLES_NAMES, _imagenet_classes, _key
     except ImportError:
         return None
     name = str(name)
     if _key(name) in {_key(n) for n in FMNIST_STYLES_NAMES}:
         return "fmnist-styles", FashionMNISTStyles
+    if _key(name) in {_key(n) for n in FMNIST_CUES_NAMES}:
+        return "fmnist-styles", FashionMNISTCues
     if _imagenet_classes(name) is not None:
         return "imagenet", ImageNetSubset
     if _preset_needing_root(name) is not None or Path(name).expanduser().exists():
@@ -212,6 +215,11 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
             raise ValueError(f"unknown target domain {', '.join(map(repr, unknown))}; "
                              f"the dataset has {list(data.domains)}")
         sources = [d for d in data.domains if d not in targets]
+        cue_free = getattr(data, "cue_free", None)  # fmnist-cues: only that domain's cue ignores the class
+        if cue_free is not None and targets != [cue_free]:
+            raise ValueError(f"target {'+'.join(targets)!r} carries a class-correlated cue in {cfg['dataset']}: "
+                             f"target {cue_free!r}, or make the target cue-free with "
+                             f"--data-option cue_free={targets[0]}")
         if not sources:
             raise ValueError("leave-one-domain-out needs at least two domains")
     _needs_pseudo_domains(cfg, str(cfg["dataset"]), sources)

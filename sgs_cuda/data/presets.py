@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FMNIST_STYLES_NAMES = ("fmnist-styles", "fmniststyles", "fashion-mnist-styles", "fashionmniststyles")
+FMNIST_CUES_NAMES = ("fmnist-cues", "fashion-mnist-cues")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def _imagenet_classes(name: str):
 def load_dataset(name_or_path, root=None, pseudo_domains: int | None = None, **kw):
     """Return a data source implementing :class:`~sgs_cuda.data.base.MultiDomainDataset`.
 
+    - ``"fmnist-cues"``: the premise benchmark, the styles with a planted class-correlated cue
+      (:class:`~sgs_cuda.data.fmnist_cues.FashionMNISTCues`; ``cue``, ``cue_strength``, ``cue_free``).
     - ``"fmnist-styles"``: the embedded benchmark (``root`` = where the Fashion-MNIST IDX files
       are, optional); ``kw`` go to :class:`~sgs_cuda.data.fmnist_styles.FashionMNISTStyles`.
     - an ImageNet subset: ``"imagenette"``, ``"imagewoof"``, ``"imagefruit"``, ``"imagemeow"``,
@@ -85,6 +88,9 @@ def load_dataset(name_or_path, root=None, pseudo_domains: int | None = None, **k
     imagenet_classes = _imagenet_classes(name)
     if _key(name) in {_key(n) for n in FMNIST_STYLES_NAMES}:
         data = FashionMNISTStyles(root=root, **kw)
+    elif _key(name) in {_key(n) for n in FMNIST_CUES_NAMES}:
+        from .fmnist_cues import FashionMNISTCues
+        data = FashionMNISTCues(root=root, **kw)
     elif imagenet_classes is not None:
         from .imagenet import ImageNetSubset
         if root is None:
