@@ -24,6 +24,9 @@ from .dm.dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
 from .dm.networks import NORMS, build_convnet
 
 
+TARGET_SPLITS = ("all", "test")
+
+
 @dataclass
 class EvalConfig(DictConfig):
     """Training of the evaluation networks (defaults: the DM reference / the paper)."""
@@ -40,6 +43,9 @@ class EvalConfig(DictConfig):
     depth: int | str = 3  # ConvNet depth, or "auto": follows the resolution (dm.networks.auto_depth)
     norm: str = "instancenorm"
     test_batch: int = 1024
+    # the images a target domain is scored on: "all" (every image: the target is never trained or
+    # selected on, and the DG literature scores the whole held-out domain), or its "test" split
+    target_split: str = "all"
     # evaluation network(s): "convnet", "alexnet", "vgg11", "resnet18", comma-separated, each
     # optionally with its own width ("convnet,vgg11:16"; no width: `width`); depth: ConvNet only
     arch: str = "convnet"
@@ -55,6 +61,8 @@ class EvalConfig(DictConfig):
                              f"{self.lr}, {self.weight_decay}, {self.momentum}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.target_split not in TARGET_SPLITS:
+            raise ValueError(f"target_split must be one of {TARGET_SPLITS}, got {self.target_split!r}")
         parse_strategy(self.dsa_strategy)
         parse_archs(self.arch)
 
@@ -131,6 +139,11 @@ def split_size(data, domains: Sequence[str], split: str = "test") -> int:
     return sum(data.count(d, c, split) for d in domains for c in range(len(data.classes)))
 
 
+def scored_splits(cfg: "EvalConfig") -> tuple[str, ...]:
+    """The splits a target domain is scored on (the sources: always their test split)."""
+    return ("train", "test") if cfg.target_split == "all" else ("test",)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
@@ -186,9 +199,10 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need a non-empty training set with one label per image, got {len(images)} "
                          f"images and {len(labels)} labels")
+    target_splits = scored_splits(cfg)
     for t in targets:
-        if split_size(data, [t]) == 0:
-            raise ValueError(f"the target domain {t!r} has no test images")
+        if sum(split_size(data, [t], s) for s in target_splits) == 0:
+            raise ValueError(f"the target domain {t!r} has no {'' if cfg.target_split == 'all' else 'test '}images")
     t0 = time.perf_counter()
     K = len(data.classes)
     missing = {t: list((getattr(data, "missing_classes", None) or {}).get(t, [])) for t in targets}
@@ -211,7 +225,8 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
         nets[name], losses[name] = [n for n, _ in trained], [loss for _, loss in trained]
         seconds[name] = time.perf_counter() - t_arch
     t_test = time.perf_counter()
-    counts = _score(nets, data, [*targets, *source_domains], allowed, device, cfg.test_batch)
+    splits = {**{t: target_splits for t in targets}, **{d: ("test",) for d in source_domains}}
+    counts = _score(nets, data, splits, allowed, device, cfg.test_batch)
     test_share = (time.perf_counter() - t_test) / len(per_cfg)
     per_arch = {name: _arch_metrics(counts[name], losses[name], targets, source_domains, missing,
                                     per_cfg[name].width, seconds[name] + test_share) for name in per_cfg}
@@ -222,17 +237,19 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
 
 
 @torch.no_grad()
-def _score(nets: dict[str, list], data, domains: Sequence[str], allowed: dict, device, batch: int) -> dict:
-    """``{arch: {domain: [(correct, unrestricted_correct, total) per net]}}``, every test batch
-    read once and scored by every network."""
+def _score(nets: dict[str, list], data, splits: dict[str, Sequence[str]], allowed: dict, device, batch: int) -> dict:
+    """``{arch: {domain: [(correct, unrestricted_correct, total) per net]}}`` over the splits
+    ``splits[domain]`` of each domain, every batch read once and scored by every network."""
     device = torch.device(device)
     for group in nets.values():
         for net in group:
             net.eval()
-    counts = {name: {d: [[0, 0, 0] for _ in group] for d in domains} for name, group in nets.items()}
-    for d in domains:
+    counts = {name: {d: [[0, 0, 0] for _ in group] for d in splits} for name, group in nets.items()}
+    for d, domain_splits in splits.items():
         keep = allowed.get(d)
-        for x, y in iter_batches(data, [d], "test", batch):
+        batches = (b for split in domain_splits if split_size(data, [d], split)
+                   for b in iter_batches(data, [d], split, batch))
+        for x, y in batches:
             x = x.to(device, torch.float32)
             for name, group in nets.items():
                 for k, net in enumerate(group):
@@ -269,11 +286,15 @@ def _arch_metrics(counts: dict, losses: list[float], targets: Sequence[str], sou
             "train_loss": losses, "seconds": seconds}
 
 
+# Options added since metrics were first saved, at the values those evaluations used.
+ADDED_EVAL_OPTIONS = {"target_split": "test"}
+
+
 def same_eval_config(saved: dict | None, cfg: EvalConfig) -> bool:
     """Whether a saved evaluation config (e.g. a ``metrics.json``'s ``config``, possibly written
-    before some option existed: missing options take their defaults) equals ``cfg``."""
+    before some option existed: missing options take the values those runs used) equals ``cfg``."""
     try:
-        return saved is not None and EvalConfig.from_dict(saved) == cfg
+        return saved is not None and EvalConfig.from_dict({**ADDED_EVAL_OPTIONS, **saved}) == cfg
     except (TypeError, ValueError):
         return False
 
