@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ._dictconfig import DictConfig
 from .data.sampling import iter_uint8_split
+from .dg import add_mixstyle, amplitude_mix
 from .dm.architectures import build_network, parse_archs
 from .dm.dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
 from .dm.networks import NORMS, build_convnet
@@ -46,6 +47,12 @@ class EvalConfig(DictConfig):
     # the images a target domain is scored on: "all" (every image: the target is never trained or
     # selected on, and the DG literature scores the whole held-out domain), or its "test" split
     target_split: str = "all"
+    # post-hoc domain generalisation while training the evaluation networks (sgs_cuda.dg; 0: off):
+    # MixStyle's probability per batch (ConvNet only) and its Beta(alpha, alpha); FACT's
+    # amplitude-mix strength eta
+    mixstyle: float = 0.0
+    mixstyle_alpha: float = 0.1
+    amp_mix: float = 0.0
     # evaluation network(s): "convnet", "alexnet", "vgg11", "resnet18", comma-separated, each
     # optionally with its own width ("convnet,vgg11:16"; no width: `width`); depth: ConvNet only
     arch: str = "convnet"
@@ -61,6 +68,11 @@ class EvalConfig(DictConfig):
                              f"{self.lr}, {self.weight_decay}, {self.momentum}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if not 0 <= self.mixstyle <= 1 or self.mixstyle_alpha <= 0 or not 0 <= self.amp_mix <= 1:
+            raise ValueError(f"need 0 <= mixstyle <= 1, mixstyle_alpha > 0 and 0 <= amp_mix <= 1; got "
+                             f"{self.mixstyle}, {self.mixstyle_alpha}, {self.amp_mix}")
+        if self.mixstyle and any(name != "convnet" for name, _ in parse_archs(self.arch)):
+            raise ValueError("eval.mixstyle is implemented for the ConvNet evaluator only (eval.arch=convnet)")
         if self.target_split not in TARGET_SPLITS:
             raise ValueError(f"target_split must be one of {TARGET_SPLITS}, got {self.target_split!r}")
         parse_strategy(self.dsa_strategy)
@@ -88,6 +100,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     gen = torch.Generator().manual_seed(_seed_for(seed, 0))
     net = build_network(arch, images.shape[1:], num_classes, width or cfg.width, cfg.depth, cfg.norm,
                         generator=gen, device=device)
+    if cfg.mixstyle:
+        add_mixstyle(net, cfg.mixstyle, cfg.mixstyle_alpha, gen)
     net.train()
     x, y = images.to(device, torch.float32), labels.to(device, torch.long)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -101,6 +115,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         for start in range(0, len(x), cfg.batch):
             idx = order[start:start + cfg.batch]
             xb = augment(x[idx], DSAParams.sample(strategy, gen, device=device, batch=len(idx)))
+            if cfg.amp_mix:
+                xb = amplitude_mix(xb, cfg.amp_mix, gen)
             loss = F.cross_entropy(net(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -287,7 +303,7 @@ def _arch_metrics(counts: dict, losses: list[float], targets: Sequence[str], sou
 
 
 # Options added since metrics were first saved, at the values those evaluations used.
-ADDED_EVAL_OPTIONS = {"target_split": "test"}
+ADDED_EVAL_OPTIONS = {"target_split": "test", "mixstyle": 0.0, "mixstyle_alpha": 0.1, "amp_mix": 0.0}
 
 
 def same_eval_config(saved: dict | None, cfg: EvalConfig) -> bool:
