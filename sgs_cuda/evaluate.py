@@ -53,12 +53,13 @@ class EvalConfig(DictConfig):
     mixstyle: float = 0.0
     mixstyle_alpha: float = 0.1
     amp_mix: float = 0.0
+    whole_epochs: int = 30  # the whole-source reference's networks (method "whole"): many more images per epoch
     # evaluation network(s): "convnet", "alexnet", "vgg11", "resnet18", comma-separated, each
     # optionally with its own width ("convnet,vgg11:16"; no width: `width`); depth: ConvNet only
     arch: str = "convnet"
 
     def __post_init__(self):
-        for name in ("epochs", "batch", "num_eval", "width", "test_batch"):
+        for name in ("epochs", "batch", "num_eval", "width", "test_batch", "whole_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.depth != "auto" and (not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1):
@@ -303,7 +304,8 @@ def _arch_metrics(counts: dict, losses: list[float], targets: Sequence[str], sou
 
 
 # Options added since metrics were first saved, at the values those evaluations used.
-ADDED_EVAL_OPTIONS = {"target_split": "test", "mixstyle": 0.0, "mixstyle_alpha": 0.1, "amp_mix": 0.0}
+ADDED_EVAL_OPTIONS = {"target_split": "test", "mixstyle": 0.0, "mixstyle_alpha": 0.1, "amp_mix": 0.0,
+                      "whole_epochs": 30}
 
 
 def same_eval_config(saved: dict | None, cfg: EvalConfig) -> bool:
@@ -383,4 +385,9 @@ def herding_select(features: torch.Tensor, k: int) -> list[int]:
     return chosen
 
 
-BASELINES = {"random": random_real_subset, "herding": herding}
+def whole_sources(data, source_domains: Sequence[str]):
+    """Every training image of the source domains: ``(images [M, C, H, W], labels [M])``."""
+    return data.split_tensors(list(source_domains), "train")
+
+
+BASELINES = {"random": random_real_subset, "herding": herding, "whole": whole_sources}
