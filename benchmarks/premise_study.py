@@ -125,7 +125,7 @@ def machine() -> str:
 
 
 def cmd_run(args) -> None:
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the jobs run in the code's folder
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cells = [c for c in all_cells() if args.stage in ("all", c.stage)]
     jobs = [(c, s) for c in cells for s in c.seeds]
