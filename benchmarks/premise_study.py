@@ -8,11 +8,11 @@ and on ``fmnist-styles``, at the ``quick`` preset (the evidence in ``docs/RESULT
 Stages, in this order (what finishes first answers the first question):
 
 1. ``sanity``: the whole-source line (ConvNets trained on every source image) on the premise
-   benchmark at cue strengths 0, 0.25, 0.5 and 1, both cue families: is the shortcut real?
+   benchmark at cue strengths 0, 0.5 and 1, both cue families: is the shortcut real?
 2. ``premise``: per cue family and strength (0.5, 1) and initialisation (real, noise), target
-   ``photo`` (the cue-free domain), seeds 0 and 1: DM, DM+SGS (the op's defaults), DM+MixStyle,
-   DM+FACT (DM's set, post-hoc DG in the evaluators) and herding (real init only: it does not
-   distil); ``lr_img`` of DM and of DM+SGS each selected from ``GRID`` on 20 % of the source
+   ``photo`` (the cue-free domain), seeds 0 and 1: DM and DM+SGS (the op's defaults); with real
+   initialisation also DM+MixStyle, DM+FACT (DM's set, post-hoc DG in the evaluators) and
+   herding; ``lr_img`` of DM and of DM+SGS each selected from ``GRID`` on 20 % of the source
    training images held out (seed 10; the target is never read). The DM+SGS runs record the
    mask against the cue's ground truth. Then, distillation only, DM+SGS with ``rho = 0.5`` (the
    magnitude test on) for the mask against the truth at a second setting.
@@ -44,11 +44,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "quick"
-GRID = "1,2,4,8"
+GRID = "1,4"  # the quick default and the tuned study's usual pick (two points: a screening budget)
 SELECT = ["--select-lr", GRID, "--select-seeds", "10", "--holdout-fraction", "0.2"]
 SEEDS = [0, 1]
 CUES = ("grating", "patch")
-SANITY_STRENGTHS = (0.0, 0.25, 0.5, 1.0)
+SANITY_STRENGTHS = (0.0, 0.5, 1.0)
 STRENGTHS = (0.5, 1.0)
 INITS = ("real", "noise")
 STYLE_TARGETS = ("photo", "cartoon", "sketch", "painting")
@@ -94,7 +94,8 @@ def all_cells() -> list[Cell]:
     for s in reversed(STRENGTHS):  # the strong cue first
         for cue in CUES:
             for init in INITS:
-                methods = ("dm", "dm_sgs", "dm_mixstyle", "dm_fact") + (("herding",) if init == "real" else ())
+                # post-hoc DG and herding on the real-init cells: they ask about DM's usual set
+                methods = ("dm", "dm_sgs") + (("dm_mixstyle", "dm_fact", "herding") if init == "real" else ())
                 cells.append(Cell("premise", f"{cue}-{s:g}-{init}", methods,
                                   (*cue_flags(cue, s), "--target", "photo", "--init", init, *SGS_DEFAULTS, *SELECT)))
     for s in STRENGTHS:
