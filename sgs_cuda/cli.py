@@ -37,6 +37,7 @@ from . import compare, config, distributed, experiment
 from ._io import RunFolderError
 from .compare import format_table
 from .config import ALL_METHODS, available_presets, distill_config  # noqa: F401 (re-exported)
+from .methods import method_help
 
 # (flag attribute, config path) for the flags that map one-to-one onto an option.
 FLAG_PATHS = [
@@ -181,7 +182,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-option", action="append", metavar="KEY=VALUE",
                    help="any other keyword of the data source, e.g. cache_dir=/fast/disk (repeatable)")
     g = p.add_argument_group("distillation")
-    g.add_argument("--method", nargs="+", help=f"any of {list(ALL_METHODS)}, 'both' (dm dm_sgs) or 'all'")
+    g.add_argument("--method", nargs="+", help=f"any of the methods ({method_help()})")
     g.add_argument("--seeds", nargs="+", type=int, help="seeds (one run per method and seed)")
     g.add_argument("--ipc", type=int, help="images per class")
     g.add_argument("--iterations", type=int)

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 from . import _io
 from ._io import RunFolderError
 from .config import ALL_METHODS, DISTILLED, load_saved_config
+from .methods import METHODS
 from .evaluate import BASELINES
 from .surgery import SGSConfig
 
@@ -67,7 +68,8 @@ def format_table(metrics: dict) -> str:
     where = (f"targets (OOD): {', '.join(targets)}" if len(targets) > 1 else f"target (OOD): {metrics['target']}")
     lines = [f"{where}   sources: {', '.join(metrics['source_domains'])}   dataset: {metrics['dataset']}"]
     cols = [(_short(t), 16) for t in targets] + [("OOD mean %", 16)] if multi else [("OOD acc %", 16)]
-    lines.append(f"{'method':<10}" + "".join(f"{name:>{w}}" for name, w in cols)
+    mw = max(10, *(len(m) + 2 for m in metrics["methods"]))
+    lines.append(f"{'method':<{mw}}" + "".join(f"{name:>{w}}" for name, w in cols)
                  + f"{'in-domain acc %':>18}{'nets':>6}{'distil s':>10}{'eval s':>9}")
 
     def cell(mean, std, width=16):
@@ -76,7 +78,7 @@ def format_table(metrics: dict) -> str:
     for method, row in metrics["methods"].items():
         per_target = "".join(cell(row["targets"][t]["ood_acc_mean"], row["targets"][t]["ood_acc_std"])
                              for t in targets) if multi else ""
-        lines.append(f"{method:<10}{per_target}{cell(row['ood_acc_mean'], row['ood_acc_std'])}"
+        lines.append(f"{method:<{mw}}{per_target}{cell(row['ood_acc_mean'], row['ood_acc_std'])}"
                      f"{100 * row['in_domain_acc_mean']:>11.2f} ± {100 * row['in_domain_acc_std']:<4.2f}"
                      f"{row['num_nets']:>6}{row['distill_seconds']:>10.1f}{row['eval_seconds']:>9.1f}")
     lines.append("(mean ± sample std over all evaluation nets of all seeds; per-seed means in metrics.json)")
@@ -162,6 +164,8 @@ def arm_name(config: Mapping | None, method: str, methods_in_folder: int = 1) ->
     config = config or {}
     if method in BASELINES:
         name = method
+    elif METHODS[method].set_of:  # another method's set, evaluated differently
+        name = METHODS[method].label
     else:
         matching = (config.get("distill") or {}).get("matching", "dm")
         name = MATCHING_NAMES.get(matching, matching) + ("+SGS" if method == "dm_sgs" else "")

@@ -17,13 +17,13 @@ from typing import Any, Mapping, Sequence
 
 from . import _io
 from .dm.distill import ADDED_OPTIONS, DistillConfig
-from .evaluate import BASELINES, EvalConfig
+from .evaluate import EvalConfig
+from .methods import ALIASES as METHOD_ALIASES
+from .methods import DISTILLED, METHODS
 from .surgery import SGSConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
-DISTILLED = ("dm", "dm_sgs")
-METHOD_ALIASES = {"both": ["dm", "dm_sgs"], "all": ["random", "herding", "dm", "dm_sgs"]}
-ALL_METHODS = (*BASELINES, *DISTILLED)
+ALL_METHODS = tuple(METHODS)
 
 
 def default_config() -> dict:

@@ -19,9 +19,13 @@ import torch.nn.functional as F
 
 from ._dictconfig import DictConfig
 from .data.sampling import iter_uint8_split
+from .dg import add_mixstyle, amplitude_mix
 from .dm.architectures import build_network, parse_archs
 from .dm.dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
 from .dm.networks import NORMS, build_convnet
+
+
+TARGET_SPLITS = ("all", "test")
 
 
 @dataclass
@@ -40,12 +44,22 @@ class EvalConfig(DictConfig):
     depth: int | str = 3  # ConvNet depth, or "auto": follows the resolution (dm.networks.auto_depth)
     norm: str = "instancenorm"
     test_batch: int = 1024
+    # the images a target domain is scored on: "all" (every image: the target is never trained or
+    # selected on, and the DG literature scores the whole held-out domain), or its "test" split
+    target_split: str = "all"
+    # post-hoc domain generalisation while training the evaluation networks (sgs_cuda.dg; 0: off):
+    # MixStyle's probability per batch (ConvNet only) and its Beta(alpha, alpha); FACT's
+    # amplitude-mix strength eta
+    mixstyle: float = 0.0
+    mixstyle_alpha: float = 0.1
+    amp_mix: float = 0.0
+    whole_epochs: int = 30  # the whole-source reference's networks (method "whole"): many more images per epoch
     # evaluation network(s): "convnet", "alexnet", "vgg11", "resnet18", comma-separated, each
     # optionally with its own width ("convnet,vgg11:16"; no width: `width`); depth: ConvNet only
     arch: str = "convnet"
 
     def __post_init__(self):
-        for name in ("epochs", "batch", "num_eval", "width", "test_batch"):
+        for name in ("epochs", "batch", "num_eval", "width", "test_batch", "whole_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.depth != "auto" and (not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1):
@@ -55,6 +69,13 @@ class EvalConfig(DictConfig):
                              f"{self.lr}, {self.weight_decay}, {self.momentum}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if not 0 <= self.mixstyle <= 1 or self.mixstyle_alpha <= 0 or not 0 <= self.amp_mix <= 1:
+            raise ValueError(f"need 0 <= mixstyle <= 1, mixstyle_alpha > 0 and 0 <= amp_mix <= 1; got "
+                             f"{self.mixstyle}, {self.mixstyle_alpha}, {self.amp_mix}")
+        if self.mixstyle and any(name != "convnet" for name, _ in parse_archs(self.arch)):
+            raise ValueError("eval.mixstyle is implemented for the ConvNet evaluator only (eval.arch=convnet)")
+        if self.target_split not in TARGET_SPLITS:
+            raise ValueError(f"target_split must be one of {TARGET_SPLITS}, got {self.target_split!r}")
         parse_strategy(self.dsa_strategy)
         parse_archs(self.arch)
 
@@ -80,6 +101,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     gen = torch.Generator().manual_seed(_seed_for(seed, 0))
     net = build_network(arch, images.shape[1:], num_classes, width or cfg.width, cfg.depth, cfg.norm,
                         generator=gen, device=device)
+    if cfg.mixstyle:
+        add_mixstyle(net, cfg.mixstyle, cfg.mixstyle_alpha, gen)
     net.train()
     x, y = images.to(device, torch.float32), labels.to(device, torch.long)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -93,6 +116,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         for start in range(0, len(x), cfg.batch):
             idx = order[start:start + cfg.batch]
             xb = augment(x[idx], DSAParams.sample(strategy, gen, device=device, batch=len(idx)))
+            if cfg.amp_mix:
+                xb = amplitude_mix(xb, cfg.amp_mix, gen)
             loss = F.cross_entropy(net(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -129,6 +154,11 @@ def iter_batches(data, domains: Sequence[str], split: str = "test",
 def split_size(data, domains: Sequence[str], split: str = "test") -> int:
     """How many images ``split`` of ``domains`` holds (counted, nothing read)."""
     return sum(data.count(d, c, split) for d in domains for c in range(len(data.classes)))
+
+
+def scored_splits(cfg: "EvalConfig") -> tuple[str, ...]:
+    """The splits a target domain is scored on (the sources: always their test split)."""
+    return ("train", "test") if cfg.target_split == "all" else ("test",)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -186,9 +216,10 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need a non-empty training set with one label per image, got {len(images)} "
                          f"images and {len(labels)} labels")
+    target_splits = scored_splits(cfg)
     for t in targets:
-        if split_size(data, [t]) == 0:
-            raise ValueError(f"the target domain {t!r} has no test images")
+        if sum(split_size(data, [t], s) for s in target_splits) == 0:
+            raise ValueError(f"the target domain {t!r} has no {'' if cfg.target_split == 'all' else 'test '}images")
     t0 = time.perf_counter()
     K = len(data.classes)
     missing = {t: list((getattr(data, "missing_classes", None) or {}).get(t, [])) for t in targets}
@@ -211,7 +242,8 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
         nets[name], losses[name] = [n for n, _ in trained], [loss for _, loss in trained]
         seconds[name] = time.perf_counter() - t_arch
     t_test = time.perf_counter()
-    counts = _score(nets, data, [*targets, *source_domains], allowed, device, cfg.test_batch)
+    splits = {**{t: target_splits for t in targets}, **{d: ("test",) for d in source_domains}}
+    counts = _score(nets, data, splits, allowed, device, cfg.test_batch)
     test_share = (time.perf_counter() - t_test) / len(per_cfg)
     per_arch = {name: _arch_metrics(counts[name], losses[name], targets, source_domains, missing,
                                     per_cfg[name].width, seconds[name] + test_share) for name in per_cfg}
@@ -222,17 +254,19 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
 
 
 @torch.no_grad()
-def _score(nets: dict[str, list], data, domains: Sequence[str], allowed: dict, device, batch: int) -> dict:
-    """``{arch: {domain: [(correct, unrestricted_correct, total) per net]}}``, every test batch
-    read once and scored by every network."""
+def _score(nets: dict[str, list], data, splits: dict[str, Sequence[str]], allowed: dict, device, batch: int) -> dict:
+    """``{arch: {domain: [(correct, unrestricted_correct, total) per net]}}`` over the splits
+    ``splits[domain]`` of each domain, every batch read once and scored by every network."""
     device = torch.device(device)
     for group in nets.values():
         for net in group:
             net.eval()
-    counts = {name: {d: [[0, 0, 0] for _ in group] for d in domains} for name, group in nets.items()}
-    for d in domains:
+    counts = {name: {d: [[0, 0, 0] for _ in group] for d in splits} for name, group in nets.items()}
+    for d, domain_splits in splits.items():
         keep = allowed.get(d)
-        for x, y in iter_batches(data, [d], "test", batch):
+        batches = (b for split in domain_splits if split_size(data, [d], split)
+                   for b in iter_batches(data, [d], split, batch))
+        for x, y in batches:
             x = x.to(device, torch.float32)
             for name, group in nets.items():
                 for k, net in enumerate(group):
@@ -269,11 +303,16 @@ def _arch_metrics(counts: dict, losses: list[float], targets: Sequence[str], sou
             "train_loss": losses, "seconds": seconds}
 
 
+# Options added since metrics were first saved, at the values those evaluations used.
+ADDED_EVAL_OPTIONS = {"target_split": "test", "mixstyle": 0.0, "mixstyle_alpha": 0.1, "amp_mix": 0.0,
+                      "whole_epochs": 30}
+
+
 def same_eval_config(saved: dict | None, cfg: EvalConfig) -> bool:
     """Whether a saved evaluation config (e.g. a ``metrics.json``'s ``config``, possibly written
-    before some option existed: missing options take their defaults) equals ``cfg``."""
+    before some option existed: missing options take the values those runs used) equals ``cfg``."""
     try:
-        return saved is not None and EvalConfig.from_dict(saved) == cfg
+        return saved is not None and EvalConfig.from_dict({**ADDED_EVAL_OPTIONS, **saved}) == cfg
     except (TypeError, ValueError):
         return False
 
@@ -346,4 +385,9 @@ def herding_select(features: torch.Tensor, k: int) -> list[int]:
     return chosen
 
 
-BASELINES = {"random": random_real_subset, "herding": herding}
+def whole_sources(data, source_domains: Sequence[str]):
+    """Every training image of the source domains: ``(images [M, C, H, W], labels [M])``."""
+    return data.split_tensors(list(source_domains), "train")
+
+
+BASELINES = {"random": random_real_subset, "herding": herding, "whole": whole_sources}

@@ -41,6 +41,7 @@ from . import distributed
 from ._io import RunFolderError
 from .dm.distill import DistillConfig, distill, relevant_settings
 from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
+from .methods import base_method, get_method
 # configuration: what this module uses, and the public names of sgs_cuda.config it re-exports
 from .config import (ALL_METHODS, DISTILLED, METHOD_ALIASES, available_presets, default_config, distill_config,
                      load_config_file, load_saved_config, parse_assignment, parse_grid, parse_methods, parse_targets,
@@ -218,6 +219,11 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
             raise ValueError(f"unknown target domain {', '.join(map(repr, unknown))}; "
                              f"the dataset has {list(data.domains)}{named}{why}")
         sources = [d for d in data.domains if d not in targets]
+        cue_free = getattr(data, "cue_free", None)  # fmnist-cues: only that domain's cue ignores the class
+        if cue_free is not None and targets != [cue_free]:
+            raise ValueError(f"target {'+'.join(targets)!r} carries a class-correlated cue in {cfg['dataset']}: "
+                             f"target {cue_free!r}, or make the target cue-free with "
+                             f"--data-option cue_free={targets[0]}")
         if not sources:
             raise ValueError("leave-one-domain-out needs at least two domains")
     _needs_pseudo_domains(cfg, str(cfg["dataset"]), sources)
@@ -248,6 +254,7 @@ def default_run_dir(cfg: dict, target: str, preset: str | None, resume: bool) ->
 
 def set_config(method: str, seed: int, cfg: dict) -> dict:
     """What determines a training set: the distillation config, or a baseline's settings."""
+    method = base_method(method)
     if method in DISTILLED:
         return distill_config(cfg, method, seed).to_dict()
     d = cfg["distill"]
@@ -302,6 +309,7 @@ class Experiment:
         # the selection phase only in runs that select lr_img
         self.timings = {phase: 0.0 for phase in PHASES if phase != "select" or cfg["select"]["lr_grid"]}
         self.backend: dict | None = None  # backend_info() once the op is loaded for a distillation
+        self._made: dict[tuple[str, int], dict] = {}  # (method, seed) -> the set this command made
         self.selections: dict[str, dict] = {}  # method -> its lr_img selection record (select_lr)
         self._t0 = time.perf_counter()
         self.device = device or resolve_device(cfg["device"])
@@ -481,6 +489,9 @@ class Experiment:
 
     def load_set(self, method: str, seed: int, hint: str | None = None) -> dict:
         """The finished set ``<method>/seed<k>/synthetic.pt``."""
+        if get_method(method).set_of:
+            base = get_method(method).set_of
+            return {**self.load_set(base, seed, hint), "method": method, "set_of": base}
         path = self.set_dir(method, seed) / "synthetic.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `sgs-dgdd distill` for {method} first")
@@ -488,12 +499,16 @@ class Experiment:
                                                "to make it again")
         if not isinstance(payload, dict) or not {"images", "labels", "method", "seed"} <= set(payload):
             raise RunFolderError(f"{path} is not a synthetic set of this package; delete it to make it again")
+        if payload["images"] is None:  # not stored (the whole sources): rebuilt from the data
+            payload["images"], payload["labels"] = BASELINES[method](self.data, self.sources)
         return payload
 
     def produce_set(self, method: str, seed: int, reuse: bool | None = None) -> dict:
         """Distil (or select, for a baseline) one training set, or reuse a finished one (``reuse``,
         default: ``resume``); writes ``synthetic.pt``, ``synthetic.png`` and ``curves.png`` in
         :meth:`set_dir`."""
+        if get_method(method).set_of:  # another method's set, evaluated differently
+            return self._set_of(method, seed, reuse)
         out, log = self.set_dir(method, seed), self._set_log(method, seed)
         syn_path = out / "synthetic.pt"
         if self.resume if reuse is None else reuse:
@@ -516,6 +531,8 @@ class Experiment:
             elif method == "random":
                 images, labels = self.world.on_main(
                     lambda: BASELINES["random"](data, self.sources, cfg["distill"]["ipc"], seed))
+            elif method == "whole":
+                images, labels = self.world.on_main(lambda: BASELINES["whole"](data, self.sources))
             else:
                 images, labels = self.world.on_main(lambda: BASELINES["herding"](
                     data, self.sources, cfg["distill"]["ipc"], seed, width=cfg["distill"]["width"],
@@ -526,10 +543,21 @@ class Experiment:
                        "config": config, "history": history, "seconds": time.perf_counter() - t0}
             if method == "dm_sgs":
                 payload["sgs_backend"] = self.backend
-            self.world.on_main(lambda: _io.save_torch(payload, syn_path))
+            stored = payload if get_method(method).store_images else {**payload, "images": None, "labels": None}
+            self.world.on_main(lambda: _io.save_torch(stored, syn_path))
         self.world.on_main(lambda: self.write_set_plots(payload, force=True))
         log(f"done in {payload['seconds']:.1f} s")
+        self._made[method, seed] = payload
         return payload
+
+    def _set_of(self, method: str, seed: int, reuse: bool | None) -> dict:
+        """The set that ``method`` evaluates: its base method's, made in this command, or made
+        (or reused, as ``reuse`` says) now."""
+        base = get_method(method).set_of
+        payload = self._made.get((base, seed))
+        if payload is None:
+            payload = self.produce_set(base, seed, reuse)
+        return {**payload, "method": method, "set_of": base}
 
     def _finished_set(self, method: str, seed: int) -> dict | None:
         """The set of ``method`` and ``seed`` when the run folder holds it finished with these
@@ -566,7 +594,7 @@ class Experiment:
         log = self._set_log(method, seed)
         path = self.set_dir(method, seed) / "metrics.json"
         digest = fingerprint(payload["images"], payload["labels"])
-        ecfg = EvalConfig.from_dict(self.cfg["eval"])
+        ecfg = self.eval_config(method)
         saved = self.world.on_main(lambda: self._finished_metrics(path, ecfg, digest, log)) if self.resume else None
         if saved is not None:
             return saved
@@ -590,6 +618,10 @@ class Experiment:
         log(f"OOD {100 * metrics['ood_acc_mean']:.1f}%{per_target}  "
             f"in-domain {100 * metrics['in_domain_acc_mean']:.1f}%  ({metrics['seconds']:.1f} s)")
         return metrics
+
+    def eval_config(self, method: str) -> EvalConfig:
+        """The run's evaluation settings with the method's own (:mod:`sgs_cuda.methods`)."""
+        return EvalConfig.from_dict({**self.cfg["eval"], **get_method(method).eval_options(self.cfg["eval"])})
 
     def _finished_metrics(self, path: Path, ecfg: EvalConfig, digest: str, log) -> dict | None:
         """The saved evaluation at ``path`` when it is of this exact set and settings."""

@@ -115,3 +115,28 @@ def test_herding_baseline():
         picks = x[3 * c:3 * c + 3]
         idx = [int(((pool - p).abs().flatten(1).max(1).values < 1e-6).nonzero()[0]) for p in picks]
         assert len(set(idx)) == 3  # distinct real images of the right class
+
+
+def test_target_scored_on_every_image_or_its_test_split():
+    from sgs_cuda.evaluate import same_eval_config
+
+    data = TinyDomains(n_train=12, n_test=10)
+    x, y = random_real_subset(data, ["d1", "d2"], ipc=2, seed=0)
+    cfg = EvalConfig(epochs=3, num_eval=1, width=8, depth=2)
+    assert cfg.target_split == "all"
+    whole = evaluate_synthetic(x, y, data, ["d1", "d2"], "d0", cfg, seed=0)
+    test = evaluate_synthetic(x, y, data, ["d1", "d2"], "d0", EvalConfig(**{**cfg.to_dict(), "target_split": "test"}),
+                              seed=0)
+    K = len(data.classes)
+    assert whole["targets"]["d0"]["test_images"] == K * (12 + 10)
+    assert test["targets"]["d0"]["test_images"] == K * 10
+    assert whole["in_domain_acc"] == test["in_domain_acc"]  # the sources: their test split either way
+    # the same networks: the whole-domain score is the count-weighted mean of the two splits
+    train_part = (whole["ood_acc"][0] * 22 - test["ood_acc"][0] * 10) / 12
+    assert 0 <= train_part <= 1 + 1e-9
+    with pytest.raises(ValueError, match="target_split"):
+        EvalConfig(target_split="val")
+    # metrics saved before the option existed were scored on the test split: not reused for "all"
+    old = {k: v for k, v in cfg.to_dict().items() if k != "target_split"}
+    assert not same_eval_config(old, cfg)
+    assert same_eval_config(old, EvalConfig(**{**cfg.to_dict(), "target_split": "test"}))

@@ -13,13 +13,13 @@ from sgs_cuda.data.registry import DATASETS, find, key, names, register
 def test_names_resolve_through_the_registry():
     assert find("Digits-DG")[0] is find("digits")[0] and find("pacs")[0].name == "PACS"
     assert find("imagenet:my_list.txt")[1] == "my_list.txt" and find("imagenet") is None
-    assert {"digits", "CORe50", "PACS", "fmnist-styles", "imagenette"} <= set(names())
+    assert {"digits", "CORe50", "PACS", "fmnist-styles", "fmnist-cues", "imagenette"} <= set(names())
     for name in ("digits", "CORe50"):
         assert experiment.data_source(name) == (DATASETS[key(name)].kind, DATASETS[key(name)].cls)
         assert experiment._preset_needing_root(name) == name
     run = cli.build_parser()._subparsers._group_actions[0].choices["run"]
     help_text = " ".join(run.format_help().split())
-    assert "dataset name (fmnist-styles, PACS," in help_text and "imagenet:<classes>, digits, CORe50) or folder" in help_text
+    assert "dataset name (fmnist-styles, fmnist-cues, PACS," in help_text and "imagenet:<classes>, digits, CORe50) or folder" in help_text
     with pytest.raises(ValueError, match=r"dataset 'digits' needs root=<folder holding the digit domains"):
         load_dataset("digits")
     with pytest.raises(ValueError, match="data option 'frames' does not apply to dataset 'core50' "

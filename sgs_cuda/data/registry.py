@@ -89,6 +89,7 @@ def names() -> list[str]:
 def _register_all() -> None:
     from .core50 import CORe50
     from .digits import Digits
+    from .fmnist_cues import FashionMNISTCues
     from .fmnist_styles import FashionMNISTStyles
     from .folder import ImageFolderDomains
     from .imagenet import SUBSET_NAMES, ImageNetSubset
@@ -96,6 +97,8 @@ def _register_all() -> None:
 
     register("fmnist-styles", FashionMNISTStyles, None, "fmnist-styles", "the embedded benchmark",
              aliases=FMNIST_STYLES_NAMES[1:])
+    register("fmnist-cues", FashionMNISTCues, None, "fmnist-styles", "the premise benchmark (planted cues)",
+             aliases=("fashion-mnist-cues",))
     for p in PRESETS.values():  # DomainBed folder layouts (PACS, VLCS ...)
         register(p.name, ImageFolderDomains, f"folder holding {p.name}'s domain folders", "folder",
                  "an image-folder dataset", fixed={"preset": p})

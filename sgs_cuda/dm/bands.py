@@ -73,3 +73,44 @@ def band_diagnostics(grads: torch.Tensor, diversity: torch.Tensor, tau: float, r
             "shared_energy": per_band(shared) / total.clamp_min(tiny),
             "diversity_energy": per_band(div) / total.clamp_min(tiny),
             "energy": total / total.sum().clamp_min(tiny)}
+
+
+# --- the mask against the ground truth (the premise benchmark, sgs_cuda.data.fmnist_cues) ------
+
+TRUTH_GROUPS = ("cue", "other")
+
+
+def chance_keep_rate(num_domains: int, tau: float, rho: float = 0.0, mask: str = "hard") -> float | None:
+    """The mask's mean over one real component if the ``D`` domains' signs were independent fair
+    coins: ``P(|sum_d sgn| >= tau * D)`` (hard mask), ``E |sum_d sgn| / D`` (soft mask, magnitude
+    agreement aside). With ``rho > 0`` (hard) or the soft mask's magnitude factor the rate also
+    depends on the magnitudes, so there is no distribution-free value: ``None`` then for the
+    hard mask; the soft mask's value is the sign factor's alone (an upper bound)."""
+    if num_domains < 1:
+        raise ValueError(f"need at least one domain, got {num_domains}")
+    if mask == "hard" and rho > 0:
+        return None
+    total = 0.0
+    for k in range(num_domains + 1):  # k positive signs out of D
+        p = math.comb(num_domains, k) / 2 ** num_domains
+        a = abs(2 * k - num_domains) / num_domains
+        total += p * (a if mask == "soft" else float(a >= tau - 1e-12))
+    return total
+
+
+@torch.no_grad()
+def truth_mask_sums(grads: torch.Tensor, tau: float, rho: float, mask: str, cue_bins: torch.Tensor) -> torch.Tensor:
+    """float64 ``[2, 2]``: row 0 the mask summed over the real and imaginary components of the
+    cue bins and of the other bins (``TRUTH_GROUPS``), row 1 how many components each holds; sums,
+    so chunks and processes add up. ``cue_bins``: bool ``[H, W // 2 + 1]``, the ground truth."""
+    H, W = grads.shape[-2:]
+    if tuple(cue_bins.shape) != (H, W // 2 + 1):
+        raise ValueError(f"cue_bins must be [{H}, {W // 2 + 1}] for {H}x{W} images, got {list(cue_bins.shape)}")
+    spec = torch.fft.rfft2(grads.to(compute_dtype(grads.dtype)))
+    mag_agree = magnitude_agreement(spec.abs())
+    kept = agreement_mask(spec.real, mag_agree, tau, rho, mask) + agreement_mask(spec.imag, mag_agree, tau, rho, mask)
+    per_bin = kept.double().reshape(-1, H * (W // 2 + 1)).sum(0)
+    cue = cue_bins.to(per_bin.device).flatten()
+    components = 2.0 * kept[..., 0, 0].numel()  # re + im, every image and channel
+    counts = torch.stack([cue.sum(), (~cue).sum()]).double() * components
+    return torch.stack([torch.stack([per_bin[cue].sum(), per_bin[~cue].sum()]), counts])

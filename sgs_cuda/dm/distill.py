@@ -50,7 +50,8 @@ from .._dictconfig import DictConfig
 from ..distributed import SOLO, World
 from ..ops import spatial_gradient_surgery, spectral_gradient_surgery
 from ..surgery import SGSConfig, domain_gradients
-from .bands import BAND_EDGES, BAND_KEYS, band_diagnostics, band_index
+from .bands import (BAND_EDGES, BAND_KEYS, TRUTH_GROUPS, band_diagnostics, band_index, chance_keep_rate,
+                    truth_mask_sums)
 from .dsa import DEFAULT_STRATEGY, DSAParams, parse_strategy
 from .matching import MATCHINGS, matching_losses
 from .memory import plan_memory
@@ -151,7 +152,8 @@ class DistillResult:
     images: torch.Tensor  # [K * ipc, C, H, W] float32 on the CPU, normalised like the data
     labels: torch.Tensor  # [K * ipc] int64
     history: dict  # lists per recorded iteration: iteration, loss (+ domain_loss, mask_fraction, shared_energy,
-    # and "bands": per-frequency-band diagnostics every log_every iterations, sgs_cuda.dm.bands)
+    # "bands": per-frequency-band diagnostics every log_every iterations, sgs_cuda.dm.bands, and on a
+    # benchmark with a known cue (fmnist-cues) "truth": the mask on the cue bins vs the others)
     config: DistillConfig
     seconds: float = 0.0  # wall time of this call (a resumed call counts only its own part)
 
@@ -453,9 +455,12 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
         saved = None  # the whole set's momentum: only this process's rows are kept
     op = spatial_gradient_surgery if cfg.sgs.space == "spatial" else spectral_gradient_surgery
     bands_every = cfg.log_every if surgery and cfg.sgs.space == "spectral" else 0
+    # a benchmark that knows where its domain cue lives (fmnist-cues): the mask against that truth
+    cue_bins = getattr(data, "cue_bins", None) if bands_every else None
 
     pending: list[tuple[int, torch.Tensor]] = []  # (iteration, summed record) not yet read back
     pending_bands: list[tuple[int, torch.Tensor]] = []  # (iteration, [2, keys, bands] sums)
+    pending_truth: list[tuple[int, torch.Tensor]] = []  # (iteration, [2, 2] sums: kept, components)
 
     def flush(bar=None):
         if not pending:
@@ -464,7 +469,7 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
         rows = world.all_sum(torch.stack([v for _, v in pending]).double()).cpu().tolist()  # the one host sync
         pending.clear()
         rows = [_record_values(r) for r in rows]
-        keys = [k for k in history if k not in ("iteration", "bands")]
+        keys = [k for k in history if k not in ("iteration", "bands", "truth")]
         history["iteration"] += its
         for j, k in enumerate(keys):
             history[k] += [r[j] for r in rows]
@@ -473,6 +478,11 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
             _append_bands(history, [i for i, _ in pending_bands],
                           world.all_sum(torch.stack([b for _, b in pending_bands])).cpu())
             pending_bands.clear()
+        if pending_truth:
+            _append_truth(history, [i for i, _ in pending_truth],
+                          world.all_sum(torch.stack([t for _, t in pending_truth])).cpu(),
+                          chance_keep_rate(D, cfg.sgs.tau, cfg.sgs.rho, cfg.sgs.mask), int(cue_bins.sum()))
+            pending_truth.clear()
         bad = next((i for i, r in zip(its, rows) if not math.isfinite(r[0])), None)
         if bad is not None:
             raise FloatingPointError(f"the DM loss became non-finite at iteration {bad}; "
@@ -507,7 +517,7 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
             with_bands = bands_every and (it + 1) % bands_every == 0
             opt.zero_grad(set_to_none=True)
             grad = torch.empty_like(syn)
-            record = bands = None
+            record = bands = truth = None
             for lo, hi in chunks:
                 classes, rows = mine[lo:hi], slice(lo * ipc, hi * ipc)
                 part = syn if whole else syn[rows]  # a view: its gradient is the chunk's rows only
@@ -529,6 +539,9 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
                     if with_bands:
                         b = _band_sums(grads, parts, cfg.sgs, whole)
                         bands = b if bands is None else bands + b
+                        if cue_bins is not None:
+                            t = truth_mask_sums(grads, cfg.sgs.tau, cfg.sgs.rho, cfg.sgs.mask, cue_bins)
+                            truth = t if truth is None else truth + t
                     del grads, parts
                 record = row if record is None else record + row
                 del real, losses, pooled, part
@@ -537,6 +550,8 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
             pending.append((it, record))
             if bands is not None:
                 pending_bands.append((it, bands))
+            if truth is not None:
+                pending_truth.append((it, truth))
             bar.update(1)
             done = it + 1
             if done % cfg.log_every == 0:
@@ -631,6 +646,18 @@ def _append_bands(history: dict, iterations: list[int], sums: torch.Tensor) -> N
         bands["iteration"].append(it)
         for k, row in zip(BAND_KEYS, rows):
             bands[k].append(row)
+
+
+def _append_truth(history: dict, iterations: list[int], sums: torch.Tensor, chance: float | None,
+                  cue_bins: int) -> None:
+    """Append the mask-against-truth fractions of ``iterations`` (``sums``: ``[n, 2, 2]``): the
+    share of the cue bins' components the mask kept, of the other bins', and the chance rate."""
+    truth = history.setdefault("truth", {"iteration": [], **{g: [] for g in TRUTH_GROUPS}, "chance": chance,
+                                         "cue_bins": cue_bins})
+    for it, (kept, total) in zip(iterations, sums.tolist()):
+        truth["iteration"].append(it)
+        for g, k, n in zip(TRUTH_GROUPS, kept, total):
+            truth[g].append(k / n if n else float("nan"))
 
 
 def draw_class_batches(data, domains, classes: Sequence[int], n_real, strategy, streams: RandomStreams, iteration,

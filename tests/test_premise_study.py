@@ -1,0 +1,68 @@
+"""benchmarks/premise_study.py: its cells' commands parse and resolve, the mask-against-truth
+summary, the generated blocks (no runs)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sgs_cuda import cli
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "premise_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("premise_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["premise_study"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_cell_command_parses_and_resolves(study, tmp_path):
+    cells = study.all_cells()
+    assert [c.stage for c in cells] == sorted([c.stage for c in cells], key=["sanity", "premise", "styles"].index)
+    names = [(c.stage, c.name) for c in cells]
+    assert len(names) == len(set(names))
+    parser = cli.build_parser()
+    for cell in cells:
+        for seed in cell.seeds:
+            argv = cell.argv(tmp_path, seed)
+            assert argv[1:3] == ["-m", "sgs_cuda.cli"]
+            args = parser.parse_args(argv[3:])
+            assert args.run_dir == str(tmp_path / cell.stage / cell.name)
+    # the premise cells target the cue-free domain with the op's defaults and both initialisations
+    premise = [c for c in cells if c.stage == "premise" and c.command == "run"]
+    assert {c.flags[c.flags.index("--init") + 1] for c in premise} == {"real", "noise"}
+    assert all(c.flags[c.flags.index("--target") + 1] == "photo" for c in premise)
+    assert all("herding" in c.methods for c in premise if c.name.endswith("real"))
+
+
+def test_truth_summary_takes_the_second_half(study):
+    history = {"truth": {"iteration": [9, 19, 29, 39], "cue": [0.5, 0.5, 0.1, 0.3], "other": [0.3, 0.3, 0.2, 0.2],
+                         "chance": 0.25, "cue_bins": 12}}
+    s = study.truth_summary(history)
+    assert s == {"cue": pytest.approx(20.0), "other": pytest.approx(20.0), "chance": 25.0, "cue_bins": 12}
+    assert study.truth_summary({}) is None
+
+
+def test_report_tables_from_run_folders(study, tmp_path):
+    out = tmp_path / "out"
+    cell = next(c for c in study.all_cells() if c.stage == "premise" and c.command == "run")
+    for m, base in (("dm", 0.5), ("dm_sgs", 0.55), ("dm_mixstyle", 0.45)):
+        for s in cell.seeds:
+            p = out / "premise" / cell.name / m / f"seed{s}" / "metrics.json"
+            p.parent.mkdir(parents=True)
+            p.write_text(json.dumps({"ood_acc_mean": base + 0.01 * s, "in_domain_acc_mean": 0.9}))
+    text, numbers = study.premise_tables(out)
+    assert f"| {cell.name} | 50.5 / 90.0 | 55.5 / 90.0 | 45.5 / 90.0 |" in text
+    assert numbers["comparisons"]["dm_sgs"]["ood_acc_mean"]["pooled"]["mean"] == pytest.approx(5.0)
+    assert "| dm_sgs | **pooled** | +5.0 |" in text
+    results = tmp_path / "R.md"
+    results.write_text("a\n<!-- premise:ood -->\nold\n<!-- /premise:ood -->\nb\n")
+    results.write_text(study.replace_blocks(results.read_text(), {"ood": "new"}))
+    assert results.read_text() == "a\n<!-- premise:ood -->\nnew\n<!-- /premise:ood -->\nb\n"
+    with pytest.raises(SystemExit, match="no <!-- premise:truth -->"):
+        study.replace_blocks("x", {"truth": "y"})
