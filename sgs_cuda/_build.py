@@ -374,6 +374,9 @@ def backend_info(device: str | torch.device = "cpu") -> dict:
     device = torch.device(device)
     requested = requested_backend()
     info = {"requested": requested, "device": str(device)}
+    if device.type == "cuda":
+        from . import selfcheck  # the first-use verdicts of the CUDA paths (sgs_cuda/selfcheck.py)
+        info["self_check"] = selfcheck.report()
     if device.type == "cuda" and not torch.cuda.is_available():
         return {**info, "implementation": "none", "reason": "no CUDA device on this machine",
                 "cuda_kernel_built": bool(_state["cuda"]), "build_dir": _state["build_dir"]}

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _build
+from . import _build, selfcheck
 from .reference import MASK_MODES, compute_dtype, sgs_reference, sgs_vjp, spatial_reference, times_pow2
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -157,7 +157,9 @@ UPDATE, STATS, PARTS = "update", "stats", "parts"
 
 
 def _spectral_kernel(grads, assign, outputs, params):
-    if _build.use_extension(grads.device):
+    # On a CUDA tensor the first call of a shape class checks the fused paths (sgs_cuda.selfcheck);
+    # "torch" when every CUDA path failed there.
+    if _build.use_extension(grads.device) and not (grads.is_cuda and selfcheck.route(grads, outputs, params) == "torch"):
         op = {UPDATE: torch.ops.sgs.surgery, STATS: torch.ops.sgs.surgery_stats,
               PARTS: torch.ops.sgs.surgery_parts}[outputs]
         return op(grads, assign, *params)
