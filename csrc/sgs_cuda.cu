@@ -858,6 +858,14 @@ void run_fallback(const at::Tensor& grads, const at::Tensor& assign, const Surge
 namespace cuda_detail {
 namespace {
 
+// The input as the kernels read it: contiguous and 16-byte aligned (the dx kernel's cp.async
+// needs it), copied if it is not (a view at an odd offset: rare), so that the path never depends
+// on where a tensor starts (the self-check checks a path per shape class, not per pointer).
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 // Out-of-range domains raise the same clear error on every path (one host synchronisation, as the
 // Python wrapper's own check). Inside a CUDA graph capture no synchronisation is possible: every
 // kernel then asserts on the device instead.
@@ -937,7 +945,7 @@ std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::
   using namespace cuda_detail;
   TORCH_CHECK(grads_in.is_cuda(), "sgs::surgery (CUDA): grads must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(grads_in.device());
-  const at::Tensor grads = grads_in.contiguous();
+  const at::Tensor grads = aligned_contiguous(grads_in);
   const at::Tensor assign = assign_in.to(grads.device(), at::kLong).contiguous();
   check_assign_range(assign, grads.size(0));
   SurgeryOutputs outs(grads, what);
@@ -1015,7 +1023,8 @@ std::string cuda_path(const at::Tensor& grads, bool parts) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "sgs_cuda_path", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     FusedPlan plan{};
-    name = path_name(choose_path<scalar_t, T>(grads.contiguous(), parts ? Outputs::kParts : Outputs::kUpdate, plan));
+    name = path_name(choose_path<scalar_t, T>(aligned_contiguous(grads), parts ? Outputs::kParts : Outputs::kUpdate,
+                                              plan));
   });
   return name;
 }

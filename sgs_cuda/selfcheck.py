@@ -59,8 +59,9 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 class Key(NamedTuple):
-    """A class of calls that take the same path: device, plane shape, D, dtype, outputs, mask,
-    16-byte alignment (the dx kernel needs it) and, in ``always`` mode, N and C."""
+    """A class of calls that take the same path: device, plane shape, D, dtype, outputs, mask
+    and, in ``always`` mode, N and C (the C++ side copies a misaligned input, so where a tensor
+    starts does not change the path)."""
     device: int
     H: int
     W: int
@@ -68,13 +69,11 @@ class Key(NamedTuple):
     dtype: str
     outputs: str
     mask: str
-    aligned: bool
     NC: tuple | None
 
     def text(self) -> str:
         nc = f" N={self.NC[0]} C={self.NC[1]}" if self.NC else ""
-        return (f"{self.H}x{self.W} D={self.D}{nc} {self.dtype} {self.outputs} {self.mask}"
-                f"{'' if self.aligned else ' unaligned'}")
+        return f"{self.H}x{self.W} D={self.D}{nc} {self.dtype} {self.outputs} {self.mask}"
 
 
 class Verdict(NamedTuple):
@@ -87,13 +86,15 @@ class Verdict(NamedTuple):
         return f"{'pass' if self.ok else 'FAIL'}: {self.detail}"
 
 
-def make_key(grads: torch.Tensor, outputs: str, mask: str, always: bool) -> Key:
-    D, N, C, H, W = grads.shape
-    offset = grads.storage_offset() * grads.element_size()  # the C++ side copies a non-contiguous input
-    aligned = not grads.is_contiguous() or offset % 16 == 0
+def tensor_meta(grads: torch.Tensor) -> tuple:
+    """What of ``grads`` decides the path: shape, dtype, device index."""
     index = grads.device.index if grads.device.index is not None else -1
-    return Key(index, int(H), int(W), int(D), str(grads.dtype).replace("torch.", ""), outputs, mask, aligned,
-               (int(N), int(C)) if always else None)
+    return tuple(int(n) for n in grads.shape), grads.dtype, index
+
+
+def make_key(meta: tuple, outputs: str, mask: str, always: bool) -> Key:
+    (D, N, C, H, W), dtype, index = meta
+    return Key(index, H, W, D, str(dtype).replace("torch.", ""), outputs, mask, (N, C) if always else None)
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -123,15 +124,9 @@ def compare(out, grads: torch.Tensor, assign: torch.Tensor, outputs: str, params
     return error, what
 
 
-def _probe(D: int, N: int, C: int, H: int, W: int, dtype, device, rho: float, aligned: bool, seed: int):
-    """A seeded input away from the mask's decision boundaries and an assignment using every
-    domain, 8 bytes off a 16-byte boundary when the caller's input is (so the same path is chosen)."""
-    g = separated_grads(D, N, C, H, W, rho=rho, seed=seed).to(dtype)
-    if aligned:
-        g = g.to(device)
-    else:
-        step = 8 // g.element_size()
-        g = torch.zeros(g.numel() + step, dtype=dtype, device=device)[step:].view(g.shape).copy_(g)
+def _probe(D: int, N: int, C: int, H: int, W: int, dtype, device, rho: float, seed: int):
+    """A seeded input away from the mask's decision boundaries, and an assignment using every domain."""
+    g = separated_grads(D, N, C, H, W, rho=rho, seed=seed).to(dtype=dtype, device=device)
     return g, ((torch.arange(N) * 2 + 1) % D).to(device)
 
 
@@ -194,26 +189,33 @@ class SelfCheck:
     def route(self, grads: torch.Tensor, outputs: str, params) -> str:
         """``ext`` (run the op: its dispatch takes a path that passed) or ``torch`` (every CUDA
         path failed for this class: the reference)."""
+        return self.route_meta(tensor_meta(grads), outputs, tuple(params))
+
+    def route_meta(self, meta: tuple, outputs: str, params: tuple) -> str:
         m = mode()
         if m == "0":
             return "ext"
-        key = make_key(grads, outputs, params[4], m == "always")
+        key = make_key(meta, outputs, params[4], m == "always")
         route = self.routes.get(key)
         if route is None:
             with self._lock:
-                route = self.routes.get(key) or self._resolve(key, grads.shape, params)
+                route = self.routes.get(key) or self._resolve(key, meta[0], params)
                 self.routes[key] = route
         return route
 
     # --- the ladder ------------------------------------------------------------------------------
 
     def _resolve(self, key: Key, shape, params) -> str:
+        if self.backend.capturing():  # checking needs host synchronisations (and allocations)
+            raise RuntimeError(f"sgs_cuda: the first call of {key.text()} runs the CUDA self-check, which cannot "
+                               "run inside CUDA graph capture: call the op once before capturing (a warm-up), "
+                               "or set SGS_SELF_CHECK=0")
         device = torch.device("cuda", key.device) if key.device >= 0 else torch.device("cpu")
         dtype = getattr(torch, key.dtype)
         D, N, C = shape[:3]
-        probes = [_probe(D, 3, 3, key.H, key.W, dtype, device, params[1], key.aligned, seed=key.H + key.W + D)]
+        probes = [_probe(D, 3, 3, key.H, key.W, dtype, device, params[1], seed=key.H + key.W + D)]
         if key.NC is not None or (D * N * C * key.H * key.W <= SMALL and (N, C) != (3, 3) and N * C > 0):
-            probes.append(_probe(D, N, C, key.H, key.W, dtype, device, params[1], key.aligned, seed=1))
+            probes.append(_probe(D, N, C, key.H, key.W, dtype, device, params[1], seed=1))
         forced, tried = self.backend.forced(), set()
         while True:
             path = self.backend.choose(probes[0][0], key.outputs)
@@ -242,10 +244,6 @@ class SelfCheck:
         if stored is not None:
             self.verdicts[(key, path)] = stored
             return stored
-        if self.backend.capturing():
-            raise RuntimeError(f"sgs_cuda: the first call of {key.text()} runs the {path} path's self-check, "
-                               "which cannot run inside CUDA graph capture: call the op once before capturing "
-                               "(a warm-up), or set SGS_SELF_CHECK=0")
         t0, tol = time.perf_counter(), tolerance(getattr(torch, key.dtype))
         try:
             error, what = 0.0, ""
@@ -320,22 +318,66 @@ class SelfCheck:
 _checker = SelfCheck(CudaPaths())
 
 
+# Under torch.compile the answer is computed eagerly and traced as a constant, as
+# _build.use_extension is (the check runs real kernels, outside the fake tensors of the trace).
 @torch._dynamo.assume_constant_result
-def _route_traced(key: Key, shape: tuple, params: tuple) -> str:
+def _route_traced(meta: tuple, outputs: str, params: tuple) -> str:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
-    with unset_fake_temporarily(), _checker._lock:
-        route = _checker.routes.get(key) or _checker._resolve(key, shape, params)
-        _checker.routes[key] = route
-        return route
+    with unset_fake_temporarily():
+        return _checker.route_meta(meta, outputs, params)
 
 
 def route(grads: torch.Tensor, outputs: str, params) -> str:
     """``ext`` or ``torch`` for a call of the compiled op on a CUDA tensor (see :class:`SelfCheck`)."""
-    if torch.compiler.is_compiling() and mode() != "0":  # traced as a constant, computed eagerly
-        key = make_key(grads, outputs, params[4], mode() == "always")
-        return _route_traced(key, tuple(int(s) for s in grads.shape), tuple(params))
+    if torch.compiler.is_compiling():
+        return _route_traced(tensor_meta(grads), outputs, tuple(params))
     return _checker.route(grads, outputs, params)
 
 
 def report() -> dict:
     return _checker.report()
+
+
+class _Fresh(CudaPaths):
+    def cache_file(self):  # every verdict measured now, none read from disk
+        return None
+
+
+def main() -> int:
+    """``python -m sgs_cuda.selfcheck``: every CUDA path's verdict, checked now, on the common
+    plane sizes (D = 3; the DM loop's update and sums in float32 and bfloat16, the parts in
+    float32), one line each with its cost; exit status 1 when a path that applies fails."""
+    from . import _build
+    if not torch.cuda.is_available() or not _build.use_extension(torch.device("cuda")):
+        print(f"sgs_cuda self-check: no CUDA extension to check ({_build.backend_info('cuda').get('reason')})")
+        return 0
+    print(f"sgs_cuda self-check on {torch.cuda.get_device_name()} (build {_build._state['build_dir']})")
+    failed = False
+    for path in LADDER:
+        for H, W in ((28, 28), (32, 32), (64, 64), (128, 128)):
+            for dtype, outputs in ((torch.float32, "stats"), (torch.bfloat16, "stats"), (torch.float32, PARTS)):
+                grads = torch.empty(3, 3, 3, H, W, dtype=dtype, device="cuda")
+                checker = SelfCheck(_Fresh())
+                _build.set_cuda_path(path)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        checker.route(grads, outputs, PARAMS_CHECKED)
+                except RuntimeError as exc:
+                    if not checker.verdicts:  # the path does not take this case
+                        print(f"{path:9s} {H}x{W} {outputs} {str(dtype)[6:]}: not applicable "
+                              f"({str(exc).splitlines()[0][:80]})")
+                        continue
+                finally:
+                    _build.set_cuda_path("auto")
+                    torch.ops.sgs.disable_cuda_path(0, 0, 0, 0, torch.float32, "")  # clear the table
+                for (key, _), verdict in checker.verdicts.items():
+                    failed |= not verdict.ok
+                    print(f"{path:9s} {key.text():32s} {verdict.text()} ({verdict.seconds * 1e3:.0f} ms)")
+    return int(failed)
+
+
+PARAMS_CHECKED = (1.0, 0.25, 1.0, 0.5, "hard")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -201,15 +201,32 @@ def test_modes(monkeypatch):
         route(checker)
 
 
+def key_of(t, outputs="stats", mask="hard", always=False):
+    return selfcheck.make_key(selfcheck.tensor_meta(t), outputs, mask, always)
+
+
 def test_key_separates_what_changes_the_path():
     g = grads_for()
-    key = selfcheck.make_key(g, "stats", "hard", False)
-    assert key.aligned and key.device == -1 and key.NC is None
-    flat = torch.zeros(g.numel() + 4)
-    assert not selfcheck.make_key(flat[1:1 + g.numel()].view(g.shape), "stats", "hard", False).aligned  # 4 bytes
-    assert selfcheck.make_key(flat[4:].view(g.shape), "stats", "hard", False).aligned
-    assert selfcheck.make_key(g.transpose(3, 4), "stats", "hard", False).aligned  # copied by the op
-    assert selfcheck.make_key(g.half(), "stats", "soft", True) != key
+    key = key_of(g)
+    assert key.device == -1 and key.NC is None and key.text() == "16x16 D=3 float32 stats hard"
+    assert key_of(g.transpose(3, 4)) == key_of(g.transpose(3, 4).contiguous())
+    assert key_of(g.half(), mask="soft", always=True).text() == "16x16 D=3 N=3 C=3 float16 stats soft"
+    assert key_of(g, outputs="parts") != key
+
+
+def test_route_under_torch_compile_is_a_constant(monkeypatch):
+    """Inside torch.compile(fullgraph=True) the check runs eagerly at trace time and its answer is
+    traced as a constant (no graph break)."""
+    backend = FakePaths({"dx": "raise", "portable": "raise", "cufft": "raise"})
+    monkeypatch.setattr(selfcheck, "_checker", selfcheck.SelfCheck(backend))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + (1.0 if selfcheck.route(x, "stats", PARAMS) == "ext" else 2.0)
+
+    with pytest.warns(RuntimeWarning):
+        out = f(grads_for())
+    assert out.flatten()[0].item() == 2.0 and backend.runs == ["dx", "portable", "cufft"]
 
 
 def test_verdicts_persist_on_disk_keyed_by_gpu_driver_and_build(tmp_path):
