@@ -18,8 +18,9 @@ PARAMS = (1.0, 0.25, 1.0, 0.5, "hard")
 
 class FakePaths:
     """The ladder of CUDA paths, each computing the float32 reference, with faults by path:
-    ``wrong`` (a 1 % error), ``raise`` (a CUDA-like error), ``nan``, ``dead`` (raises and the
-    context is gone)."""
+    ``wrong`` (a 1 % error in the update), ``wrong_shared`` (in the shared part), ``count`` (the
+    diagnostic sums keep 100 components too many), ``raise`` (a CUDA-like error), ``nan``,
+    ``dead`` (raises and the context is gone)."""
 
     def __init__(self, faults=None, cache=None, build="build-a", forced="auto"):
         self.faults, self.cache, self.build, self.forced_path = dict(faults or {}), cache, build, forced
@@ -53,11 +54,15 @@ class FakePaths:
         if fault == "nan":
             update = update.clone()
             update.view(-1)[3] = float("nan")
+        stats = out[4] if outputs != "update" else None
+        if fault == "count":  # 100 components more kept than the reference keeps
+            stats = stats + torch.tensor([100.0, 0.0, 0.0, 0.0], dtype=torch.float64)
         if outputs == "update":
             return update.to(grads.dtype)
         if outputs == "stats":
-            return update.to(grads.dtype), out[4]
-        return (update.to(grads.dtype), *out[1:4], out[4])
+            return update.to(grads.dtype), stats
+        shared = out[2] * (1.01 if fault == "wrong_shared" else 1.0)
+        return (update.to(grads.dtype), out[1], shared, out[3], stats)
 
     def disable(self, key, path):
         self.disabled.append(path)
@@ -131,11 +136,16 @@ def test_ladder_order_down_to_the_torch_reference():
 
 
 def test_parts_skip_dx_and_are_checked_on_every_output():
-    backend = FakePaths({"portable": "wrong"})
+    backend = FakePaths({"portable": "wrong_shared"})
     checker = selfcheck.SelfCheck(backend)
-    with pytest.warns(RuntimeWarning, match="update and parts"):
+    with pytest.warns(RuntimeWarning, match=r"parts hard \(shared: largest relative error 0\.0"):
         assert route(checker, outputs="parts") == "ext"
     assert backend.runs == ["portable", "cufft"]
+
+
+def test_diagnostic_sums_are_checked():
+    with pytest.warns(RuntimeWarning, match=r"\(kept-component count: largest relative error 0\.0"):
+        route(selfcheck.SelfCheck(FakePaths({"dx": "count"})))
 
 
 def test_a_dead_context_stops_with_one_clear_error():
