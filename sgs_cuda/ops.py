@@ -119,7 +119,7 @@ def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite, no
         if assign.shape != (N,):
             raise ValueError(f"assign must have shape [N] = [{N}], got {tuple(assign.shape)}")
         if N > 0 and not _tracing_or_capturing(grads):
-            lo, hi = int(assign.min()), int(assign.max())
+            lo, hi = torch.stack([assign.min(), assign.max()]).tolist()  # one host synchronisation
             if lo < 0 or hi >= D:
                 raise ValueError(f"assign values must lie in [0, D) = [0, {D}), got range [{lo}, {hi}]")
     if mask not in MASK_MODES:
