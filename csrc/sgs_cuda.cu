@@ -1,5 +1,8 @@
 // CUDA kernels of sgs::surgery (spec sections 3 and 5): a ladder of three paths, the fastest that
-// applies unless SGS_CUDA_PATH=dx|portable|cufft forces one (auto: the default).
+// applies unless SGS_CUDA_PATH=dx|portable|cufft forces one (auto: the default). The Python side
+// checks a path on its first use (sgs_cuda/selfcheck.py) and disables one that disagrees with the
+// float64 reference for that class of calls (sgs::disable_cuda_path): auto then skips it. Both
+// fused paths take D <= 127 domains (the sign counts); an out-of-range assign raises on every path.
 //   dx       the cuFFTDx kernel (sgs_cuda_dx*.cu, sgs_dx.h): compile-time specialised sizes
 //            (SGS_DX_SIZES, 128x128 on a 2-CTA cluster), float32/float16/bfloat16, the update and
 //            (sgs::surgery_stats) the diagnostic sums, sm_90; built only when nvidia-mathdx is

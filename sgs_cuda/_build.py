@@ -370,7 +370,8 @@ REPORTED_SIZES = ((28, 28), (32, 32), (64, 64), (128, 128))
 
 def backend_info(device: str | torch.device = "cpu") -> dict:
     """Which implementation runs for ``device`` and why; for CUDA also which kernels the build
-    has and, with a GPU, which CUDA path (dx, portable or cufft) each common plane size takes."""
+    has, with a GPU which CUDA path (dx, portable or cufft) each common plane size takes, and
+    ``self_check``: the first-use self-check's mode and its verdicts so far (sgs_cuda/selfcheck.py)."""
     device = torch.device(device)
     requested = requested_backend()
     info = {"requested": requested, "device": str(device)}
