@@ -7,7 +7,7 @@
 #   logs.tar.gz      every step's full log (env, install, build, tests, bench, sanitizers, distill)
 # Steps, in order: environment; nvidia-mathdx from a carried wheel (wheels/*.whl, pip
 # --no-index); the build (all cores, CUDA + cuFFTDx); the self-check of every CUDA path against the
-# float64 reference (python -m sgs_cuda.selfcheck: its verdicts head the summary); the CUDA tests;
+# float64 reference (sgs-dgdd self-check: its verdicts head the summary); the CUDA tests;
 # the benchmark right after them, so its large shapes are never cut; compute-sanitizer
 # memcheck/racecheck on tiny cases, then racecheck/synccheck of the dx kernel with the grid capped
 # (SGS_DX_MAX_CLUSTERS=2) so that each CTA loops over several plane groups; a short distillation if
@@ -117,7 +117,7 @@ print(f'built/loaded in {time.time() - t0:.0f} s')
 print(json.dumps(_build.backend_info('cuda'), indent=1))
 "
   # -------------------------------------------------------------- 4. self-check, CUDA tests, the benchmark
-  run_step selfcheck 120 "$PY" -m sgs_cuda.selfcheck
+  run_step selfcheck 120 "$PY" -m sgs_cuda.cli self-check
   run_step tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_paths.py tests/test_op_stats.py \
     tests/test_cuda_build.py::test_cuda_extension_builds_and_imports tests/test_ops.py tests/test_selfcheck.py \
     -k "cuda or path or self_check or assign"
@@ -188,7 +188,7 @@ fi
   echo "gpu_check summary ($(date -u +%FT%TZ), $(($(date +%s) - T0)) s of ${BUDGET} s)"
   grep -m1 '^gpu ' "$LOGS/env.log" || echo "no GPU seen by torch"
   if [ -f "$LOGS/selfcheck.log" ]; then  # which CUDA paths agree with the float64 reference, first
-    echo "self-check (python -m sgs_cuda.selfcheck):"
+    echo "self-check (sgs-dgdd self-check):"
     grep -E '^(dx|portable|cufft) ' "$LOGS/selfcheck.log" | sed 's/^/  /' || echo "  no verdicts (see logs)"
   fi
   for line in "${SUMMARY[@]}"; do echo "  $line"; done

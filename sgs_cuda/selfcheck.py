@@ -17,7 +17,7 @@ full shape (on that shape), the default ``1`` once per class.
 
 Cost, once per class and process (a DM loop has one class): the seeded input is built on the
 CPU (measured on a 2-core CPU at D = 3: 3 ms at 32x32, 28 ms at 128x128); then, by arithmetic
-until a GPU measures it (``python -m sgs_cuda.selfcheck`` prints each check's time), one kernel
+until a GPU measures it (``sgs-dgdd self-check`` prints each check's time), one kernel
 call and one float64 reference on ``D x 9`` planes (plus the caller's shape when it has at most
 2**20 values) and one host synchronisation: milliseconds.
 
@@ -345,7 +345,7 @@ class _Fresh(CudaPaths):
 
 
 def main() -> int:
-    """``python -m sgs_cuda.selfcheck``: every CUDA path's verdict, checked now, on the common
+    """``sgs-dgdd self-check``: every CUDA path's verdict, checked now, on the common
     plane sizes (D = 3; the DM loop's update and sums in float32 and bfloat16, the parts in
     float32), one line each with its cost; exit status 1 when a path that applies fails."""
     from . import _build
@@ -379,6 +379,3 @@ def main() -> int:
 
 
 PARAMS_CHECKED = (1.0, 0.25, 1.0, 0.5, "hard")
-
-if __name__ == "__main__":
-    raise SystemExit(main())

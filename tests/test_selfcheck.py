@@ -276,3 +276,10 @@ def test_backend_info_cuda_reports_the_self_check():
     info = backend_info("cuda")
     assert info["self_check"]["mode"] == "once per path and shape class"
     assert isinstance(info["self_check"]["verdicts"], dict)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: benchmarks/gpu_check.sh runs it for real")
+def test_cli_self_check_without_a_gpu(capsys):
+    from sgs_cuda import cli
+    assert cli.main(["self-check"]) == 0
+    assert "no CUDA extension to check" in capsys.readouterr().out
