@@ -6,9 +6,12 @@
 #   bench_cuda.json  benchmarks/bench_cuda.py (every CUDA path vs eager and torch.compile)
 #   logs.tar.gz      every step's full log (env, install, build, tests, bench, sanitizers, distill)
 # Steps, in order: environment; nvidia-mathdx from a carried wheel (wheels/*.whl, pip
-# --no-index); the build (all cores, CUDA + cuFFTDx); the CUDA tests; the benchmark right after
-# them, so its large shapes are never cut; compute-sanitizer memcheck/racecheck on tiny cases; a
-# short distillation if Fashion-MNIST is on disk. A failing step never stops the later ones; each
+# --no-index); the build (all cores, CUDA + cuFFTDx); the self-check of every CUDA path against the
+# float64 reference (sgs-dgdd self-check: its verdicts head the summary); the CUDA tests;
+# the benchmark right after them, so its large shapes are never cut; compute-sanitizer
+# memcheck/racecheck on tiny cases, then racecheck/synccheck of the dx kernel with the grid capped
+# (SGS_DX_MAX_CLUSTERS=2) so that each CTA loops over several plane groups; a short distillation if
+# Fashion-MNIST is on disk. A failing step never stops the later ones; each
 # gets at most what is left of GPU_CHECK_BUDGET seconds (default 560), and a step that would
 # start with less than 20 s left is skipped. Nothing is downloaded. Without a GPU (a dry run)
 # the GPU steps are skipped and the summary is still written.
@@ -96,7 +99,9 @@ else
 fi
 
 if [ "$CUDA_OK" != "1" ]; then
-  for s in build tests bench memcheck racecheck distill; do skip_step "$s" "no CUDA device"; done
+  for s in build selfcheck tests bench memcheck racecheck racegroups syncgroups distill; do
+    skip_step "$s" "no CUDA device"
+  done
 else
   # -------------------------------------------------------------- 3. build (all cores)
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
@@ -111,9 +116,11 @@ _build.build_extension(verbose=True)
 print(f'built/loaded in {time.time() - t0:.0f} s')
 print(json.dumps(_build.backend_info('cuda'), indent=1))
 "
-  # -------------------------------------------------------------- 4. CUDA tests, then the benchmark
+  # -------------------------------------------------------------- 4. self-check, CUDA tests, the benchmark
+  run_step selfcheck 120 "$PY" -m sgs_cuda.cli self-check
   run_step tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_paths.py tests/test_op_stats.py \
-    tests/test_cuda_build.py::test_cuda_extension_builds_and_imports tests/test_ops.py -k "cuda or path"
+    tests/test_cuda_build.py::test_cuda_extension_builds_and_imports tests/test_ops.py tests/test_selfcheck.py \
+    -k "cuda or path or self_check or assign"
   run_step bench 300 env SGS_BACKEND=ext "$PY" benchmarks/bench_cuda.py --out "$OUT/bench_cuda.json"
   # -------------------------------------------------------------- 5. compute-sanitizer
   SAN=$(command -v compute-sanitizer || true)
@@ -138,13 +145,34 @@ for path in sys.argv[1].split(","):
         print("ran", path, shape)
 print("tiny cases done")
 '
+  # The dx kernel's persistent loop with the grid capped at 2 clusters: every CTA does 2 plane
+  # groups (28x28: 4 planes a group, 32x32: 2, 128x128: 1 on a 2-CTA cluster), D = 1 and 3, so the
+  # sanitizers see the staging, exchange and column buffers reused across groups.
+  GROUPS='
+import torch
+from sgs_cuda import _build
+assert _build.use_extension(torch.device("cuda")), _build.backend_info("cuda")
+_build.set_cuda_path("dx")
+for D in (1, 3):
+    for shape in [(D, 8, 2, 28, 28), (D, 4, 2, 32, 32), (D, 4, 1, 128, 128)]:
+        g = torch.randn(shape, device="cuda")
+        a = torch.arange(shape[1], device="cuda") % D
+        torch.ops.sgs.surgery_stats(g, a, 1.0, 0.25, 1.0, 0.25, "hard")
+        torch.cuda.synchronize()
+        print("ran dx with 2 clusters", shape)
+print("plane-group cases done")
+'
   if [ -n "$SAN" ]; then
-    run_step memcheck 90 env SGS_BACKEND=ext "$SAN" --tool memcheck --error-exitcode 3 "$PY" -c "$TINY" dx,portable,cufft
-    run_step racecheck 90 env SGS_BACKEND=ext "$SAN" --tool racecheck --racecheck-report hazard --error-exitcode 3 \
-      "$PY" -c "$TINY" dx,portable
+    run_step memcheck 90 env SGS_BACKEND=ext SGS_SELF_CHECK=0 "$SAN" --tool memcheck --error-exitcode 3 \
+      "$PY" -c "$TINY" dx,portable,cufft
+    run_step racecheck 90 env SGS_BACKEND=ext SGS_SELF_CHECK=0 "$SAN" --tool racecheck --racecheck-report hazard \
+      --error-exitcode 3 "$PY" -c "$TINY" dx,portable
+    run_step racegroups 90 env SGS_BACKEND=ext SGS_SELF_CHECK=0 SGS_DX_MAX_CLUSTERS=2 "$SAN" --tool racecheck \
+      --racecheck-report hazard --error-exitcode 3 "$PY" -c "$GROUPS"
+    run_step syncgroups 90 env SGS_BACKEND=ext SGS_SELF_CHECK=0 SGS_DX_MAX_CLUSTERS=2 "$SAN" --tool synccheck \
+      --error-exitcode 3 "$PY" -c "$GROUPS"
   else
-    skip_step memcheck "compute-sanitizer not found"
-    skip_step racecheck "compute-sanitizer not found"
+    for s in memcheck racecheck racegroups syncgroups; do skip_step "$s" "compute-sanitizer not found"; done
   fi
   # -------------------------------------------------------------- 6. short distillation (local data only)
   if "$PY" -c "from sgs_cuda.data.fmnist_styles import find_fashion_mnist; find_fashion_mnist()" >/dev/null 2>&1; then
@@ -159,10 +187,14 @@ fi
 {
   echo "gpu_check summary ($(date -u +%FT%TZ), $(($(date +%s) - T0)) s of ${BUDGET} s)"
   grep -m1 '^gpu ' "$LOGS/env.log" || echo "no GPU seen by torch"
+  if [ -f "$LOGS/selfcheck.log" ]; then  # which CUDA paths agree with the float64 reference, first
+    echo "self-check (sgs-dgdd self-check):"
+    grep -E '^(dx|portable|cufft) ' "$LOGS/selfcheck.log" | sed 's/^/  /' || echo "  no verdicts (see logs)"
+  fi
   for line in "${SUMMARY[@]}"; do echo "  $line"; done
   echo
   [ -f "$LOGS/tests.log" ] && echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -1)"
-  for s in memcheck racecheck; do
+  for s in memcheck racecheck racegroups syncgroups; do
     [ -f "$LOGS/$s.log" ] && echo "$s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|skipped' "$LOGS/$s.log" | tail -1)"
   done
   if [ -f "$LOGS/bench.log" ]; then

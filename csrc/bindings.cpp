@@ -25,6 +25,12 @@ bool check_and_parse(const at::Tensor& grads, const at::Tensor& assign, double t
   TORCH_CHECK(tau >= 0 && tau <= 1, "sgs::surgery: tau must lie in [0, 1], got ", tau);
   TORCH_CHECK(rho >= 0 && rho <= 1, "sgs::surgery: rho must lie in [0, 1], got ", rho);
   TORCH_CHECK(mask == "hard" || mask == "soft", "sgs::surgery: mask must be 'hard' or 'soft', got '", mask, "'");
+  // Out-of-range domains: the same error as the CUDA paths' (surgery_cuda_impl checks there).
+  if (assign.device().is_cpu() && assign.numel() > 0) {
+    const int64_t lo = assign.min().item<int64_t>(), hi = assign.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < grads.size(0), "sgs::surgery: assign values must lie in [0, D) = [0, ",
+                      grads.size(0), "), got range [", lo, ", ", hi, "]");
+  }
   return mask == "soft";
 }
 

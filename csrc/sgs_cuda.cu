@@ -1,5 +1,8 @@
 // CUDA kernels of sgs::surgery (spec sections 3 and 5): a ladder of three paths, the fastest that
-// applies unless SGS_CUDA_PATH=dx|portable|cufft forces one (auto: the default).
+// applies unless SGS_CUDA_PATH=dx|portable|cufft forces one (auto: the default). The Python side
+// checks a path on its first use (sgs_cuda/selfcheck.py) and disables one that disagrees with the
+// float64 reference for that class of calls (sgs::disable_cuda_path): auto then skips it. Both
+// fused paths take D <= 127 domains (the sign counts); an out-of-range assign raises on every path.
 //   dx       the cuFFTDx kernel (sgs_cuda_dx*.cu, sgs_dx.h): compile-time specialised sizes
 //            (SGS_DX_SIZES, 128x128 on a 2-CTA cluster), float32/float16/bfloat16, the update and
 //            (sgs::surgery_stats) the diagnostic sums, sm_90; built only when nvidia-mathdx is
@@ -82,6 +85,7 @@
 #include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
@@ -625,6 +629,37 @@ Options& options() {
   return o;
 }
 
+// Paths the first-use self-check (sgs_cuda/selfcheck.py) found wrong, per (device, H, W, D,
+// dtype): auto skips them, a forced path that is disabled raises. Set through
+// sgs::disable_cuda_path; read under a lock on every call (a handful of entries at most).
+struct DisabledKey {
+  int device, H, W;
+  int64_t D;
+  int dtype, path;
+  bool operator==(const DisabledKey& o) const {
+    return device == o.device && H == o.H && W == o.W && D == o.D && dtype == o.dtype && path == o.path;
+  }
+};
+
+std::mutex& disabled_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+std::vector<DisabledKey>& disabled_paths() {  // call with disabled_mutex() held
+  static std::vector<DisabledKey> v;
+  return v;
+}
+
+bool path_disabled(const at::Tensor& grads, Path p) {
+  const DisabledKey k{grads.get_device(), static_cast<int>(grads.size(3)), static_cast<int>(grads.size(4)),
+                      grads.size(0), static_cast<int>(grads.scalar_type()), static_cast<int>(p)};
+  std::lock_guard<std::mutex> lock(disabled_mutex());
+  for (const auto& e : disabled_paths())
+    if (e == k) return true;
+  return false;
+}
+
 // A CUDA error left pending by earlier work must surface as itself, not be cleared by (or blamed
 // on) the host-side queries below.
 void raise_pending_error() { C10_CUDA_CHECK(cudaPeekAtLastError()); }
@@ -759,6 +794,7 @@ template <typename In, typename T>
 void launch_fused(const FusedArgs<In, T>& args, cudaStream_t stream, int device) {
   const FusedPlan& plan = args.plan;
   const unsigned blocks = static_cast<unsigned>(args.planes * plan.cs);
+  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);  // see choose_path
   if (plan.cs == 1) {
     auto* kernel = sgs_fused_kernel<In, T, false>;
     ensure_smem_attribute(reinterpret_cast<const void*>(kernel), plan.smem, device);
@@ -825,6 +861,27 @@ void run_fallback(const at::Tensor& grads, const at::Tensor& assign, const Surge
 namespace cuda_detail {
 namespace {
 
+// The input as the kernels read it: contiguous and 16-byte aligned (the dx kernel's cp.async
+// needs it), copied if it is not (a view at an odd offset: rare), so that the path never depends
+// on where a tensor starts (the self-check checks a path per shape class, not per pointer).
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+// Out-of-range domains raise the same clear error on every path (one host synchronisation, as the
+// Python wrapper's own check). Inside a CUDA graph capture no synchronisation is possible: every
+// kernel then asserts on the device instead.
+void check_assign_range(const at::Tensor& assign, int64_t D) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+  if (status != cudaStreamCaptureStatusNone || assign.numel() == 0) return;
+  const at::Tensor range = at::stack({assign.min(), assign.max()}).cpu();
+  const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < D, "sgs::surgery: assign values must lie in [0, D) = [0, ", D, "), got range [",
+                    lo, ", ", hi, "]");
+}
+
 // Why the dx kernel cannot take this call ("" if it can).
 #if defined(SGS_WITH_DX)
 dx::InType dx_in_type(at::ScalarType t) {
@@ -838,6 +895,11 @@ std::string dx_refusal(const at::Tensor& grads, Outputs what) {
   const auto t = grads.scalar_type();
   if (what == Outputs::kParts) return "return_parts takes the portable kernel";
   if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) return "float64 takes the portable kernel";
+  // The packed per-bin sign counts hold at most 32767; the portable kernel's int8 counts stop at
+  // 127. One limit for both fused paths, so that D > 127 takes the cuFFT path whatever is forced.
+  if (grads.size(0) > kMaxFusedDomains)
+    return "D = " + std::to_string(grads.size(0)) + " > " + std::to_string(kMaxFusedDomains) +
+           " domains takes the cuFFT path";
   if (!dx::applies(H, W, dx_in_type(t), grads.get_device()))
     return std::to_string(H) + "x" + std::to_string(W) +
            " is not an instantiated size, or the device is not sm_90 or cannot hold its CTAs (instantiated: " +
@@ -859,12 +921,20 @@ Path choose_path(const at::Tensor& grads, Outputs what, FusedPlan& plan) {
   const Path want = static_cast<Path>(options().path.load());
   const int64_t D = grads.size(0), planes = grads.size(1) * grads.size(2);
   const int H = static_cast<int>(grads.size(3)), W = static_cast<int>(grads.size(4));
+  TORCH_CHECK(want == Path::kAuto || !path_disabled(grads, want), "sgs::surgery (CUDA): SGS_CUDA_PATH=",
+              path_name(want), " but the self-check disabled that path for ", H, "x", W, " D=", D, " ",
+              grads.scalar_type(), " in this process (see the warning it gave)");
+  // The first call of a size sets kernel attributes and queries occupancy (cached per device).
+  // Inside a CUDA graph capture in the default (global) mode such calls are not allowed; they are
+  // host-side set-up, not stream work, so they run with the thread's capture mode relaxed.
+  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
   if (want == Path::kAuto || want == Path::kDx) {
     const std::string why = dx_refusal(grads, what);
     TORCH_CHECK(want != Path::kDx || why.empty(), "sgs::surgery (CUDA): SGS_CUDA_PATH=dx but ", why);
-    if (why.empty()) return Path::kDx;
+    if (why.empty() && !path_disabled(grads, Path::kDx)) return Path::kDx;
   }
-  if (want != Path::kCufft) plan = device_plan<scalar_t, T>(H, W, D, planes, grads.get_device());
+  if (want != Path::kCufft && (want == Path::kPortable || !path_disabled(grads, Path::kPortable)))
+    plan = device_plan<scalar_t, T>(H, W, D, planes, grads.get_device());
   TORCH_CHECK(want != Path::kPortable || plan.ok, "sgs::surgery (CUDA): SGS_CUDA_PATH=portable but a ", H, "x", W,
               " plane with D=", D, " cannot take the portable kernel on this device");
   return plan.ok ? Path::kPortable : Path::kCufft;
@@ -878,8 +948,9 @@ std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads_in, const at::
   using namespace cuda_detail;
   TORCH_CHECK(grads_in.is_cuda(), "sgs::surgery (CUDA): grads must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(grads_in.device());
-  const at::Tensor grads = grads_in.contiguous();
+  const at::Tensor grads = aligned_contiguous(grads_in);
   const at::Tensor assign = assign_in.to(grads.device(), at::kLong).contiguous();
+  check_assign_range(assign, grads.size(0));
   SurgeryOutputs outs(grads, what);
   const bool parts = outs.parts(), sums = outs.with_stats();
   at::Tensor &update = outs.update, &mean = outs.mean, &shared = outs.shared, &diversity = outs.diversity,
@@ -955,7 +1026,8 @@ std::string cuda_path(const at::Tensor& grads, bool parts) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "sgs_cuda_path", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     FusedPlan plan{};
-    name = path_name(choose_path<scalar_t, T>(grads.contiguous(), parts ? Outputs::kParts : Outputs::kUpdate, plan));
+    name = path_name(choose_path<scalar_t, T>(aligned_contiguous(grads), parts ? Outputs::kParts : Outputs::kUpdate,
+                                              plan));
   });
   return name;
 }
@@ -976,6 +1048,21 @@ void set_cuda_options(c10::string_view path, int64_t smem_limit) {
   options().smem_limit = smem_limit;
 }
 
+// sgs::disable_cuda_path(device, H, W, D, dtype, path): the self-check found `path` wrong there;
+// path "" clears the whole table (tests).
+void disable_cuda_path(int64_t device, int64_t H, int64_t W, int64_t D, at::ScalarType dtype, c10::string_view path) {
+  using namespace cuda_detail;
+  std::lock_guard<std::mutex> lock(disabled_mutex());
+  if (path.empty()) {
+    disabled_paths().clear();
+    return;
+  }
+  const Path p = parse_path(std::string(path).c_str());
+  TORCH_CHECK(p != Path::kAuto, "sgs::disable_cuda_path: name a path (dx, portable, cufft)");
+  disabled_paths().push_back({static_cast<int>(device), static_cast<int>(H), static_cast<int>(W), D,
+                              static_cast<int>(dtype), static_cast<int>(p)});
+}
+
 std::string get_cuda_path_option() { return cuda_detail::path_name(static_cast<cuda_detail::Path>(cuda_detail::options().path.load())); }
 
 }  // namespace
@@ -986,6 +1073,7 @@ TORCH_LIBRARY_FRAGMENT(sgs, m) {
   m.def("cuda_build_info() -> str", &sgs::cuda_build_info);
   m.def("set_cuda_options(str path, int smem_limit) -> ()", &sgs::set_cuda_options);
   m.def("cuda_path_option() -> str", &sgs::get_cuda_path_option);
+  m.def("disable_cuda_path(int device, int H, int W, int D, ScalarType dtype, str path) -> ()", &sgs::disable_cuda_path);
 }
 
 #endif  // !SGS_EMULATE

@@ -20,21 +20,28 @@ bool instantiated(int H, int W) {
   return false;
 }
 
-// Compute capability 9.0 and sm_90 code in this build (the kernels trap elsewhere), per device.
+// Compute capability 9.0 and sm_90 code in this build (the kernels trap elsewhere), per device:
+// the code's version is queried on `device` itself (made current for the query), so the answer
+// for one device never depends on which device happened to be current. A failed query is not
+// cached (it may be transient).
 bool device_runs_sm90(int device) {
   static std::mutex mu;
   static std::array<int, 64> cache{};  // 0 unknown, 1 yes, 2 no
   std::lock_guard<std::mutex> lock(mu);
-  if (device >= 0 && device < 64 && cache[device] != 0) return cache[device] == 1;
-  int major = 0, minor = 0;
-  bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-            cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
-            major == 9 && minor == 0;
-  if (ok) {
-    int current = -1;
-    ok = cudaGetDevice(&current) == cudaSuccess && current == device && binary_version<32, 32>() == 90;
+  if (device < 0 || device >= 64) return false;
+  if (cache[device] != 0) return cache[device] == 1;
+  int major = 0, minor = 0, current = -1;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+      cudaGetDevice(&current) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
   }
-  if (device >= 0 && device < 64) cache[device] = ok ? 1 : 2;
+  bool ok = major == 9 && minor == 0;
+  if (ok && current != device) ok = cudaSetDevice(device) == cudaSuccess;
+  if (ok) ok = binary_version<32, 32>() == 90;
+  if (current != device) (void)cudaSetDevice(current);
+  cache[device] = ok ? 1 : 2;
   return ok;
 }
 

@@ -19,6 +19,7 @@
 #define CUFFTDX_DISABLE_CUTLASS_DEPENDENCY  // cuFFTDx alone; CUTLASS is not needed
 #endif
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_pipeline_primitives.h>
@@ -27,6 +28,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cufftdx.hpp>
 #include <mutex>
 #include <type_traits>
@@ -287,6 +289,8 @@ int64_t resident(int device) {
   std::lock_guard<std::mutex> lock(mu);
   if (device >= 0 && device < 64 && cache[device] != 0) return cache[device] - 1;
   C10_CUDA_CHECK(cudaPeekAtLastError());  // a pending error must surface as itself, not be cleared below
+  // Host-side set-up, allowed even when the first call of a size comes inside a CUDA graph capture.
+  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
   auto* kernel = dx_kernel<S, In>;
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = launch_config<S, In>(S::CS, nullptr, attr);
@@ -309,10 +313,21 @@ int64_t resident(int device) {
   return n;
 }
 
+// SGS_DX_MAX_CLUSTERS=<n> (tests only: benchmarks/gpu_check.sh's sanitizer runs) caps the grid, so
+// that each cluster loops over several plane groups and reuses its buffers; 0 or unset: no cap.
+inline int64_t max_clusters_for_tests() {
+  static const int64_t cap = [] {
+    const char* v = std::getenv("SGS_DX_MAX_CLUSTERS");
+    return v == nullptr ? int64_t{0} : static_cast<int64_t>(std::strtoll(v, nullptr, 10));
+  }();
+  return cap;
+}
+
 template <class S, typename In>
 void launch(const Call& c) {
   const int64_t groups = (c.planes + S::P - 1) / S::P;
-  const int64_t capacity = resident<S, In>(c.device) / S::CS;  // clusters at once (> 0: dx::applies)
+  int64_t capacity = resident<S, In>(c.device) / S::CS;  // clusters at once (> 0: dx::applies)
+  if (max_clusters_for_tests() > 0 && max_clusters_for_tests() < capacity) capacity = max_clusters_for_tests();
   const int64_t clusters = groups < capacity ? groups : capacity;
   Args<In> a{static_cast<const In*>(c.grads), c.assign, static_cast<In*>(c.update), c.stats, c.planes, c.channels,
              c.domains, c.p};

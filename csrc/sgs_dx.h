@@ -59,6 +59,15 @@
 
 #include "sgs_math.h"
 
+// Device asserts as the portable kernel's (CUDA_KERNEL_ASSERT where torch's macros are included),
+// assert() on the host (the emulation).
+#if defined(__CUDA_ARCH__) && defined(CUDA_KERNEL_ASSERT)
+#define SGS_DX_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
+#else
+#include <cassert>
+#define SGS_DX_ASSERT(cond) assert(cond)
+#endif
+
 #if defined(__CUDACC__)
 #define SGS_DX_HD __host__ __device__ __forceinline__
 #define SGS_DX_UNROLL _Pragma("unroll")
@@ -412,6 +421,10 @@ SGS_DX_HD void run_cta(Ctx& ctx, const Args<In>& a, unsigned char* smem, const L
     for (int i = tid; i < S::warps * 4; i += S::threads) slots[i] = 0.0;
     t.w_col = twiddle_f(k_lo + t.y % Fc, W);  // (the column of FFT id y; column 0 needs none)
   });
+  // CUDA requires a cluster barrier before the first distributed-shared-memory access: only then
+  // is every CTA of the cluster known to be running (the first unpack writes into the peer's xb).
+  // Here, before the early return, every CTA of the cluster still takes part.
+  if constexpr (CS > 1) ctx.cluster_sync();
   if (first >= groups) return;  // the same for every CTA of a cluster
 
   auto np_of = [&](int64_t group) {
@@ -422,6 +435,9 @@ SGS_DX_HD void run_cta(Ctx& ctx, const Args<In>& a, unsigned char* smem, const L
     for (int p = 0; p < np_of(group); ++p) {
       const int64_t plane = group * P + p;
       const int64_t v = a.assign[plane / a.channels];
+      // The host checks the range (sgs::surgery raises); inside CUDA graph capture it cannot, and
+      // the kernel asserts as the other paths do. The clamp only keeps the loads in bounds.
+      SGS_DX_ASSERT(v >= 0 && v < D);
       const int ad = static_cast<int>(v < 0 ? 0 : (v >= D ? D - 1 : v));
       const In* src = a.grads + (static_cast<int64_t>(domain_at(s, D, ad)) * a.planes + plane) * plane_elems +
                       static_cast<int64_t>(h_lo) * W;

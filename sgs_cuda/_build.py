@@ -370,10 +370,14 @@ REPORTED_SIZES = ((28, 28), (32, 32), (64, 64), (128, 128))
 
 def backend_info(device: str | torch.device = "cpu") -> dict:
     """Which implementation runs for ``device`` and why; for CUDA also which kernels the build
-    has and, with a GPU, which CUDA path (dx, portable or cufft) each common plane size takes."""
+    has, with a GPU which CUDA path (dx, portable or cufft) each common plane size takes, and
+    ``self_check``: the first-use self-check's mode and its verdicts so far (sgs_cuda/selfcheck.py)."""
     device = torch.device(device)
     requested = requested_backend()
     info = {"requested": requested, "device": str(device)}
+    if device.type == "cuda":
+        from . import selfcheck  # the first-use verdicts of the CUDA paths (sgs_cuda/selfcheck.py)
+        info["self_check"] = selfcheck.report()
     if device.type == "cuda" and not torch.cuda.is_available():
         return {**info, "implementation": "none", "reason": "no CUDA device on this machine",
                 "cuda_kernel_built": bool(_state["cuda"]), "build_dir": _state["build_dir"]}

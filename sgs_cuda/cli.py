@@ -142,6 +142,11 @@ def cmd_make_demo(args) -> int:
     return 0
 
 
+def cmd_self_check(args) -> int:
+    from . import selfcheck
+    return selfcheck.main()
+
+
 def cmd_compare(args) -> int:
     result = compare.compare_runs(args.run_dirs, baseline=args.baseline, arms=args.arms,
                                   confidence=args.confidence, plot=args.plot)
@@ -248,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="a new (or empty) folder")
     p.add_argument("--train-per-class", type=int, default=12, metavar="N", help="training images per class")
     p.set_defaults(func=cmd_make_demo)
+    text = "check every CUDA path against the float64 reference now, one line per path and size"
+    p = sub.add_parser("self-check", help=text, description=text + " (exit status 1 when one fails)")
+    p.set_defaults(func=cmd_self_check)
     p = sub.add_parser("show", help="print a run folder's metrics")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_show)

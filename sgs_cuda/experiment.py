@@ -310,6 +310,7 @@ class Experiment:
         self.timings = {phase: 0.0 for phase in PHASES if phase != "select" or cfg["select"]["lr_grid"]}
         self.backend: dict | None = None  # backend_info() once the op is loaded for a distillation
         self._made: dict[tuple[str, int], dict] = {}  # (method, seed) -> the set this command made
+        self._logged_verdicts: set[str] = set()  # self-check verdicts already in the log
         self.selections: dict[str, dict] = {}  # method -> its lr_img selection record (select_lr)
         self._t0 = time.perf_counter()
         self.device = device or resolve_device(cfg["device"])
@@ -399,6 +400,20 @@ class Experiment:
             with self.phase("extension"):
                 self.backend = self.world.local_first(lambda: backend_info(self.device))
             self.log(f"SGS op: {self.backend.get('implementation')} ({_seconds(self.timings['extension'])})")
+            if "self_check" in self.backend:  # CUDA: the fused paths check themselves on first use
+                self.log(f"SGS op self-check: {self.backend['self_check']['mode']}")
+        return self.backend
+
+    def backend_record(self) -> dict | None:
+        """``backend_info`` as loaded, with the CUDA self-check's verdicts as they are now (they
+        come with the first calls), so that a result says which kernel produced it."""
+        if self.backend and "self_check" in self.backend:
+            from . import selfcheck
+            self.backend["self_check"] = selfcheck.report()
+            for name, verdict in self.backend["self_check"]["verdicts"].items():
+                if name not in self._logged_verdicts:
+                    self._logged_verdicts.add(name)
+                    self.log(f"SGS op self-check: {name}: {verdict}")
         return self.backend
 
     # --- lr_img selection ---------------------------------------------------------------------
@@ -542,7 +557,7 @@ class Experiment:
                        "source_domains": self.sources, "distill_domains": self.distill_domains,
                        "config": config, "history": history, "seconds": time.perf_counter() - t0}
             if method == "dm_sgs":
-                payload["sgs_backend"] = self.backend
+                payload["sgs_backend"] = self.backend_record()
             stored = payload if get_method(method).store_images else {**payload, "images": None, "labels": None}
             self.world.on_main(lambda: _io.save_torch(stored, syn_path))
         self.world.on_main(lambda: self.write_set_plots(payload, force=True))
@@ -696,7 +711,7 @@ class Experiment:
                    "missing_classes": self.missing_classes, "source_domains": self.sources,
                    "ipc": cfg["distill"]["ipc"], "iterations": cfg["distill"]["iterations"],
                    "methods": summarize(per_seed)}
-        backend = self.backend or (old or {}).get("sgs_backend") or {"implementation": "not used by this command"}
+        backend = self.backend_record() or (old or {}).get("sgs_backend") or {"implementation": "not used by this command"}
         metrics["sgs_backend"] = backend
         selections = {m: {k: r[k] for k in ("selected_lr_img", "grid", "validation_acc", "seeds")}
                       for m, r in self.selections.items() if m in metrics["methods"]}

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _build
+from . import _build, selfcheck
 from .reference import MASK_MODES, compute_dtype, sgs_reference, sgs_vjp, spatial_reference, times_pow2
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -119,7 +119,7 @@ def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite, no
         if assign.shape != (N,):
             raise ValueError(f"assign must have shape [N] = [{N}], got {tuple(assign.shape)}")
         if N > 0 and not _tracing_or_capturing(grads):
-            lo, hi = int(assign.min()), int(assign.max())
+            lo, hi = torch.stack([assign.min(), assign.max()]).tolist()  # one host synchronisation
             if lo < 0 or hi >= D:
                 raise ValueError(f"assign values must lie in [0, D) = [0, {D}), got range [{lo}, {hi}]")
     if mask not in MASK_MODES:
@@ -157,7 +157,9 @@ UPDATE, STATS, PARTS = "update", "stats", "parts"
 
 
 def _spectral_kernel(grads, assign, outputs, params):
-    if _build.use_extension(grads.device):
+    # On a CUDA tensor the first call of a shape class checks the fused paths (sgs_cuda.selfcheck);
+    # "torch" when every CUDA path failed there.
+    if _build.use_extension(grads.device) and not (grads.is_cuda and selfcheck.route(grads, outputs, params) == "torch"):
         op = {UPDATE: torch.ops.sgs.surgery, STATS: torch.ops.sgs.surgery_stats,
               PARTS: torch.ops.sgs.surgery_parts}[outputs]
         return op(grads, assign, *params)

@@ -10,10 +10,16 @@ op: the update and the four sums).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
 import pytest
 import torch
 
-from sgs_cuda import _build, sgs_reference
+from sgs_cuda import _build, selfcheck, sgs_reference, spectral_gradient_surgery
 from sgs_inputs import separated_grads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -178,3 +184,131 @@ def test_dx_stats_under_graph_capture(ext, hw):
         _build.set_cuda_path("auto")
     assert torch.equal(captured[0], eager[0])
     torch.testing.assert_close(captured[1], eager[1], rtol=1e-12, atol=0)
+
+
+# --- the first-use self-check on the real paths (tests/test_selfcheck.py: its logic on the CPU) ---
+
+CHECK_PARAMS = (PARAMS["tau"], PARAMS["rho"], PARAMS["alpha"], PARAMS["beta"], "hard")
+
+
+def clear_disabled():
+    torch.ops.sgs.disable_cuda_path(0, 0, 0, 0, torch.float32, "")
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (32, 32), (64, 64), (128, 128), (30, 30)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype, outputs", [(torch.float32, "stats"), (torch.bfloat16, "update"),
+                                            (torch.float32, "parts"), (torch.float64, "update")])
+def test_self_check_passes_on_every_path(ext, hw, dtype, outputs):
+    for path in PATHS:
+        checker = selfcheck.SelfCheck(selfcheck._Fresh())
+        _build.set_cuda_path(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                checker.route(torch.empty(3, 3, 3, *hw, dtype=dtype, device="cuda"), outputs, CHECK_PARAMS)
+        except RuntimeError as exc:
+            if "SGS_CUDA_PATH" in str(exc) and "self-check" not in str(exc):
+                continue  # the path does not take this case
+            raise
+        finally:
+            _build.set_cuda_path("auto")
+        assert all(v.ok for v in checker.verdicts.values()), (path, checker.report())
+
+
+def test_self_check_disables_a_wrong_path_in_the_dispatch(ext):
+    """A fault injected into the first path's result on the GPU: it is disabled in the C++
+    dispatch for that class only, and the op then takes the next path, which agrees."""
+    g = separated_grads(3, 3, 3, 32, 32, seed=2).float().cuda()
+    a = torch.tensor([0, 2, 1], device="cuda")
+    first = str(torch.ops.sgs.cuda_path(g, False))
+
+    class WrongFirst(selfcheck._Fresh):
+        def run(self, grads, assign, outputs, params):
+            out = super().run(grads, assign, outputs, params)
+            return (out[0] * 1.01, out[1]) if self.choose(grads, outputs) == first else out
+
+    try:
+        checker = selfcheck.SelfCheck(WrongFirst())
+        with pytest.warns(RuntimeWarning, match=f"the {first} CUDA path failed its self-check for 32x32 D=3"):
+            assert checker.route(g, "stats", CHECK_PARAMS) == "ext"
+        after = str(torch.ops.sgs.cuda_path(g, False))
+        assert after != first and after == selfcheck.LADDER[selfcheck.LADDER.index(first) + 1]
+        assert str(torch.ops.sgs.cuda_path(g[:2], False)) == first  # another D: not disabled
+        ref = sgs_reference(g.double(), a, *CHECK_PARAMS)
+        assert rel_err(torch.ops.sgs.surgery(g, a, *CHECK_PARAMS), ref) <= 1e-5
+    finally:
+        clear_disabled()
+
+
+def test_public_op_is_checked_on_first_use(ext, monkeypatch):
+    monkeypatch.setenv("SGS_SELF_CHECK", "1")
+    g = separated_grads(3, 4, 3, 64, 64, seed=4).float().cuda()
+    spectral_gradient_surgery(g, torch.tensor([0, 1, 2, 0], device="cuda"), return_diagnostics=True)
+    verdicts = selfcheck.report()["verdicts"]
+    path = str(torch.ops.sgs.cuda_path(g, False))
+    assert verdicts[f"64x64 D=3 float32 stats hard: {path}"].startswith("pass"), verdicts
+    assert "self_check" in _build.backend_info("cuda")
+
+
+def test_more_than_127_domains_take_cufft_on_every_path(ext):
+    """The dx kernel's packed sign counts hold 32767, the portable kernel's 127: one limit, 127."""
+    g = separated_grads(128, 2, 1, 32, 32, seed=8).float().cuda()
+    a = torch.tensor([5, 127], device="cuda")
+    assert str(torch.ops.sgs.cuda_path(g, False)) == "cufft"
+    for path in ("dx", "portable"):
+        _build.set_cuda_path(path)
+        try:
+            with pytest.raises(RuntimeError, match=rf"SGS_CUDA_PATH={path} but .*D ?= ?128"):
+                torch.ops.sgs.surgery(g, a, *CHECK_PARAMS)
+        finally:
+            _build.set_cuda_path("auto")
+    ref = sgs_reference(g.double(), a, *CHECK_PARAMS)
+    assert rel_err(torch.ops.sgs.surgery(g, a, *CHECK_PARAMS).cpu(), ref.cpu()) <= 1e-5
+
+
+CAPTURE = textwrap.dedent("""
+    import sys, torch
+    from sgs_cuda import _build, spectral_gradient_surgery
+    path, H = sys.argv[1], int(sys.argv[2])
+    assert _build.use_extension(torch.device("cuda"))  # the library loads; no kernel has run yet
+    _build.set_cuda_path(path)
+    g = torch.randn(3, 4, 2, H, H, device="cuda")
+    a = torch.arange(4, device="cuda") % 3
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # the first call of this size, inside the capture
+        out = torch.ops.sgs.surgery(g, a, 1.0, 0.25, 1.0, 0.25, "hard")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, torch.ops.sgs.surgery(g, a, 1.0, 0.25, 1.0, 0.25, "hard")), "replay differs"
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            spectral_gradient_surgery(torch.randn(3, 4, 2, 16, 16, device="cuda"), a)
+    except RuntimeError as exc:
+        assert "cannot run inside CUDA graph capture" in str(exc), exc
+        print("refused:", exc)
+    print("captured without warm-up:", path, H)
+""")
+
+
+@pytest.mark.parametrize("path, hw", [("dx", 32), ("dx", 128), ("portable", 32), ("portable", 128)])
+def test_first_call_inside_graph_capture(ext, path, hw):
+    """No warm-up: the kernel attributes and occupancy queries of a new size are set up inside the
+    capture (a fresh process, so nothing is cached), and the public op refuses its self-check there."""
+    if path == "dx" and not _build._state["dx"]:
+        pytest.skip("dx kernel not built")
+    env = {**os.environ, "SGS_SELF_CHECK": "1"}
+    proc = subprocess.run([sys.executable, "-c", CAPTURE, path, str(hw)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "captured without warm-up" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_dx_answer_is_per_device(ext):
+    """Whether dx runs is asked of the device itself, whichever device is current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one GPU")
+    g = torch.empty(3, 1, 1, 32, 32, device="cuda:1")
+    with torch.cuda.device(0):
+        from_other = str(torch.ops.sgs.cuda_path(g, False))
+    with torch.cuda.device(1):
+        assert str(torch.ops.sgs.cuda_path(g, False)) == from_other

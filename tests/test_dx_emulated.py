@@ -148,8 +148,10 @@ struct HostCtx {
       for (int x = 0; x < S::X; ++x) ts[y * S::X + x].x = x, ts[y * S::X + x].y = y;
   }
   void sync() {}
+  int cluster_syncs = 0;
   void cluster_sync() {
     if (S::CS == 1) { std::fprintf(stderr, "cluster_sync without a cluster\n"); std::exit(3); }
+    ++cluster_syncs;
     turn->sync(rank);
   }
   template <typename T>
@@ -157,6 +159,10 @@ struct HostCtx {
     const std::ptrdiff_t off = reinterpret_cast<unsigned char*>(p) - smems[rank];
     if (off < 0 || off >= smem_bytes || r < 0 || r >= S::CS) {
       std::fprintf(stderr, "remote(): pointer outside shared memory or bad rank %d\n", r);
+      std::exit(3);
+    }
+    if (r != rank && cluster_syncs == 0) {  // CUDA: the peer may not be running yet
+      std::fprintf(stderr, "remote(): distributed shared memory accessed before the first cluster barrier\n");
       std::exit(3);
     }
     return reinterpret_cast<T*>(smems[r] + off);

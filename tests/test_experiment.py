@@ -236,3 +236,24 @@ def test_moved_names_are_re_exported_by_experiment():
                 moved.add(name)
     assert {"resolve_config", "default_config", "parse_targets", "load_saved_config", "ALL_METHODS", "load_run",
             "describe_run", "compare_runs", "summarize", "format_table", "RunRecord", "selection_table"} <= moved
+
+
+def test_cuda_self_check_verdicts_are_logged_and_recorded(tmp_path, monkeypatch):
+    """On a GPU backend_info carries the self-check; the run header prints its mode, and the set and
+    the run's metrics record the verdicts as they are after the distillation (they come with the
+    op's first calls), each verdict logged once."""
+    import sgs_cuda
+    from sgs_cuda import selfcheck
+    verdicts = {}
+    monkeypatch.setattr(sgs_cuda, "backend_info", lambda device: {
+        "implementation": "extension (cuda)", "self_check": {"mode": "once per path and shape class", "verdicts": {}}})
+    monkeypatch.setattr(selfcheck, "report", lambda: {"mode": "once per path and shape class",
+                                                      "verdicts": dict(verdicts), "torch_fallback": []})
+    lines = []
+    exp = Experiment(tiny_config(target="d1"), tmp_path / "r", data=TinyDomains(), log=lines.append)
+    verdicts["8x8 D=2 float32 stats hard: dx"] = "pass: update: largest relative error 1e-07 (tolerance 1e-05)"
+    payload = exp.produce_set("dm_sgs", 0)
+    assert "SGS op self-check: once per path and shape class" in lines
+    assert payload["sgs_backend"]["self_check"]["verdicts"] == verdicts
+    exp.backend_record()
+    assert sum("SGS op self-check: 8x8 D=2 float32 stats hard: dx: pass" in line for line in lines) == 1

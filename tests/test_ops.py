@@ -383,6 +383,26 @@ def test_op_rejects_bad_input_directly(monkeypatch):
         torch.ops.sgs.surgery(GOOD, torch.tensor([0]), 1.0, 0.25, 1.0, 0.25, "hard")
 
 
+@pytest.mark.parametrize("op", ["surgery", "surgery_stats", "surgery_parts"])
+def test_op_rejects_out_of_range_assign_directly(monkeypatch, device, op):
+    """Direct callers of torch.ops.sgs.*: one clear error on every device and CUDA path (the dx
+    kernel used to clamp such a domain, the other paths to assert on the device)."""
+    monkeypatch.setenv("SGS_BACKEND", "ext")
+    if not _build.use_extension(torch.device(device)):
+        pytest.skip("extension unavailable on this device")
+    grads = torch.randn(3, 2, 1, 32, 32, device=device)
+    try:
+        for path in ["auto"] if device == "cpu" else ["dx", "portable", "cufft"]:
+            if device == "cuda":
+                _build.set_cuda_path(path)
+            for bad in ([0, 3], [-1, 0]):
+                with pytest.raises(ValueError, match=r"assign values must lie in \[0, D\) = \[0, 3\), got range"):
+                    getattr(torch.ops.sgs, op)(grads, torch.tensor(bad, device=device), 1.0, 0.25, 1.0, 0.25, "hard")
+    finally:
+        if device == "cuda":
+            _build.set_cuda_path("auto")
+
+
 # --- the DM-loop helper ------------------------------------------------------------------------
 
 def test_config_validation():
