@@ -210,11 +210,13 @@ def sanity_table(out: Path) -> tuple[str, dict]:
         numbers[cell.name] = {"ood": 100 * m["ood_acc_mean"], "in_domain": 100 * m["in_domain_acc_mean"]}
         rows.append(f"| {'none' if float(s) == 0 else cue} | {float(s):g} | {numbers[cell.name]['in_domain']:.1f} | "
                     f"{numbers[cell.name]['ood']:.1f} | {numbers[cell.name]['in_domain'] - numbers[cell.name]['ood']:.1f} |")
+    return _table(["cue", "strength", "in-domain %", "OOD % (photo, every image)", "gap"], rows), numbers
+
+
+def _table(columns: list[str], rows: list[str]) -> str:
     if not rows:
-        return "_not run yet_", numbers
-    head = ("| cue | strength | in-domain % | OOD % (photo, every image) | gap |\n"
-            "|---|---|---|---|---|")
-    return head + "\n" + "\n".join(rows), numbers
+        return "_not run yet_"
+    return "\n".join(["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows])
 
 
 def truth_table(out: Path) -> tuple[str, dict]:
@@ -230,11 +232,8 @@ def truth_table(out: Path) -> tuple[str, dict]:
         setting = cell.name.replace("-rho0.5", "")
         rows.append(f"| {setting} | {'0.5' if 'rho0.5' in cell.name else '0'} | {avg['cue']:.1f} | {avg['other']:.1f} | "
                     f"{_fmt(chance)} | {found[0]['cue_bins']} | {len(found)} |")
-    if not rows:
-        return "_not run yet_", numbers
-    head = ("| setting (cue-strength-init) | rho | cue bins kept % | other bins kept % | chance % | cue bins | seeds |\n"
-            "|---|---|---|---|---|---|---|")
-    return head + "\n" + "\n".join(rows), numbers
+    return _table(["setting (cue-strength-init)", "rho", "cue bins kept %", "other bins kept %", "chance %",
+                   "cue bins", "seeds"], rows), numbers
 
 
 def premise_tables(out: Path) -> tuple[str, dict]:
