@@ -23,7 +23,9 @@ def study():
 
 def test_every_cell_command_parses_and_resolves(study, tmp_path):
     cells = study.all_cells()
-    assert [c.stage for c in cells] == sorted([c.stage for c in cells], key=["sanity", "premise", "styles"].index)
+    stages = [c.stage for c in cells]
+    assert stages[:stages.count("sanity")] == ["sanity"] * stages.count("sanity")  # the shortcut first
+    assert all(c.command == "distill" for c in cells[len(cells) - 2:])  # the diagnostic-only runs last
     names = [(c.stage, c.name) for c in cells]
     assert len(names) == len(set(names))
     parser = cli.build_parser()
