@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -14,18 +13,13 @@ from typing import Mapping, Sequence
 from . import _io
 from ._io import RunFolderError
 from .config import ALL_METHODS, DISTILLED, load_saved_config
-from .methods import METHODS
 from .evaluate import BASELINES
+from .methods import METHODS
+from .stats import mean_sd
 from .surgery import SGSConfig
 
 
 # --- results --------------------------------------------------------------------------------
-
-def _pooled(vals: Sequence[float]) -> tuple[float, float]:
-    mean = sum(vals) / len(vals)
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-    return mean, math.sqrt(var)
-
 
 def summarize(per_seed: dict[str, dict[int, dict]]) -> dict:
     """Pool the per-net accuracies of every seed of a method: mean and sample std; with several
@@ -36,12 +30,12 @@ def summarize(per_seed: dict[str, dict[int, dict]]) -> dict:
         ind = [a for m in seeds.values() for a in m["in_domain_acc"]]
         row = {"seeds": sorted(seeds), "num_nets": len(ood)}
         for key, vals in (("ood_acc", ood), ("in_domain_acc", ind)):
-            row[f"{key}_mean"], row[f"{key}_std"] = _pooled(vals)
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_sd(vals)
         targets = [m.get("targets") or {} for m in seeds.values()]
         names = [t for t in targets[0] if all(t in ts for ts in targets)]
         if len(names) > 1:
             row["targets"] = {t: dict(zip(("ood_acc_mean", "ood_acc_std"),
-                                          _pooled([a for ts in targets for a in ts[t]["ood_acc"]])))
+                                          mean_sd([a for ts in targets for a in ts[t]["ood_acc"]])))
                               for t in names}
         row["distill_seconds"] = sum(m.get("distill_seconds") or 0.0 for m in seeds.values())
         row["eval_seconds"] = sum(m.get("seconds") or 0.0 for m in seeds.values())

@@ -9,7 +9,6 @@ real-image baselines at equal IPC (``shared/docs/sgs-spec.md`` section 6).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -23,6 +22,7 @@ from .dg import add_mixstyle, amplitude_mix
 from .dm.architectures import build_network, parse_archs
 from .dm.dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
 from .dm.networks import NORMS, build_convnet
+from .stats import mean_sd
 
 
 TARGET_SPLITS = ("all", "test")
@@ -161,12 +161,6 @@ def scored_splits(cfg: "EvalConfig") -> tuple[str, ...]:
     return ("train", "test") if cfg.target_split == "all" else ("test",)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, sd
-
-
 def target_label(targets: Sequence[str]) -> str:
     """The name of a run's target(s): the domain, or ``a+b+c`` for several OOD targets."""
     return "+".join(targets)
@@ -288,7 +282,7 @@ def _arch_metrics(counts: dict, losses: list[float], targets: Sequence[str], sou
     acc = {d: [hit / max(1, total) for hit, _, total in rows] for d, rows in counts.items()}
     per_target = {}
     for t in targets:
-        (m, sd), (free, _) = _mean_std(acc[t]), _mean_std([f / max(1, n) for _, f, n in counts[t]])
+        (m, sd), (free, _) = mean_sd(acc[t]), mean_sd([f / max(1, n) for _, f, n in counts[t]])
         per_target[t] = {"ood_acc": acc[t], "ood_acc_mean": m, "ood_acc_std": sd, "unrestricted_acc_mean": free,
                          "missing_classes": missing[t], "test_images": counts[t][0][2]}
     ood = [sum(acc[t][k] for t in targets) / len(targets) for k in range(n_nets)]
@@ -296,10 +290,10 @@ def _arch_metrics(counts: dict, losses: list[float], targets: Sequence[str], sou
     for k in range(n_nets):
         n_src = sum(counts[d][k][2] for d in source_domains)
         ind.append(sum(counts[d][k][0] for d in source_domains) / n_src if n_src else float("nan"))
-    (om, osd), (im, isd) = _mean_std(ood), _mean_std(ind)
+    (om, osd), (im, isd) = mean_sd(ood), mean_sd(ind)
     return {"width": width, "ood_acc_mean": om, "ood_acc_std": osd, "ood_acc": ood,
             "in_domain_acc_mean": im, "in_domain_acc_std": isd, "in_domain_acc": ind, "targets": per_target,
-            "per_domain": {d: _mean_std(v)[0] for d, v in acc.items()},
+            "per_domain": {d: mean_sd(v)[0] for d, v in acc.items()},
             "train_loss": losses, "seconds": seconds}
 
 

@@ -42,6 +42,7 @@ from ._io import RunFolderError
 from .dm.distill import DistillConfig, distill, relevant_settings
 from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
 from .methods import base_method, get_method
+from .stats import mean_sd
 # configuration: what this module uses, and the public names of sgs_cuda.config it re-exports
 from .config import (ALL_METHODS, DISTILLED, METHOD_ALIASES, available_presets, default_config, distill_config,
                      load_config_file, load_saved_config, parse_assignment, parse_grid, parse_methods, parse_targets,
@@ -756,8 +757,6 @@ def merge_evaluations(parts: Sequence[tuple[int, dict]], ecfg: EvalConfig) -> di
     ``X_std`` recomputed from the list ``X`` as one process computes them, counts (``num_eval``)
     added, times (``seconds``) the longest block's, other per-block means (``per_domain``)
     weighted by the block sizes; everything else is the same in every block."""
-    from .evaluate import _mean_std
-
     counts = [n for n, _ in parts]
 
     def merge(values: list, key: str | None = None):
@@ -772,7 +771,7 @@ def merge_evaluations(parts: Sequence[tuple[int, dict]], ecfg: EvalConfig) -> di
                 for suffix, index in (("_mean", 0), ("_std", 1)):
                     per_net = out.get(k[:-len(suffix)]) if k.endswith(suffix) else None
                     if isinstance(per_net, list) and per_net:
-                        out[k] = _mean_std(per_net)[index]
+                        out[k] = mean_sd(per_net)[index]
             return out
         if isinstance(first, list) and all(isinstance(v, list) and len(v) == n for v, n in zip(values, counts)) \
                 and (_per_network(key) or any(v != first for v in values)):
