@@ -143,7 +143,7 @@ def iter_batches(data, domains: Sequence[str], split: str = "test",
     domains = list(domains)
     if hasattr(data, "iter_split"):
         yield from data.iter_split(domains, split, batch)
-    elif hasattr(data, "uint8_images") and hasattr(data, "normalize"):
+    elif hasattr(data, "uint8_images") and hasattr(data, "normalize_pixels"):
         yield from iter_uint8_split(data, domains, split, batch)
     else:
         x, y = data.split_tensors(domains, split)
