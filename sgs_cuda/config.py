@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import _io
-from .dm.distill import ADDED_OPTIONS, DistillConfig
+from .dm.loop import ADDED_OPTIONS, DistillConfig
 from .evaluate import EvalConfig
 from .methods import ALIASES as METHOD_ALIASES
 from .methods import DISTILLED, METHODS

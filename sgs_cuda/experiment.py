@@ -39,7 +39,7 @@ import torch
 from . import _io
 from . import distributed
 from ._io import RunFolderError
-from .dm.distill import DistillConfig, distill, relevant_settings
+from .dm.loop import DistillConfig, distill, relevant_settings
 from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
 from .methods import base_method, get_method
 from .stats import mean_sd

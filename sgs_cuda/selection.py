@@ -20,7 +20,7 @@ import torch
 
 from . import _io
 from .data.holdout import hold_out
-from .dm.distill import DistillConfig, distill
+from .dm.loop import DistillConfig, distill
 from .evaluate import EvalConfig, _seed_for, iter_batches, predict, split_size, train_classifier
 
 DEFAULT_GRID = (0.5, 1.0, 2.0, 4.0, 8.0)

@@ -12,7 +12,7 @@ from tiny_domains import TinyDomains
 
 from sgs_cuda import SGSConfig
 from sgs_cuda.dm import DSAParams, DistillConfig, build_convnet, distill
-from sgs_cuda.dm.distill import ADDED_OPTIONS, CHECKPOINT_NAME, RandomStreams, relevant_settings, stream_seed
+from sgs_cuda.dm.loop import ADDED_OPTIONS, CHECKPOINT_NAME, RandomStreams, relevant_settings, stream_seed
 from sgs_cuda.dm.matching import matching_losses
 from sgs_cuda.dm.memory import GIB, DoesNotFit, estimate, plan_memory
 from sgs_cuda.dm.networks import auto_depth

@@ -24,7 +24,7 @@ from tiny_domains import CrashingDomains, TinyDomains
 
 from sgs_cuda import SGSConfig, distributed
 from sgs_cuda.dm import DistillConfig, distill
-from sgs_cuda.dm.distill import CHECKPOINT_NAME
+from sgs_cuda.dm.loop import CHECKPOINT_NAME
 
 WORLD = 2
 DOMAINS = ["d0", "d1", "d2"]
@@ -239,7 +239,7 @@ def test_world_helpers_alone():
 
 
 def test_what_cannot_be_sharded_is_refused_before_starting(monkeypatch):
-    from sgs_cuda.dm.distill import check_shardable
+    from sgs_cuda.dm.loop import check_shardable
 
     four = distributed.World(0, 4)
     with pytest.raises(ValueError, match="3 classes cannot be shared by 4 processes: start at most 3"):

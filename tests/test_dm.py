@@ -7,8 +7,8 @@ import torch
 
 from sgs_cuda import SGSConfig
 from sgs_cuda.dm import ConvNet, DSAParams, DistillConfig, augment, augment_pair, build_convnet, distill
-from sgs_cuda.dm.distill import CHECKPOINT_NAME, initial_images, matching_losses
 from sgs_cuda.dm.dsa import FAMILIES, parse_strategy
+from sgs_cuda.dm.loop import CHECKPOINT_NAME, initial_images, matching_losses
 
 
 from tiny_domains import CrashingDomains, TinyDomains  # noqa: E402
@@ -18,6 +18,17 @@ def tiny_cfg(**kw):
     base = dict(method="dm_sgs", ipc=2, iterations=4, batch_real=6, width=8, depth=2, log_every=2)
     base.update(kw)
     return DistillConfig(**base)
+
+
+def test_the_loop_module_is_not_shadowed_by_the_function():
+    """``sgs_cuda.dm.distill`` is the function; its module, the one to patch, is ``sgs_cuda.dm.loop``."""
+    import importlib
+
+    import sgs_cuda.dm.loop as loop
+
+    assert importlib.import_module("sgs_cuda.dm.loop") is loop and loop.distill is distill
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("sgs_cuda.dm.distill")
 
 
 # --- networks -------------------------------------------------------------------------------

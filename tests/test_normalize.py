@@ -11,7 +11,7 @@ import torch
 from sgs_cuda import (NORMALIZE_MODES, SGSConfig, SpectralGradientSurgery, sgs_reference, spatial_gradient_surgery,
                       spectral_gradient_surgery)
 from sgs_cuda.dm import DistillConfig, distill
-from sgs_cuda.dm.distill import CHECKPOINT_NAME, relevant_settings
+from sgs_cuda.dm.loop import CHECKPOINT_NAME, relevant_settings
 from sgs_cuda.reference import spatial_reference
 from sgs_inputs import separated_grads
 from tiny_domains import TinyDomains
