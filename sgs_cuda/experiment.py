@@ -253,8 +253,9 @@ def default_run_dir(cfg: dict, target: str, preset: str | None, resume: bool) ->
     return next(p for p in candidates if not p.exists())
 
 
-def set_config(method: str, seed: int, cfg: dict) -> dict:
-    """What determines a training set: the distillation config, or a baseline's settings."""
+def training_set_config(method: str, seed: int, cfg: dict) -> dict:
+    """What determines a training set, as the run's configuration gives it: the distillation
+    config, or a baseline's settings (:meth:`Experiment.resolved_set_config` resolves it)."""
     method = base_method(method)
     if method in DISTILLED:
         return distill_config(cfg, method, seed).to_dict()
@@ -457,18 +458,19 @@ class Experiment:
         for this run's data and device: what a set records."""
         return distill_config(self.cfg, method, seed).resolved(self.distill_data.image_shape, self.device)
 
-    def distill_config(self, method: str, seed: int) -> DistillConfig:
-        """:meth:`compute_settings`, with ``lr_img`` the selected one when the run selects it."""
+    def selected_distill_config(self, method: str, seed: int) -> DistillConfig:
+        """:meth:`compute_settings`, with ``lr_img`` the selected one when the run selects it: the
+        config a distillation runs with."""
         dcfg = self.compute_settings(method, seed)
         record = self.select_lr(method)
         return dcfg if record is None else dataclasses.replace(dcfg, lr_img=float(record["selected_lr_img"]))
 
-    def set_config(self, method: str, seed: int) -> dict:
-        """What determines a training set of this run (:func:`set_config`, with the selected ``lr_img``
-        and the network depth resolved)."""
+    def resolved_set_config(self, method: str, seed: int) -> dict:
+        """What determines a training set of this run (:func:`training_set_config`, with the
+        selected ``lr_img`` and the network depth resolved): what a set records."""
         if method in DISTILLED:
-            return self.distill_config(method, seed).to_dict()
-        config = set_config(method, seed, self.cfg)
+            return self.selected_distill_config(method, seed).to_dict()
+        config = training_set_config(method, seed, self.cfg)
         if "depth" in config:
             config["depth"] = self.compute_settings().depth
         return config
@@ -491,7 +493,7 @@ class Experiment:
         if where != (self.sources, self.distill_domains):
             raise ValueError(f"{method} seed {seed} in {self.run_dir} was made from sources/distillation domains "
                              f"{where} (target {payload.get('target')}), not {(self.sources, self.distill_domains)}")
-        wanted, saved = self.set_config(method, seed), payload.get("config") or {}
+        wanted, saved = self.resolved_set_config(method, seed), payload.get("config") or {}
         if method in BASELINES:
             return wanted == saved  # cheap to redo when anything differs
         if relevant_settings(wanted) == relevant_settings(saved):
@@ -534,11 +536,11 @@ class Experiment:
         if method == "dm_sgs":
             self.load_extension()
         data, device, cfg = self.data, self.device, self.cfg
-        history, config = {}, self.set_config(method, seed)
+        history, config = {}, self.resolved_set_config(method, seed)
         with self.phase("distill"):
             t0 = time.perf_counter()
             if method in DISTILLED:
-                dcfg = self.distill_config(method, seed)
+                dcfg = self.selected_distill_config(method, seed)
                 log(f"distilling {dcfg.ipc} img/class from {self.distill_domains} for {dcfg.iterations} "
                     f"iterations on {device} (lr_img {dcfg.lr_img:g}, {dcfg.matching} matching)")
                 result = distill(self.distill_data, self.distill_domains, dcfg, device=device, run_dir=out,

@@ -188,7 +188,7 @@ def test_selection_refuses_pseudo_domains_and_empty_grids(tmp_path):
     exp = Experiment(tiny_config(), tmp_path / "r", data=TinyDomains(), log=lambda m: None)
     with pytest.raises(ValueError, match="no lr_img grid"):
         exp.select_all()
-    assert exp.select_lr("dm") is None and exp.distill_config("dm", 0).lr_img == 1.0
+    assert exp.select_lr("dm") is None and exp.selected_distill_config("dm", 0).lr_img == 1.0
     pytest.importorskip("sgs_cuda.data.pseudo_domains")
     cfg = tiny_config(**{"select.lr_grid": [1, 2], "pseudo_domains": 2})
     import warnings
