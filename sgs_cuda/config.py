@@ -275,11 +275,33 @@ def distill_config(cfg: dict, method: str, seed: int) -> DistillConfig:
 
 # --- a run folder's saved configuration (resolve_config's ``saved``) ----------------------------
 
+# What this version writes into a run folder (config.json's ``format_version``). A folder of another
+# format is refused as a whole rather than half-read: its options, sets and checkpoints may mean
+# something else now.
+FORMAT_VERSION = 1
+
+
 def load_saved_config(run_dir, required: bool = False) -> dict | None:
-    """A run folder's ``config.json`` (None when absent and not ``required``)."""
+    """A run folder's ``config.json`` (None when absent and not ``required``), of this format."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         if required:
             raise FileNotFoundError(f"no config.json in {run_dir}: is it a run folder?")
         return None
-    return _io.load_json(path, "fix or delete it (then give the run's options again), or use another --run-dir")
+    saved = _io.load_json(path, "fix or delete it (then give the run's options again), or use another --run-dir")
+    check_format(saved, path)
+    return saved
+
+
+def check_format(saved: dict, path: Path) -> None:
+    """Refuse, in one line that says how to redo it, a run folder written in another format."""
+    found = saved.get("format_version")
+    if found == FORMAT_VERSION:
+        return
+    if isinstance(found, int) and found > FORMAT_VERSION:
+        raise _io.RunFolderError(f"{path} is of run-folder format {found}, written by a newer sgs_cuda than this one "
+                                 f"(format {FORMAT_VERSION}): use that version")
+    raise _io.RunFolderError(f"{path.parent} was written by an older sgs_cuda (run-folder format "
+                             f"{found if found is not None else 'unversioned'}; this version reads format "
+                             f"{FORMAT_VERSION}): run it again into a new --run-dir with the options its config.json "
+                             "lists")

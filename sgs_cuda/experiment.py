@@ -44,7 +44,7 @@ from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_confi
 from .methods import base_method, get_method
 from .stats import mean_sd
 # configuration: what this module uses, and the public names of sgs_cuda.config it re-exports
-from .config import (ALL_METHODS, DISTILLED, METHOD_ALIASES, available_presets, default_config, distill_config,
+from .config import (ALL_METHODS, DISTILLED, FORMAT_VERSION, METHOD_ALIASES, check_format, available_presets, default_config, distill_config,
                      load_config_file, load_saved_config, parse_assignment, parse_grid, parse_methods, parse_targets,
                      resolve_config)
 # results: what this module uses (summarize, _first), and the public names of sgs_cuda.compare it re-exports
@@ -348,13 +348,17 @@ class Experiment:
 
     def _open_run_dir(self) -> None:
         _io.check_writable_dir(self.run_dir)
+        if (self.run_dir / "config.json").is_file():  # (a damaged one is rewritten, as before)
+            existing = _io.try_load_json(self.run_dir / "config.json")
+            if existing is not None:
+                check_format(existing, self.run_dir / "config.json")
         created = not self.run_dir.exists()
         _io.ensure_dir(self.run_dir)
         stale = _io.clean_stale_temporaries(self.run_dir)
         if stale:
             self.log(f"removed {len(stale)} temporary file(s) left in {self.run_dir} by interrupted writes")
         try:
-            _io.write_json(self.run_dir / "config.json", {**self.cfg, "resolved": {
+            _io.write_json(self.run_dir / "config.json", {**self.cfg, "format_version": FORMAT_VERSION, "resolved": {
                 "device": str(self.device), "target_domains": self.targets, "missing_classes": self.missing_classes,
                 "source_domains": self.sources, "distill_domains": self.distill_domains,
                 "classes": list(self.data.classes), "image_shape": list(self.data.image_shape),

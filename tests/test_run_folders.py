@@ -92,6 +92,29 @@ def test_config_json_not_a_mapping_or_truncated(sgs, tmp_path, text, what):
         one_line_error(rc, err, "config.json", what)
 
 
+@pytest.mark.parametrize("version", [None, 0])
+def test_run_folders_of_an_older_format_are_refused(sgs, tmp_path, capsys, version):
+    """A folder written before format_version (or with an older one) is refused by every command
+    that reads or continues it, in one line saying how to redo it; nothing in it is touched."""
+    run_dir = tmp_path / "r"
+    assert sgs("run", "--run-dir", str(run_dir), "--method", "dm")[0] == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["format_version"] == experiment.FORMAT_VERSION
+    if version is None:
+        del config["format_version"]
+    else:
+        config["format_version"] = version
+    (run_dir / "config.json").write_text(json.dumps(config))
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    needles = (str(run_dir), "older sgs_cuda", "run it again into a new --run-dir")
+    for command in (["run", "--resume"], ["distill", "--resume"], ["distill"], ["evaluate"]):
+        one_line_error(*sgs(command[0], "--run-dir", str(run_dir), *command[1:]), *needles)
+    capsys.readouterr()
+    rc = cli.main(["show", str(run_dir)])
+    one_line_error(rc, capsys.readouterr().err, *needles)
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
 def test_damaged_metrics_are_rebuilt(sgs, tmp_path, capsys):
     run_dir = tmp_path / "r"
     assert sgs("run", "--run-dir", str(run_dir), "--method", "dm", "random")[0] == 0
