@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import _io
-from .dm.loop import ADDED_OPTIONS, DistillConfig
+from .dm.loop import DistillConfig
 from .evaluate import EvalConfig
 from .methods import ALIASES as METHOD_ALIASES
 from .methods import DISTILLED, METHODS
@@ -236,8 +236,6 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, *, preset: str | 
     ``overrides`` (``{"section.key": value}``, applied in order); validated."""
     cfg = default_config()
     if saved is not None:
-        if isinstance(saved.get("distill"), dict):  # options added since: as the run was made
-            saved = {**saved, "distill": {**ADDED_OPTIONS, **saved["distill"]}}
         merge_config(cfg, {k: v for k, v in saved.items() if k in cfg})
     if preset:
         merge_config(cfg, load_preset(preset))

@@ -73,7 +73,7 @@ def sharded_work(world, tmp):
     for name, kw in CASES.items():
         r = distill(TinyDomains(), DOMAINS, tiny_cfg(**kw), progress=False, world=world, log=lambda m: None)
         out[name] = (r.images, r.history)
-    for name, kw in {"batchnorm": dict(norm="batchnorm"), "sequential": dict(rng="sequential")}.items():
+    for name, kw in {"batchnorm": dict(norm="batchnorm")}.items():
         try:
             distill(TinyDomains(), DOMAINS, tiny_cfg(**kw), progress=False, world=world, log=lambda m: None)
             out[name] = None
@@ -163,11 +163,10 @@ def test_sharded_set_equals_single_process_bitwise(launches, name):
         assert_history_close(history, single.history)  # sums in another order: to 1e-6
 
 
-def test_interacting_classes_and_sequential_streams_are_refused(launches):
+def test_interacting_classes_are_refused(launches):
     _, first, _ = launches
     for rank in range(WORLD):
         assert "batchnorm pools its batch statistics over the classes" in first[rank]["batchnorm"]
-        assert "rng=sequential" in first[rank]["sequential"] and "one process" in first[rank]["sequential"]
 
 
 def test_a_failure_on_one_rank_is_raised_on_every_rank(launches):
@@ -246,9 +245,7 @@ def test_what_cannot_be_sharded_is_refused_before_starting(monkeypatch):
         check_shardable(tiny_cfg(), 3, four)
     with pytest.raises(ValueError, match="batchnorm pools"):
         check_shardable(tiny_cfg(norm="batchnorm"), 8, four)
-    with pytest.raises(ValueError, match="rng=sequential"):
-        check_shardable(tiny_cfg(rng="sequential"), 8, four)
-    check_shardable(tiny_cfg(norm="batchnorm", rng="sequential"), 3, distributed.SOLO)  # one process: anything
+    check_shardable(tiny_cfg(norm="batchnorm"), 3, distributed.SOLO)  # one process: anything
     for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT="1").items():
         monkeypatch.setenv(name, value)

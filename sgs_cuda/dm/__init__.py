@@ -6,11 +6,11 @@
 >>> result.images, result.labels, result.history["mask_fraction"]
 """
 from .loop import (METHODS, DistillConfig, DistillResult, RandomStreams, class_domains, distill,
-                   draw_class_batches, initial_images, matching_losses)
+                   draw_class_batches, matching_losses)
 from .dsa import DEFAULT_STRATEGY, DSAParams, augment, augment_pair
 from .matching import MATCHINGS
 from .networks import ConvNet, build_convnet
 
 __all__ = ["ConvNet", "build_convnet", "DSAParams", "augment", "augment_pair", "DEFAULT_STRATEGY",
-           "DistillConfig", "DistillResult", "distill", "initial_images", "matching_losses",
+           "DistillConfig", "DistillResult", "distill", "matching_losses",
            "draw_class_batches", "class_domains", "RandomStreams", "METHODS", "MATCHINGS"]

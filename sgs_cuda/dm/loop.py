@@ -15,10 +15,8 @@ one batched backward) and steps with its update.
 All randomness of the loop comes from streams it owns (:class:`RandomStreams`), inside
 ``torch.random.fork_rng`` so the caller's global RNG is untouched: the embedding network's
 stream (one per run: every process draws the same network), and per class and iteration the
-real batches, the DSA draw and the surgery's domain assignment (``rng="per_class"``, seeded
-from ``(seed, iteration, class)``), so a class's draws do not depend on which process owns it
-or which chunk it falls in. Runs saved before that option use ``rng="sequential"``: one data
-and one DSA stream through all classes, the assignment from torch's default generator.
+real batches, the DSA draw and the surgery's domain assignment (seeded from ``(seed, iteration,
+class)``), so a class's draws do not depend on which process owns it or which chunk it falls in.
 Checkpoints hold every state, so a resumed run ends with the same images as an uninterrupted
 one.
 
@@ -49,6 +47,7 @@ from .. import _io
 from .._dictconfig import DictConfig
 from ..distributed import SOLO, World
 from ..ops import spatial_gradient_surgery, spectral_gradient_surgery
+from ..data.sampling import sample_domain_batches
 from ..surgery import SGSConfig, domain_gradients
 from .bands import (BAND_EDGES, BAND_KEYS, TRUTH_GROUPS, band_diagnostics, band_index, chance_keep_rate,
                     truth_mask_sums)
@@ -59,7 +58,6 @@ from .networks import COMPUTE_DTYPES, NORMS, build_convnet, resolve_depth
 
 METHODS = ("dm", "dm_sgs")
 INITS = ("real", "noise")
-RNG_MODES = ("per_class", "sequential")
 PRECISIONS = ("auto", *COMPUTE_DTYPES)
 CHECKPOINT_NAME = "checkpoint.pt"
 # Fields that may differ between a checkpoint and the resuming config (they do not change the
@@ -69,9 +67,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 COMPUTE_SETTINGS = ("precision", "channels_last")
 RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "log_every", "class_chunk", "memory_gib",
                                *COMPUTE_SETTINGS})
-# Options added since run folders were first saved, at the values those runs were made with: a
-# saved config without them resumes exactly as it ran.
-ADDED_OPTIONS = {"matching": "dm", "rng": "sequential", "precision": "float32", "channels_last": False}
 CHECKPOINT_KEYS = frozenset({"images", "labels", "optimizer", "iteration", "history", "rng", "config",
                              "source_domains", "classes"})
 
@@ -99,7 +94,6 @@ class DistillConfig(DictConfig):
     log_every: int = 10  # history is read back to the host (one synchronisation) every log_every iterations
     precision: str = "auto"  # embedding forward: float32, bfloat16 (autocast); auto: bfloat16 on CUDA
     channels_last: bool | str = "auto"  # NHWC layout for the embedding; auto: on CUDA, off on the CPU
-    rng: str = "per_class"  # per_class: draws independent of sharding/chunking; sequential: runs saved before
     class_chunk: int = 0  # classes per forward/backward pass; 0: as many as fit in memory
     memory_gib: float = 0.0  # memory a process may use; 0: 90% of what the device has free
 
@@ -123,8 +117,6 @@ class DistillConfig(DictConfig):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.channels_last not in (True, False, "auto"):
             raise ValueError(f"channels_last must be true, false or 'auto', got {self.channels_last!r}")
-        if self.rng not in RNG_MODES:
-            raise ValueError(f"rng must be one of {RNG_MODES}, got {self.rng!r}")
         if self.memory_gib < 0:
             raise ValueError(f"memory_gib must be >= 0, got {self.memory_gib}")
         for name in ("iterations", "checkpoint_every", "class_chunk"):
@@ -185,14 +177,13 @@ class RandomStreams:
     same on every process. :meth:`for_class` gives the generator of one class's draws of a kind
     (``init``, ``data``, ``dsa``); :meth:`assignment` the surgery's domain per image."""
 
-    def __init__(self, seed: int, mode: str, device: torch.device):
-        self.seed, self.mode, self.device = seed, mode, device
-        names = ("data", "net", "dsa") if mode == "sequential" else ("net",)
-        # net: seed * 1000 + 1 in both modes, so both draw the same networks
-        self.gens = {name: torch.Generator().manual_seed(seed * 1000 + ("data", "net", "dsa").index(name))
-                     for name in names}
+    def __init__(self, seed: int, device: torch.device):
+        self.seed, self.device = seed, device
+        self.gens = {"net": torch.Generator().manual_seed(seed * 1000 + 1)}
         self._scratch = {kind: torch.Generator() for kind in STREAM_KINDS}
-        torch.default_generator.manual_seed(seed * 1000 + 3)  # sequential: the surgery's assignments
+        # torch's default generators too (inside distill's fork_rng), so that a draw the loop does
+        # not own is seeded and checkpointed as well
+        torch.default_generator.manual_seed(seed * 1000 + 3)
         if device.type == "cuda":
             torch.cuda.default_generators[device.index].manual_seed(seed * 1000 + 3)
 
@@ -201,8 +192,6 @@ class RandomStreams:
         return self.gens["net"]
 
     def for_class(self, kind: str, iteration: int, label: int) -> torch.Generator:
-        if self.mode == "sequential":
-            return self.gens["data" if kind == "init" else kind]
         g = self._scratch[kind]
         g.manual_seed(stream_seed(self.seed, kind, iteration, label))
         return g
@@ -210,13 +199,10 @@ class RandomStreams:
     def assignment(self, iteration: int, classes: range, ipc: int, num_domains: int, kind: str) -> torch.Tensor:
         """``[len(classes) * ipc]`` source domain per synthetic image of ``classes`` (class-ordered):
         ``fixed``: image ``n`` (its index in the whole set) takes ``n % D``; ``random``: a fresh
-        draw per image (sequential: from torch's default generator for all images at once, as the
-        op draws it; per_class: from each class's stream)."""
+        draw per image, from each class's stream."""
         first, count = classes.start * ipc, len(classes) * ipc
         if kind == "fixed":
             return torch.arange(first, first + count, device=self.device) % num_domains
-        if self.mode == "sequential":
-            return torch.randint(0, num_domains, (count,), device=self.device)
         return torch.cat([torch.randint(0, num_domains, (ipc,), generator=self.for_class("assign", iteration, c))
                           for c in classes]).to(self.device)
 
@@ -231,42 +217,17 @@ class RandomStreams:
         for name, g in self.gens.items():
             g.set_state(states[name])
         torch.set_rng_state(states["torch_cpu"])
-        if self.device.type == "cuda":
-            if "torch_cuda" in states:
-                torch.cuda.set_rng_state(states["torch_cuda"], self.device)
-            elif self.mode == "sequential":
-                raise ValueError("the checkpoint was written by a CPU run; resume it on the CPU")
+        if self.device.type == "cuda" and "torch_cuda" in states:  # (absent: written by a CPU run)
+            torch.cuda.set_rng_state(states["torch_cuda"], self.device)
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-def _domain_batches(data, domains, label, n, generator) -> torch.Tensor:
-    """``[D, n, C, H, W]`` real images of class ``label``, one batch per domain."""
-    try:
-        from ..data.sampling import sample_domain_batches
-    except ImportError:  # the data package's helper is optional: the protocol suffices
-        return torch.stack([data.real_batch(d, label, n, generator=generator) for d in domains])
-    return sample_domain_batches(data, domains, label, n, generator)
-
 
 def _class_init(data, have: Sequence[str], label: int, ipc: int, init: str, generator) -> torch.Tensor:
     if init == "noise":
         return torch.randn((ipc, *data.image_shape), generator=generator)
     per_domain = [ipc // len(have) + (i < ipc % len(have)) for i in range(len(have))]
     return torch.cat([data.real_batch(d, label, k, generator=generator) for d, k in zip(have, per_domain) if k]).float()
-
-
-def initial_images(data, domains: Sequence[str], ipc: int, init: str, generator: torch.Generator):
-    """Class-ordered initial synthetic set (``rng="sequential"``: one stream through all
-    classes): ``ipc`` real images per class drawn round-robin over the source domains that hold
-    the class (``init="real"``), or standard normal noise (``"noise"``)."""
-    K = len(data.classes)
-    labels = torch.arange(K).repeat_interleave(ipc)
-    if init == "noise":
-        return torch.randn((K * ipc, *data.image_shape), generator=generator), labels
-    images = [_class_init(data, [domains[i] for i in present], c, ipc, init, generator)
-              for c, present in enumerate(class_domains(data, domains))]
-    return torch.cat(images).float(), labels
 
 
 def initial_class_images(data, domains: Sequence[str], ipc: int, init: str, classes: range,
@@ -312,11 +273,9 @@ def _stderr(msg: str) -> None:
 def relevant_settings(config: dict) -> dict:
     """The settings that shape a run's trajectory (a config dict without the resumable fields,
     and without the surgery settings for plain DM, which ignores them)."""
-    out = {k: v for k, v in {**ADDED_OPTIONS, **config}.items() if k not in RESUMABLE_CHANGES}
+    out = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
     if out.get("method") == "dm":
         out.pop("sgs", None)
-    elif isinstance(out.get("sgs"), dict):  # fill options added since the run was saved
-        out["sgs"] = dataclasses.asdict(SGSConfig(**out["sgs"]))
     return out
 
 
@@ -388,9 +347,6 @@ def check_shardable(cfg: DistillConfig, num_classes: int, world: World) -> None:
     if cfg.norm == "batchnorm":
         raise ValueError("norm=batchnorm pools its batch statistics over the classes, so the classes of a sharded "
                          "run would interact: use norm=instancenorm (the default), or run one process")
-    if cfg.rng == "sequential":
-        raise ValueError("this run draws with rng=sequential (one stream through all classes, as run folders saved "
-                         "before sharding do), which cannot be split by class: resume it with one process")
     if num_classes < world.world_size:
         raise ValueError(f"{num_classes} classes cannot be shared by {world.world_size} processes: start at most "
                          f"{num_classes} (torchrun --nproc_per_node)")
@@ -407,7 +363,7 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     mine = world.shard(K)  # this process's classes
     rows_mine = slice(mine.start * ipc, mine.stop * ipc)
 
-    streams = RandomStreams(cfg.seed, cfg.rng, device)  # first: sequential runs seed the default generator here
+    streams = RandomStreams(cfg.seed, device)
     net = build_convnet(data.image_shape, K, cfg.width, cfg.depth, cfg.norm, device=device)
     net.set_compute(cfg.precision, cfg.channels_last)
     net.train()  # batch norm (if chosen) uses the batch statistics, as in the reference
@@ -437,12 +393,10 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
         images = saved.pop("images")[rows_mine]
         start, history = saved["iteration"], saved["history"]
         log(f"resuming from iteration {start} of {cfg.iterations} ({ckpt_path})")
-        then = {k: {**ADDED_OPTIONS, **saved["config"]}[k] for k in COMPUTE_SETTINGS}
+        then = {k: saved["config"].get(k) for k in COMPUTE_SETTINGS}
         if then != {k: getattr(cfg, k) for k in COMPUTE_SETTINGS}:
             log(f"the checkpoint was computed with {then}, this run continues with "
                 f"{ {k: getattr(cfg, k) for k in COMPUTE_SETTINGS} }")
-    elif cfg.rng == "sequential":  # (one process: check_shardable)
-        images, _ = initial_images(data, domains, ipc, cfg.init, streams.gens["data"])
     else:
         images = initial_class_images(data, domains, ipc, cfg.init, mine, present_all, streams)
     labels = torch.arange(K).repeat_interleave(ipc)
@@ -668,7 +622,7 @@ def draw_class_batches(data, domains, classes: Sequence[int], n_real, strategy, 
     real, params = [], []
     for c in classes:
         have = domains if present is None else [domains[i] for i in present[c]]
-        batches = _domain_batches(data, have, c, n_real, streams.for_class("data", iteration, c))
+        batches = sample_domain_batches(data, have, c, n_real, streams.for_class("data", iteration, c))
         real.append(batches.to(device, non_blocking=True))
         params.append(DSAParams.sample(strategy, streams.for_class("dsa", iteration, c), device=device))
     return real, params
