@@ -1,13 +1,15 @@
 """The pipeline as a Python API: data, run folders, reuse and resume, distillation and evaluation
 (:class:`Experiment`). The configuration is :mod:`sgs_cuda.config`, the comparison of finished run
-folders :mod:`sgs_cuda.compare`; their public names are re-exported here. ``sgs-dgdd``
+folders :mod:`sgs_cuda.compare`. ``sgs-dgdd``
 (:mod:`sgs_cuda.cli`) only parses arguments and calls these modules. Evaluation is
 leave-one-domain-out for multi-domain sets (the target is one domain, the others are the
 sources), and for an ImageNet subset the sets are distilled from ImageNet train and tested on
 every OOD set given (ImageNet-Sketch, -R, -A, -V2) and on ImageNet val in one evaluation
 (:func:`prepare_data`, :func:`sgs_cuda.evaluate.evaluate_synthetic`).
 
->>> from sgs_cuda.experiment import Experiment, format_table, resolve_config
+>>> from sgs_cuda.compare import format_table
+>>> from sgs_cuda.config import resolve_config
+>>> from sgs_cuda.experiment import Experiment
 >>> cfg = resolve_config({"target": "photo", "distill.iterations": 50}, preset="quick")
 >>> exp = Experiment(cfg, "runs/photo")          # device, data, run folder, config.json
 >>> metrics = exp.run()                           # every method and seed: distil, evaluate, compare
@@ -41,26 +43,17 @@ from . import distributed
 from ._io import RunFolderError
 from .dm.loop import DistillConfig, distill, relevant_settings
 from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
+from .compare import _first, summarize
+from .config import DISTILLED, FORMAT_VERSION, check_format, distill_config, parse_targets
 from .methods import base_method, get_method
 from .stats import mean_sd
-# configuration: what this module uses, and the public names of sgs_cuda.config it re-exports
-from .config import (ALL_METHODS, DISTILLED, FORMAT_VERSION, METHOD_ALIASES, check_format, available_presets, default_config, distill_config,
-                     load_config_file, load_saved_config, parse_assignment, parse_grid, parse_methods, parse_targets,
-                     resolve_config)
-# results: what this module uses (summarize, _first), and the public names of sgs_cuda.compare it re-exports
-from .compare import (RunRecord, _first, arm_name, collect_arms, compare_runs, describe_run, format_selection,
-                      format_table, load_run, selection_table, summarize, write_comparison)
 
 PHASES = {"extension": "SGS op load/build", "data": "data", "select": "lr selection", "distill": "distillation",
           "evaluate": "evaluation"}
 BAD_IMAGES_NAME = "bad_images.txt"
 
-__all__ = ["Experiment", "RunRecord", "RunFolderError", "resolve_config", "default_config", "available_presets",
-           "load_config_file", "parse_assignment", "parse_methods", "distill_config", "resolve_device",
-           "prepare_data", "PreparedData", "parse_targets", "check_data_kwargs", "data_source", "DATA_FLAGS",
-           "load_run", "load_saved_config", "summarize", "format_table",
-           "describe_run", "DISTILLED", "ALL_METHODS", "METHOD_ALIASES", "arm_name", "collect_arms", "compare_runs",
-           "selection_table", "format_selection", "parse_grid", "write_comparison"]
+__all__ = ["Experiment", "resolve_device", "prepare_data", "PreparedData", "check_data_kwargs", "data_source",
+           "DATA_FLAGS"]
 
 
 # --- device ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The pipeline's Python API (sgs_cuda.experiment, with sgs_cuda.config and sgs_cuda.compare), which
 the CLI and later distributed workers call: configuration layers, one set at a time, the whole run,
-reuse, bad-image lists, the names experiment re-exports."""
+reuse, bad-image lists."""
 import json
 
 import pytest
@@ -8,8 +8,9 @@ import torch
 from tiny_domains import TinyDomains as _TinyDomains
 
 from sgs_cuda import compare, config, experiment
+from sgs_cuda._io import RunFolderError
 from sgs_cuda.config import resolve_config
-from sgs_cuda.experiment import Experiment, RunFolderError
+from sgs_cuda.experiment import Experiment
 
 
 class TinyDomains(_TinyDomains):
@@ -222,20 +223,6 @@ def test_several_targets_in_leave_domains_out(tmp_path):
         Experiment(tiny_config(target="d0,d1"), tmp_path / "t", data=TinyDomains(), log=lambda m: None)
     with pytest.raises(ValueError, match="unknown target domain 'd7'"):
         Experiment(tiny_config(target="d0,d7"), tmp_path / "u", data=TinyDomains(), log=lambda m: None)
-
-
-def test_moved_names_are_re_exported_by_experiment():
-    """``from sgs_cuda.experiment import resolve_config`` (and every other public name that moved to
-    sgs_cuda.config or sgs_cuda.compare) still works, giving the same object."""
-    moved = set()
-    for name in experiment.__all__:
-        obj = getattr(experiment, name)  # every listed name is there
-        for module in (config, compare):
-            if hasattr(module, name):
-                assert obj is getattr(module, name), name
-                moved.add(name)
-    assert {"resolve_config", "default_config", "parse_targets", "load_saved_config", "ALL_METHODS", "load_run",
-            "describe_run", "compare_runs", "summarize", "format_table", "RunRecord", "selection_table"} <= moved
 
 
 def test_cuda_self_check_verdicts_are_logged_and_recorded(tmp_path, monkeypatch):

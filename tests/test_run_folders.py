@@ -11,6 +11,7 @@ import torch
 from tiny_domains import TinyDomains as _TinyDomains
 
 from sgs_cuda import cli, experiment
+from sgs_cuda.config import FORMAT_VERSION
 
 
 class TinyDomains(_TinyDomains):
@@ -99,7 +100,7 @@ def test_run_folders_of_an_older_format_are_refused(sgs, tmp_path, capsys, versi
     run_dir = tmp_path / "r"
     assert sgs("run", "--run-dir", str(run_dir), "--method", "dm")[0] == 0
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["format_version"] == experiment.FORMAT_VERSION
+    assert config["format_version"] == FORMAT_VERSION
     if version is None:
         del config["format_version"]
     else:
