@@ -80,10 +80,8 @@ def load_data(name: str, root=None, **kwargs):
 
 def _registered(name):
     """The registry entry of a dataset name (``sgs_cuda.data.registry``), or None."""
-    try:
-        from .data.registry import find
-    except ImportError:
-        return None
+    from .data.registry import find  # lazy: the data stack is only needed when running
+
     found = find(name)
     return found[0] if found is not None else None
 
@@ -646,8 +644,7 @@ class Experiment:
         if saved is None:
             log(f"{path} is damaged: evaluating again")
         elif (same_eval_config(saved.get("config"), ecfg)
-              and saved.get("target_domains", [saved.get("target_domain")]) == self.targets
-              and saved.get("synthetic_sha1", digest) == digest):
+              and saved.get("target_domains") == self.targets and saved.get("synthetic_sha1") == digest):
             log(f"reusing {path}")
             return saved
         return None
