@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import yaml
+
 from . import _io
 from .dm.loop import DistillConfig
 from .evaluate import EvalConfig
@@ -79,10 +81,6 @@ def load_config_file(path) -> dict:
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as exc:
-            raise ValueError("reading YAML configs needs PyYAML (pip install pyyaml), or use JSON") from exc
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -189,13 +187,7 @@ def parse_assignment(item: str) -> tuple[str, Any]:
         raise ValueError(f"--set expects KEY=VALUE (e.g. distill.iterations=100), got {item!r}")
     key, text = item.split("=", 1)
     try:
-        import yaml
         value = yaml.safe_load(text)
-    except ImportError:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
     except Exception:  # not YAML (e.g. "a: b: c"): take the text as it is
         value = text
     return key.strip(), value
