@@ -41,7 +41,8 @@ import torch
 from . import _io
 from . import distributed
 from ._io import RunFolderError
-from .dm.loop import DistillConfig, distill, relevant_settings
+from .dm.checkpoint import relevant_settings
+from .dm.loop import DistillConfig, distill
 from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
 from .compare import _first, summarize
 from .config import DISTILLED, FORMAT_VERSION, check_format, distill_config, parse_targets

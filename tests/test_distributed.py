@@ -24,7 +24,7 @@ from tiny_domains import CrashingDomains, TinyDomains
 
 from sgs_cuda import SGSConfig, distributed
 from sgs_cuda.dm import DistillConfig, distill
-from sgs_cuda.dm.loop import CHECKPOINT_NAME
+from sgs_cuda.dm.checkpoint import CHECKPOINT_NAME
 
 WORLD = 2
 DOMAINS = ["d0", "d1", "d2"]

@@ -8,7 +8,8 @@ import torch
 from sgs_cuda import SGSConfig
 from sgs_cuda.dm import ConvNet, DSAParams, DistillConfig, augment, augment_pair, build_convnet, distill
 from sgs_cuda.dm.dsa import FAMILIES, parse_strategy
-from sgs_cuda.dm.loop import CHECKPOINT_NAME, matching_losses
+from sgs_cuda.dm.checkpoint import CHECKPOINT_NAME
+from sgs_cuda.dm.loop import matching_losses
 
 
 from tiny_domains import CrashingDomains, TinyDomains  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 from sgs_cuda import (NORMALIZE_MODES, SGSConfig, SpectralGradientSurgery, sgs_reference, spatial_gradient_surgery,
                       spectral_gradient_surgery)
 from sgs_cuda.dm import DistillConfig
-from sgs_cuda.dm.loop import relevant_settings
+from sgs_cuda.dm.checkpoint import relevant_settings
 from sgs_cuda.reference import spatial_reference
 from sgs_inputs import separated_grads
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sgs_cuda import SGSConfig, SpectralGradientSurgery, spatial_gradient_surgery
-from sgs_cuda.dm.loop import relevant_settings
+from sgs_cuda.dm.checkpoint import relevant_settings
 
 
 def loop_spatial(grads, assign, tau, rho, alpha, beta, mask):

@@ -17,8 +17,8 @@ All randomness of the loop comes from streams it owns (:class:`RandomStreams`), 
 stream (one per run: every process draws the same network), and per class and iteration the
 real batches, the DSA draw and the surgery's domain assignment (seeded from ``(seed, iteration,
 class)``), so a class's draws do not depend on which process owns it or which chunk it falls in.
-Checkpoints hold every state, so a resumed run ends with the same images as an uninterrupted
-one.
+Checkpoints (:mod:`sgs_cuda.dm.checkpoint`) hold every state, so a resumed run ends with the
+same images as an uninterrupted one; the history is recorded by :mod:`sgs_cuda.dm.recorder`.
 
 Scale: the classes are processed in chunks (:mod:`sgs_cuda.dm.memory` picks the largest that
 fits and prints the estimate; a run that cannot fit is refused before it starts), and a
@@ -33,7 +33,6 @@ the update stay float32.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 import warnings
@@ -45,30 +44,20 @@ import torch
 
 from .. import _io
 from .._dictconfig import DictConfig
+from ..data.sampling import sample_domain_batches
 from ..distributed import SOLO, World
 from ..ops import spatial_gradient_surgery, spectral_gradient_surgery
-from ..data.sampling import sample_domain_batches
 from ..surgery import SGSConfig, domain_gradients
-from .bands import (BAND_EDGES, BAND_KEYS, TRUTH_GROUPS, band_diagnostics, band_index, chance_keep_rate,
-                    truth_mask_sums)
+from .checkpoint import CHECKPOINT_NAME, optimizer_rows, resumable_checkpoint, save_checkpoint, say_resumed
 from .dsa import DEFAULT_STRATEGY, DSAParams, parse_strategy
 from .matching import MATCHINGS, matching_losses
 from .memory import plan_memory
 from .networks import COMPUTE_DTYPES, NORMS, build_convnet, resolve_depth
+from .recorder import HistoryRecorder
 
 METHODS = ("dm", "dm_sgs")
 INITS = ("real", "noise")
 PRECISIONS = ("auto", *COMPUTE_DTYPES)
-CHECKPOINT_NAME = "checkpoint.pt"
-# Fields that may differ between a checkpoint and the resuming config (they do not change the
-# trajectory up to the checkpoint, or only how it is computed): a run can be extended or
-# checkpointed at another interval, resumed with other memory limits (chunks give the same
-# result) or on another kind of device (precision, layout: the resume says so).
-COMPUTE_SETTINGS = ("precision", "channels_last")
-RESUMABLE_CHANGES = frozenset({"iterations", "checkpoint_every", "log_every", "class_chunk", "memory_gib",
-                               *COMPUTE_SETTINGS})
-CHECKPOINT_KEYS = frozenset({"images", "labels", "optimizer", "iteration", "history", "rng", "config",
-                             "source_domains", "classes"})
 
 
 @dataclass
@@ -250,49 +239,8 @@ def class_domains(data, domains: Sequence[str]) -> list[list[int]]:
     return present
 
 
-def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, ``fsync``, then rename (:func:`sgs_cuda._io.save_torch`):
-    neither a kill nor a power cut leaves a torn or empty checkpoint."""
-    _io.save_torch(obj, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by :func:`distill`; a damaged one is one line naming it."""
-    hint = "delete it to start this set again from iteration 0, or run without --resume"
-    saved = _io.load_torch(path, hint)
-    missing = CHECKPOINT_KEYS - set(saved) if isinstance(saved, dict) else CHECKPOINT_KEYS
-    if missing:
-        raise _io.RunFolderError(f"{path} is not a checkpoint of this package (no {sorted(missing)}); {hint}")
-    return saved
-
-
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def relevant_settings(config: dict) -> dict:
-    """The settings that shape a run's trajectory (a config dict without the resumable fields,
-    and without the surgery settings for plain DM, which ignores them)."""
-    out = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
-    if out.get("method") == "dm":
-        out.pop("sgs", None)
-    return out
-
-
-def _check_resumable(saved: dict, cfg: DistillConfig, domains, data) -> None:
-    now, then = relevant_settings(cfg.to_dict()), relevant_settings(saved["config"])
-    diff = sorted(k for k in set(now) | set(then) if then.get(k) != now.get(k))
-    if diff:
-        raise ValueError(f"cannot resume: the checkpoint was written with different settings for {diff} "
-                         f"(checkpoint: {[then.get(k) for k in diff]}, now: {[now.get(k) for k in diff]})")
-    if list(saved["source_domains"]) != list(domains) or list(saved["classes"]) != list(data.classes):
-        raise ValueError(f"cannot resume: checkpoint source domains/classes {saved['source_domains']}/"
-                         f"{saved['classes']} differ from {list(domains)}/{list(data.classes)}")
-
-
-def _new_history(method: str) -> dict:
-    keys = ["iteration", "loss"] + (["domain_loss", "mask_fraction", "shared_energy"] if method == "dm_sgs" else [])
-    return {k: [] for k in keys}
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -352,266 +300,150 @@ def check_shardable(cfg: DistillConfig, num_classes: int, world: World) -> None:
                          f"{num_classes} (torchrun --nproc_per_node)")
 
 
+@dataclass
+class _Run:
+    """What every step of one distillation uses, fixed for the run."""
+    data: object
+    domains: list[str]
+    cfg: DistillConfig
+    device: torch.device
+    mine: range  # this process's classes
+    present: list[list[int]] | None  # per class, the source domains holding it (None: all do)
+    net: torch.nn.Module
+    streams: RandomStreams
+    n_real: int  # real images per class and domain
+    strategy: str  # the DSA strategy ("none" without DSA)
+    op: Callable | None  # the surgery (None for plain DM)
+
+
 def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progress, log,
              world: World) -> DistillResult:
     t0 = time.perf_counter()
-    K, D, ipc = len(data.classes), len(domains), cfg.ipc
-    n_real = max(1, cfg.batch_real // D)  # per domain: equal sizes make mean_d g_d the pooled gradient
-    strategy = cfg.dsa_strategy if cfg.dsa else "none"
-    surgery = cfg.method == "dm_sgs"
-    check_shardable(cfg, K, world)
-    mine = world.shard(K)  # this process's classes
-    rows_mine = slice(mine.start * ipc, mine.stop * ipc)
-
-    streams = RandomStreams(cfg.seed, device)
-    net = build_convnet(data.image_shape, K, cfg.width, cfg.depth, cfg.norm, device=device)
-    net.set_compute(cfg.precision, cfg.channels_last)
-    net.train()  # batch norm (if chosen) uses the batch statistics, as in the reference
-    for p in net.parameters():
-        p.requires_grad_(False)
-
-    present_all = class_domains(data, domains)
-    present = None
-    if not all(len(p) == D for p in present_all):
-        present = present_all
-        gaps = [f"{data.classes[c]} (in {len(p)}/{D})" for c, p in enumerate(present_all) if len(p) < D]
-        warnings.warn(f"some source domains lack classes {gaps}: their terms use the pooled class mean",
-                      RuntimeWarning, stacklevel=3)
-    plan = plan_memory(data.image_shape, ipc=ipc, classes=len(mine), num_domains=D, n_real=n_real, width=cfg.width,
-                       depth=cfg.depth, num_classes=K, surgery=surgery, device=device, precision=cfg.precision,
-                       chunk_classes=cfg.class_chunk, memory_gib=cfg.memory_gib, splittable=cfg.norm != "batchnorm")
-    log(plan.describe())
-    chunks = plan.chunks
-    whole = len(chunks) == 1 and not world.sharded  # one pass over the whole set: the op's own diagnostics
-    if surgery and cfg.sgs.normalize == "kept_fraction" and not whole:
+    K, ipc = len(data.classes), cfg.ipc
+    run, chunks = _prepare(data, domains, cfg, device, world, log)
+    recorder = HistoryRecorder(cfg, len(domains), world, one_pass=len(chunks) == 1 and not world.sharded,
+                               cue_bins=getattr(data, "cue_bins", None))
+    if cfg.method == "dm_sgs" and cfg.sgs.normalize == "kept_fraction" and not recorder.one_pass:
         raise ValueError("normalize=kept_fraction divides by the mask fraction of the whole set, so it needs all "
                          "classes in one pass on one process (set class_chunk/memory_gib so they fit, one process)")
-
-    start, history = 0, _new_history(cfg.method)
-    saved = world.on_main(lambda: _resumable_checkpoint(ckpt_path, cfg, domains, data)) if resume else None
+    rows_mine = slice(run.mine.start * ipc, run.mine.stop * ipc)
+    saved = world.on_main(lambda: resumable_checkpoint(ckpt_path, cfg, domains, data.classes)) if resume else None
     if saved is not None:
+        say_resumed(saved, cfg, ckpt_path, log)
         images = saved.pop("images")[rows_mine]
-        start, history = saved["iteration"], saved["history"]
-        log(f"resuming from iteration {start} of {cfg.iterations} ({ckpt_path})")
-        then = {k: saved["config"].get(k) for k in COMPUTE_SETTINGS}
-        if then != {k: getattr(cfg, k) for k in COMPUTE_SETTINGS}:
-            log(f"the checkpoint was computed with {then}, this run continues with "
-                f"{ {k: getattr(cfg, k) for k in COMPUTE_SETTINGS} }")
+        recorder.history = saved["history"]
     else:
-        images = initial_class_images(data, domains, ipc, cfg.init, mine, present_all, streams)
+        images = initial_class_images(data, domains, ipc, cfg.init, run.mine, class_domains(data, domains),
+                                      run.streams)
     labels = torch.arange(K).repeat_interleave(ipc)
     syn = images.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
     del images  # (a resumed run's whole set too: the checkpoint's images were popped)
     opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
+    start = 0
     if saved is not None:
-        opt.load_state_dict(_optimizer_rows(saved.pop("optimizer"), rows_mine))
-        streams.set_state(saved["rng"])
+        opt.load_state_dict(optimizer_rows(saved.pop("optimizer"), rows_mine))
+        run.streams.set_state(saved["rng"])
+        start = saved["iteration"]
         saved = None  # the whole set's momentum: only this process's rows are kept
-    op = spatial_gradient_surgery if cfg.sgs.space == "spatial" else spectral_gradient_surgery
-    bands_every = cfg.log_every if surgery and cfg.sgs.space == "spectral" else 0
-    # a benchmark that knows where its domain cue lives (fmnist-cues): the mask against that truth
-    cue_bins = getattr(data, "cue_bins", None) if bands_every else None
-
-    pending: list[tuple[int, torch.Tensor]] = []  # (iteration, summed record) not yet read back
-    pending_bands: list[tuple[int, torch.Tensor]] = []  # (iteration, [2, keys, bands] sums)
-    pending_truth: list[tuple[int, torch.Tensor]] = []  # (iteration, [2, 2] sums: kept, components)
-
-    def flush(bar=None):
-        if not pending:
-            return
-        its = [i for i, _ in pending]
-        rows = world.all_sum(torch.stack([v for _, v in pending]).double()).cpu().tolist()  # the one host sync
-        pending.clear()
-        rows = [_record_values(r) for r in rows]
-        keys = [k for k in history if k not in ("iteration", "bands", "truth")]
-        history["iteration"] += its
-        for j, k in enumerate(keys):
-            history[k] += [r[j] for r in rows]
-        last = dict(zip(keys, rows[-1]))
-        if pending_bands:
-            _append_bands(history, [i for i, _ in pending_bands],
-                          world.all_sum(torch.stack([b for _, b in pending_bands])).cpu())
-            pending_bands.clear()
-        if pending_truth:
-            _append_truth(history, [i for i, _ in pending_truth],
-                          world.all_sum(torch.stack([t for _, t in pending_truth])).cpu(),
-                          chance_keep_rate(D, cfg.sgs.tau, cfg.sgs.rho, cfg.sgs.mask), int(cue_bins.sum()))
-            pending_truth.clear()
-        bad = next((i for i, r in zip(its, rows) if not math.isfinite(r[0])), None)
-        if bad is not None:
-            raise FloatingPointError(f"the DM loss became non-finite at iteration {bad}; "
-                                     "lower lr_img or check the data normalisation")
-        if bar is not None:
-            post = {"loss": f"{last['loss']:.4g}"}
-            if "mask_fraction" in last:
-                post["mask"] = f"{last['mask_fraction']:.3f}"
-            bar.set_postfix(post)  # redraws: once per log_every iterations
-
-    def gathered_state():
-        state = opt.state_dict()
-        state["state"] = {i: {k: world.gather_rows(v).cpu() if torch.is_tensor(v) and v.dim() > 0 else v
-                              for k, v in s.items()} for i, s in state["state"].items()}
-        return world.gather_rows(syn.detach()).cpu(), state
 
     def checkpoint(iteration: int):
-        flush()
-        all_images, state = gathered_state()  # collective: every rank takes part
-        payload = {"images": all_images, "labels": labels, "optimizer": state, "iteration": iteration,
-                   "history": history, "rng": streams.state(), "config": cfg.to_dict(), "source_domains": domains,
-                   "classes": list(data.classes)}
-        world.on_main(lambda: save_atomic(payload, ckpt_path))
+        recorder.flush()
+        save_checkpoint(ckpt_path, world, syn, opt, labels=labels, iteration=iteration, history=recorder.history,
+                        rng=run.streams.state(), config=cfg.to_dict(), source_domains=domains,
+                        classes=list(data.classes))
 
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=cfg.method,
                dynamic_ncols=True, leave=False)
     try:
         for it in range(start, cfg.iterations):
-            net.reinitialize(streams.net)
-            assign = streams.assignment(it, mine, ipc, D, cfg.sgs.assignment) if surgery else None
-            with_bands = bands_every and (it + 1) % bands_every == 0
-            opt.zero_grad(set_to_none=True)
-            grad = torch.empty_like(syn)
-            record = bands = truth = None
-            for lo, hi in chunks:
-                classes, rows = mine[lo:hi], slice(lo * ipc, hi * ipc)
-                part = syn if whole else syn[rows]  # a view: its gradient is the chunk's rows only
-                real, params = draw_class_batches(data, domains, classes, n_real, strategy, streams, it, device,
-                                                  present)
-                losses, pooled = matching_losses(net, real, part, params, pool_all=cfg.norm == "batchnorm",
-                                                 present=None if present is None else [present[c] for c in classes],
-                                                 num_domains=D, matching=cfg.matching)
-                if not surgery:
-                    (grad[rows],) = torch.autograd.grad(pooled, part)
-                    row = pooled.detach().double().view(1)
-                else:
-                    grads = domain_gradients(losses, part, "auto")
-                    # the parts only where the record or the bands need them; else the op's fastest path
-                    parts = op(grads, assign[rows], return_parts=with_bands or not whole, return_diagnostics=True,
-                               check_finite=False, **cfg.sgs.op_kwargs())
-                    grad[rows] = parts.update
-                    row = _surgery_record(pooled, losses, parts, cfg.sgs.space, whole)
-                    if with_bands:
-                        b = _band_sums(grads, parts, cfg.sgs, whole)
-                        bands = b if bands is None else bands + b
-                        if cue_bins is not None:
-                            t = truth_mask_sums(grads, cfg.sgs.tau, cfg.sgs.rho, cfg.sgs.mask, cue_bins)
-                            truth = t if truth is None else truth + t
-                    del grads, parts
-                record = row if record is None else record + row
-                del real, losses, pooled, part
-            syn.grad = grad
-            opt.step()
-            pending.append((it, record))
-            if bands is not None:
-                pending_bands.append((it, bands))
-            if truth is not None:
-                pending_truth.append((it, truth))
+            _step(run, recorder, syn, opt, it, chunks)
             bar.update(1)
             done = it + 1
             if done % cfg.log_every == 0:
-                flush(bar)
+                recorder.flush(bar)
             if ckpt_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
                     and done < cfg.iterations:
                 checkpoint(done)
-        flush(bar)
+        recorder.flush(bar)
         if ckpt_path is not None and cfg.checkpoint_every:
             checkpoint(cfg.iterations)  # a later resume with the same config returns at once
     finally:
         bar.close()
     images = world.gather_rows(syn.detach()).cpu().clone()
-    return DistillResult(images, labels, history, cfg, time.perf_counter() - t0)
+    return DistillResult(images, labels, recorder.history, cfg, time.perf_counter() - t0)
 
 
-def _resumable_checkpoint(ckpt_path, cfg: DistillConfig, domains, data) -> dict | None:
-    """The checkpoint to resume from (``None``: there is none), checked against this run."""
-    if ckpt_path is None or not ckpt_path.exists():
-        return None
-    saved = load_checkpoint(ckpt_path)
-    _check_resumable(saved, cfg, domains, data)
-    if saved["iteration"] > cfg.iterations:
-        raise ValueError(f"cannot resume: the checkpoint is at iteration {saved['iteration']}, "
-                         f"beyond iterations={cfg.iterations}")
-    return saved
+def _prepare(data, domains, cfg: DistillConfig, device, world: World, log) -> tuple[_Run, list[tuple[int, int]]]:
+    """The run's fixed parts (network, streams, this process's classes) and its chunks of classes
+    (:func:`~sgs_cuda.dm.memory.plan_memory`: refused here when even one class cannot fit)."""
+    K, D = len(data.classes), len(domains)
+    n_real = max(1, cfg.batch_real // D)  # per domain: equal sizes make mean_d g_d the pooled gradient
+    surgery = cfg.method == "dm_sgs"
+    check_shardable(cfg, K, world)
+    mine = world.shard(K)
+    streams = RandomStreams(cfg.seed, device)
+    net = build_convnet(data.image_shape, K, cfg.width, cfg.depth, cfg.norm, device=device)
+    net.set_compute(cfg.precision, cfg.channels_last)
+    net.train()  # batch norm (if chosen) uses the batch statistics, as in the reference
+    for p in net.parameters():
+        p.requires_grad_(False)
+    present = class_domains(data, domains)
+    if all(len(p) == D for p in present):
+        present = None
+    else:
+        gaps = [f"{data.classes[c]} (in {len(p)}/{D})" for c, p in enumerate(present) if len(p) < D]
+        warnings.warn(f"some source domains lack classes {gaps}: their terms use the pooled class mean",
+                      RuntimeWarning, stacklevel=4)
+    plan = plan_memory(data.image_shape, ipc=cfg.ipc, classes=len(mine), num_domains=D, n_real=n_real,
+                       width=cfg.width, depth=cfg.depth, num_classes=K, surgery=surgery, device=device,
+                       precision=cfg.precision, chunk_classes=cfg.class_chunk, memory_gib=cfg.memory_gib,
+                       splittable=cfg.norm != "batchnorm")
+    log(plan.describe())
+    op = None
+    if surgery:
+        op = spatial_gradient_surgery if cfg.sgs.space == "spatial" else spectral_gradient_surgery
+    run = _Run(data, domains, cfg, device, mine, present, net, streams, n_real,
+               cfg.dsa_strategy if cfg.dsa else "none", op)
+    return run, plan.chunks
 
 
-def _optimizer_rows(state: dict, rows: slice) -> dict:
-    """An optimizer state of the whole set cut to this process's image rows."""
-    return {**state, "state": {i: {k: v[rows].clone() if torch.is_tensor(v) and v.dim() > 0 else v
-                                   for k, v in s.items()} for i, s in state["state"].items()}}
+def _step(run: _Run, recorder: HistoryRecorder, syn: torch.Tensor, opt, it: int, chunks) -> None:
+    """One iteration: a fresh embedding network, every chunk's gradient, one optimizer step."""
+    cfg = run.cfg
+    run.net.reinitialize(run.streams.net)
+    assign = None
+    if run.op is not None:
+        assign = run.streams.assignment(it, run.mine, cfg.ipc, len(run.domains), cfg.sgs.assignment)
+    recorder.start(it)
+    opt.zero_grad(set_to_none=True)
+    grad = torch.empty_like(syn)
+    for lo, hi in chunks:
+        _chunk_gradient(run, recorder, syn, grad, it, run.mine[lo:hi], slice(lo * cfg.ipc, hi * cfg.ipc), assign)
+    syn.grad = grad
+    opt.step()
+    recorder.end()
 
 
-# --- the recorded diagnostics ---------------------------------------------------------------
-# A record is a float64 vector of sums, so chunks and processes add up: for DM+SGS the losses and
-# (numerator, denominator) pairs of the two ratios. One pass over the whole set records the op's
-# own ratios over 1 (the history is then exactly what the op said).
-
-def _surgery_record(pooled, losses, parts, space: str, whole: bool) -> torch.Tensor:
-    d = parts.diagnostics
-    if whole:
-        one = torch.ones((), dtype=torch.float64, device=pooled.device)
-        weights = (one, one)
-    else:  # the op's denominators: components over which the mask is taken, energy of the mean
-        mean = parts.mean.detach().double()
-        if space == "spectral":
-            n, c, h, w = mean.shape
-            components = torch.tensor(2.0 * n * c * h * (w // 2 + 1), dtype=torch.float64, device=mean.device)
-            energy = torch.fft.rfft2(mean).abs().square().sum()
-        else:
-            components = torch.tensor(float(mean.numel()), dtype=torch.float64, device=mean.device)
-            energy = mean.square().sum()
-        weights = (components, energy)
-    return torch.stack([pooled.detach().double(), losses.detach().mean().double(),
-                        d["mask_fraction"].double() * weights[0], weights[0],
-                        d["shared_energy"].double() * weights[1], weights[1]])
-
-
-def _record_values(row: list[float]) -> list[float]:
-    """A summed record -> the history's values (loss[, domain loss, mask fraction, shared energy])."""
-    if len(row) == 1:
-        return row
-    return [row[0], row[1], row[2] / row[3], row[4] / row[5]]
-
-
-def _band_sums(grads: torch.Tensor, parts, sgs: SGSConfig, whole: bool) -> torch.Tensor:
-    """``[2, len(BAND_KEYS), bands]``: numerators and denominators of this chunk's band
-    diagnostics (:mod:`sgs_cuda.dm.bands`), so that chunks and processes add up."""
-    values = band_diagnostics(grads, parts.diversity, sgs.tau, sgs.rho, sgs.mask)
-    num = torch.stack([values[k] for k in BAND_KEYS])
-    if whole:
-        return torch.stack([num, torch.ones_like(num)])
-    H, W = grads.shape[-2:]
-    idx = band_index(H, W, BAND_EDGES, device=grads.device).flatten()
-    nb = len(BAND_EDGES) + 1
-    n, c = grads.shape[1:3]
-    bins = torch.bincount(idx, minlength=nb).double() * 2 * n * c
-    spec = torch.fft.rfft2(parts.mean.detach().double()).abs().square().reshape(-1, idx.numel()).sum(0)
-    total = torch.zeros(nb, dtype=torch.float64, device=grads.device).index_add_(0, idx, spec)
-    den = torch.stack([bins, total, total, total.sum().expand(nb)])
-    weights = {"mask_fraction": bins, "shared_energy": total, "diversity_energy": total, "energy": total.sum()}
-    num = torch.stack([values[k] * weights[k] for k in BAND_KEYS])
-    return torch.stack([num, den])
-
-
-def _append_bands(history: dict, iterations: list[int], sums: torch.Tensor) -> None:
-    """Append the band diagnostics of ``iterations`` (``sums``: ``[n, 2, keys, bands]``)."""
-    bands = history.setdefault("bands", {"edges": list(BAND_EDGES), "iteration": [], **{k: [] for k in BAND_KEYS}})
-    values = (sums[:, 0] / sums[:, 1]).tolist()
-    for it, rows in zip(iterations, values):
-        bands["iteration"].append(it)
-        for k, row in zip(BAND_KEYS, rows):
-            bands[k].append(row)
-
-
-def _append_truth(history: dict, iterations: list[int], sums: torch.Tensor, chance: float | None,
-                  cue_bins: int) -> None:
-    """Append the mask-against-truth fractions of ``iterations`` (``sums``: ``[n, 2, 2]``): the
-    share of the cue bins' components the mask kept, of the other bins', and the chance rate."""
-    truth = history.setdefault("truth", {"iteration": [], **{g: [] for g in TRUTH_GROUPS}, "chance": chance,
-                                         "cue_bins": cue_bins})
-    for it, (kept, total) in zip(iterations, sums.tolist()):
-        truth["iteration"].append(it)
-        for g, k, n in zip(TRUTH_GROUPS, kept, total):
-            truth[g].append(k / n if n else float("nan"))
+def _chunk_gradient(run: _Run, recorder: HistoryRecorder, syn, grad, it: int, classes: range, rows: slice,
+                    assign) -> None:
+    """The gradient of a chunk of classes' synthetic images (``grad[rows]``), and its records."""
+    cfg, present = run.cfg, run.present
+    part = syn[rows]  # a view: its gradient is the chunk's rows only
+    real, params = draw_class_batches(run.data, run.domains, classes, run.n_real, run.strategy, run.streams, it,
+                                      run.device, present)
+    losses, pooled = matching_losses(run.net, real, part, params, pool_all=cfg.norm == "batchnorm",
+                                     present=None if present is None else [present[c] for c in classes],
+                                     num_domains=len(run.domains), matching=cfg.matching)
+    if run.op is None:
+        (grad[rows],) = torch.autograd.grad(pooled, part)
+        recorder.add_dm(pooled)
+        return
+    grads = domain_gradients(losses, part, "auto")
+    parts = run.op(grads, assign[rows], return_parts=recorder.needs_parts, return_diagnostics=True,
+                   check_finite=False, **cfg.sgs.op_kwargs())
+    grad[rows] = parts.update
+    recorder.add_surgery(pooled, losses, grads, parts)
 
 
 def draw_class_batches(data, domains, classes: Sequence[int], n_real, strategy, streams: RandomStreams, iteration,
