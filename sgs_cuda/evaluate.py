@@ -190,9 +190,19 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
     ``target_domain`` (:func:`target_label`) and ``target_domains``. Accuracies are fractions in [0, 1].
 
     ``nets``: which of the ``cfg.num_eval`` networks to train (default: all). Network ``k`` is
-    seeded the same whichever others are trained, so processes that evaluate disjoint blocks of
-    networks merge into the whole evaluation (``experiment.merge_evaluations``).
+    seeded the same whichever others are trained, so processes that score disjoint blocks of
+    networks (:func:`score_networks`) merge into the whole evaluation (:func:`merge_scores`).
     """
+    return evaluation_metrics(score_networks(images, labels, data, source_domains, target_domain, cfg, device,
+                                             seed, nets))
+
+
+def score_networks(images: torch.Tensor, labels: torch.Tensor, data, source_domains: Sequence[str],
+                   target_domain: str | Sequence[str], cfg: EvalConfig | None = None, device="cpu",
+                   seed: int = 0, nets: Sequence[int] | None = None) -> dict:
+    """What :func:`evaluate_synthetic` measures, raw: per architecture and domain the counts of
+    each network (``[correct, unrestricted correct, images]``), its final training loss, and the
+    seconds; :func:`evaluation_metrics` turns them into the metrics."""
     cfg = cfg or EvalConfig()
     nets_to_train = list(range(cfg.num_eval) if nets is None else nets)
     if any(not 0 <= k < cfg.num_eval for k in nets_to_train):
@@ -239,12 +249,35 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
     splits = {**{t: target_splits for t in targets}, **{d: ("test",) for d in source_domains}}
     counts = _score(nets, data, splits, allowed, device, cfg.test_batch)
     test_share = (time.perf_counter() - t_test) / len(per_cfg)
-    per_arch = {name: _arch_metrics(counts[name], losses[name], targets, source_domains, missing,
-                                    per_cfg[name].width, seconds[name] + test_share) for name in per_cfg}
+    return {"targets": targets, "source_domains": source_domains, "missing": missing, "config": cfg.to_dict(),
+            "widths": {name: c.width for name, c in per_cfg.items()}, "counts": counts, "train_loss": losses,
+            "arch_seconds": {name: seconds[name] + test_share for name in per_cfg},
+            "seconds": time.perf_counter() - t0}
+
+
+def merge_scores(blocks: Sequence[dict]) -> dict:
+    """The scores of all networks from the scores of consecutive blocks of them (in network
+    order, as processes share them): the per-network counts and losses are concatenated, the
+    times are the longest block's."""
+    first = blocks[0]
+    return {**first,
+            "counts": {a: {d: [row for b in blocks for row in b["counts"][a][d]] for d in first["counts"][a]}
+                       for a in first["counts"]},
+            "train_loss": {a: [x for b in blocks for x in b["train_loss"][a]] for a in first["train_loss"]},
+            "arch_seconds": {a: max(b["arch_seconds"][a] for b in blocks) for a in first["arch_seconds"]},
+            "seconds": max(b["seconds"] for b in blocks)}
+
+
+def evaluation_metrics(scores: dict) -> dict:
+    """The metrics of :func:`evaluate_synthetic` from the networks' scores."""
+    targets, sources = scores["targets"], scores["source_domains"]
+    per_arch = {name: _arch_metrics(scores["counts"][name], scores["train_loss"][name], targets, sources,
+                                    scores["missing"], scores["widths"][name], scores["arch_seconds"][name])
+                for name in scores["counts"]}
     first = next(iter(per_arch.values()))
-    return {"target_domain": target_label(targets), "target_domains": targets, "source_domains": source_domains,
-            "num_eval": len(nets_to_train), **{k: v for k, v in first.items() if k not in ("width", "seconds")},
-            "per_arch": per_arch, "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
+    return {"target_domain": target_label(targets), "target_domains": targets, "source_domains": sources,
+            "num_eval": len(first["train_loss"]), **{k: v for k, v in first.items() if k not in ("width", "seconds")},
+            "per_arch": per_arch, "seconds": scores["seconds"], "config": scores["config"]}
 
 
 @torch.no_grad()

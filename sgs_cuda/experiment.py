@@ -43,11 +43,11 @@ from . import distributed
 from ._io import RunFolderError
 from .dm.checkpoint import relevant_settings
 from .dm.loop import DistillConfig, distill
-from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
+from .evaluate import (BASELINES, EvalConfig, evaluation_metrics, merge_scores, same_eval_config, score_networks,
+                       target_label)
 from .compare import _first, summarize
 from .config import DISTILLED, FORMAT_VERSION, check_format, distill_config, parse_targets
 from .methods import base_method, get_method
-from .stats import mean_sd
 
 PHASES = {"extension": "SGS op load/build", "data": "data", "select": "lr selection", "distill": "distillation",
           "evaluate": "evaluation"}
@@ -619,7 +619,7 @@ class Experiment:
         log(f"training {ecfg.num_eval} network(s) of each of {archs} for {ecfg.epochs} epochs, testing on "
             f"{', '.join(self.targets)} and {', '.join(self.sources)} (in-domain)")
         with self.phase("evaluate"):
-            metrics = shared_evaluation(lambda cfg, s, nets: evaluate_synthetic(
+            metrics = shared_evaluation(lambda cfg, s, nets: score_networks(
                 payload["images"], payload["labels"], self.data, self.sources, self.targets, cfg, device=self.device,
                 seed=s, nets=nets), ecfg, seed, self.world)
         metrics["distill_seconds"] = payload.get("seconds")
@@ -732,58 +732,16 @@ class Experiment:
 
 # --- evaluation networks shared by the processes ---------------------------------------------
 
-def shared_evaluation(evaluate: Callable[[EvalConfig, int, Sequence[int]], dict], ecfg: EvalConfig, seed: int,
+def shared_evaluation(score: Callable[[EvalConfig, int, Sequence[int]], dict], ecfg: EvalConfig, seed: int,
                       world: distributed.World) -> dict:
-    """``evaluate(ecfg, seed, nets)`` (:func:`~sgs_cuda.evaluate.evaluate_synthetic` of the
-    networks ``nets``), its ``num_eval`` networks shared by ``world``'s processes: each trains a
+    """The metrics of ``score(ecfg, seed, nets)`` (:func:`~sgs_cuda.evaluate.score_networks` of the
+    networks ``nets``), its ``num_eval`` networks shared by ``world``'s processes: each scores a
     consecutive block of them (a network's seed does not depend on which others are trained),
-    and rank 0 merges the blocks (:func:`merge_evaluations`); every rank returns the merged
-    metrics."""
+    and rank 0 merges their raw counts (:func:`~sgs_cuda.evaluate.merge_scores`) into the metrics
+    one process would compute; every rank returns them."""
     if not world.sharded:
-        return evaluate(ecfg, seed, range(ecfg.num_eval))
+        return evaluation_metrics(score(ecfg, seed, range(ecfg.num_eval)))
     block = world.shard(ecfg.num_eval)
-    part = evaluate(ecfg, seed, block) if len(block) else None
-    parts = world.gather((len(block), part))
-    return world.on_main(lambda: merge_evaluations([p for p in parts if p[0]], ecfg))
-
-
-def merge_evaluations(parts: Sequence[tuple[int, dict]], ecfg: EvalConfig) -> dict:
-    """One evaluation of all networks from the evaluations of consecutive blocks of them
-    (``(networks, metrics)`` in network order): per-network lists (``*_acc``, ``train_loss``, or
-    lists of that length that differ between blocks) are concatenated, ``X_mean`` /
-    ``X_std`` recomputed from the list ``X`` as one process computes them, counts (``num_eval``)
-    added, times (``seconds``) the longest block's, other per-block means (``per_domain``)
-    weighted by the block sizes; everything else is the same in every block."""
-    counts = [n for n, _ in parts]
-
-    def merge(values: list, key: str | None = None):
-        first = values[0]
-        if key == "num_eval":
-            return sum(values)
-        if key == "seconds":
-            return max(values)
-        if isinstance(first, dict):
-            out = {k: merge([v[k] for v in values], k) for k in first}
-            for k, v in out.items():
-                for suffix, index in (("_mean", 0), ("_std", 1)):
-                    per_net = out.get(k[:-len(suffix)]) if k.endswith(suffix) else None
-                    if isinstance(per_net, list) and per_net:
-                        out[k] = mean_sd(per_net)[index]
-            return out
-        if isinstance(first, list) and all(isinstance(v, list) and len(v) == n for v, n in zip(values, counts)) \
-                and (_per_network(key) or any(v != first for v in values)):
-            return [x for v in values for x in v]
-        if all(v == first for v in values):
-            return first
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return sum(v * n for v, n in zip(values, counts)) / sum(counts)
-        return first
-
-    merged = merge([m for _, m in parts])
-    merged["config"] = ecfg.to_dict()
-    return merged
-
-
-def _per_network(key: str | None) -> bool:
-    """Whether a list under ``key`` holds one value per evaluation network (accuracies, losses)."""
-    return key is not None and (key.endswith("_acc") or key == "train_loss")
+    part = score(ecfg, seed, block) if len(block) else None
+    parts = world.gather(part)
+    return world.on_main(lambda: evaluation_metrics(merge_scores([p for p in parts if p is not None])))
