@@ -70,11 +70,11 @@ def test_sets_one_at_a_time_then_the_whole_run(tmp_path):
 
     payload = exp.produce_set("dm_sgs", 0)
     assert payload["images"].shape == (6, 3, 8, 8) and payload["sgs_backend"] == exp.backend
-    assert {p.name for p in exp.set_dir("dm_sgs", 0).iterdir()} == {"synthetic.pt", "synthetic.png",
+    assert {p.name for p in exp.folder.set_dir("dm_sgs", 0).iterdir()} == {"synthetic.pt", "synthetic.png",
                                                                      "curves.png", "checkpoint.pt"}
     metrics = exp.evaluate_set(payload)
     assert len(metrics["ood_acc"]) == 2 and metrics["target_domain"] == "d1"
-    assert json.loads((exp.set_dir("dm_sgs", 0) / "metrics.json").read_text())["ood_acc"] == metrics["ood_acc"]
+    assert json.loads((exp.folder.set_dir("dm_sgs", 0) / "metrics.json").read_text())["ood_acc"] == metrics["ood_acc"]
     assert exp.timings["extension"] >= 0 and exp.timings["distill"] > 0 and exp.timings["evaluate"] > 0
     assert any(line.startswith("[dm_sgs seed 0] distilling") for line in lines)
 
@@ -142,7 +142,7 @@ def test_reused_set_must_match_the_settings(tmp_path):
                         log=(lines := []).append)
     assert len(longer.produce_set("dm_sgs", 0)["history"]["loss"]) == 6
     assert any("resuming from iteration 4 of 6" in line for line in lines)
-    assert torch.load(longer.set_dir("dm_sgs", 0) / "checkpoint.pt", weights_only=False)["iteration"] == 6
+    assert torch.load(longer.folder.set_dir("dm_sgs", 0) / "checkpoint.pt", weights_only=False)["iteration"] == 6
 
 
 def test_config_files_that_do_not_parse_are_named(tmp_path):
@@ -157,7 +157,7 @@ def test_metrics_saved_before_eval_arch_existed_are_reused(tmp_path):
     exp = Experiment(tiny_config(), tmp_path / "r", data=TinyDomains(), log=lambda m: None)
     payload = exp.produce_set("dm", 0)
     metrics = exp.evaluate_set(payload)
-    path = exp.set_dir("dm", 0) / "metrics.json"
+    path = exp.folder.set_dir("dm", 0) / "metrics.json"
     old = json.loads(path.read_text())
     del old["config"]["arch"]  # as written before EvalConfig.arch
     path.write_text(json.dumps(old))
@@ -208,7 +208,7 @@ def test_several_targets_in_leave_domains_out(tmp_path):
     assert (exp.targets, exp.target, exp.sources) == (["d0", "d1"], "d0+d1", ["d2"])
     summary = exp.run()
     assert summary["target_domains"] == ["d0", "d1"] and list(summary["methods"]["dm"]["targets"]) == ["d0", "d1"]
-    per = json.loads((exp.set_dir("dm", 0) / "metrics.json").read_text())
+    per = json.loads((exp.folder.set_dir("dm", 0) / "metrics.json").read_text())
     assert per["ood_acc"] == pytest.approx([(a + b) / 2 for a, b in zip(per["targets"]["d0"]["ood_acc"],
                                                                          per["targets"]["d1"]["ood_acc"])])
     table = compare.format_table(summary)
