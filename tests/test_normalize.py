@@ -15,20 +15,8 @@ from sgs_cuda.dm.checkpoint import relevant_settings
 from sgs_cuda.reference import spatial_reference
 from sgs_inputs import separated_grads
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KW = dict(tau=1.0, rho=0.25, alpha=0.8, beta=0.3)
 MODES = ["dm_norm", "kept_fraction"]
-
-
-@pytest.fixture(params=["ext", "torch"])
-def impl(request, monkeypatch):
-    monkeypatch.setenv("SGS_BACKEND", request.param)
-    return request.param
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 def op_of(space):

@@ -13,21 +13,9 @@ from sgs_cuda import ops, sgs_reference, spatial_gradient_surgery, spectral_grad
 from sgs_cuda.reference import spatial_reference
 from sgs_inputs import separated_grads
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KW = dict(tau=1.0, rho=0.25, alpha=0.5, beta=0.25, mask="hard")
 SHAPE = (3, 2, 2, 16, 12)
 F32_MAX = torch.finfo(torch.float32).max
-
-
-@pytest.fixture(params=["ext", "torch"])
-def impl(request, monkeypatch):
-    monkeypatch.setenv("SGS_BACKEND", request.param)
-    return request.param
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 def scaled_planes(scales, shape=SHAPE, seed=0) -> torch.Tensor:
