@@ -1,4 +1,4 @@
-"""Issue 10's study: DM+SGS against a DM with a tuned step, at a matched step, on M3D and across
+"""The tuned study: DM+SGS against a DM with a tuned step, at a matched step, on M3D and across
 evaluation architectures, at the ``medium`` preset (the evidence in ``docs/RESULTS.md``).
 
     python benchmarks/tuned_study.py run    --out runs/tuned          # resumable; two jobs at most

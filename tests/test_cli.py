@@ -228,7 +228,7 @@ def test_module_entry_point_help():
         assert flag in out.stdout
 
 
-def test_issue10_flags_map_onto_the_config():
+def test_selection_step_and_architecture_flags_map_onto_the_config():
     args = cli.build_parser().parse_args(
         ["run", "--preset", "medium", "--matching", "m3d", "--eval-arch", "convnet,vgg11:16", "--label", "M3D tuned",
          "--select-lr", "0.5, 1,2", "--select-seeds", "10", "11", "--holdout-fraction", "0.25"])
@@ -251,7 +251,7 @@ def test_issue10_flags_map_onto_the_config():
     (["run", "--eval-arch", "lenet"], "unknown architecture 'lenet'"),
     (["compare", "nowhere"], "run folder nowhere does not exist"),
 ])
-def test_issue10_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
+def test_selection_step_and_architecture_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
     rc = tiny(*argv, "--run-dir", str(tmp_path / "r")) if argv[0] != "compare" else cli.main(argv)
     assert rc == 2
     err = capsys.readouterr().err

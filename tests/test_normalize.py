@@ -1,4 +1,4 @@
-"""The matched-step option ``normalize`` (issue 10): ``"dm_norm"`` rescales each image's update to the
+"""The matched-step option ``normalize``: ``"dm_norm"`` rescales each image's update to the
 norm of its plain DM gradient, ``"kept_fraction"`` divides the shared part by the fraction of
 components kept (per call, as the AND-mask does per parameter tensor). Every backend and both ops
 against a float64 definition, the parts identity for each mode, validation, and the setting in reuse checks.

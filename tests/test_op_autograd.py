@@ -1,4 +1,4 @@
-"""Autograd through the op (issue 11): the same gradient on every backend, the mask held fixed.
+"""Autograd through the op: the same gradient on every backend, the mask held fixed.
 
 Given the mask and the assignment the op is linear in ``grads``; its gradient is that linear
 map's adjoint (``sgs::surgery``'s registered backward, the torch reference's autograd). Checked

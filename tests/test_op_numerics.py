@@ -1,4 +1,4 @@
-"""The op's numeric range (issue 11): every finite input gives the float64 reference's answer, the
+"""The op's numeric range: every finite input gives the float64 reference's answer, the
 planes outside the kernels' safe range being rescaled by exact powers of two, or a clear error
 when the true result does not fit the output dtype. Both backends, the spectral and the spatial op;
 the inputs are built away from the mask's decision boundaries (``sgs_inputs``), so the masks must

@@ -1,6 +1,6 @@
-"""Damaged or unwritable run folders, killed writes, and what a first run tells the user
-(issue 11): every case ends in one line naming the file and what to do, or is repaired,
-and never leaves temporary files behind. Seconds each, on a tiny in-memory dataset."""
+"""Damaged or unwritable run folders, killed writes, and what a first run tells the user: every
+case ends in one line naming the file and what to do, or is repaired, and never leaves temporary
+files behind. Seconds each, on a tiny in-memory dataset."""
 import errno
 import json
 import os
