@@ -4,8 +4,6 @@ Chunked domain gradients are compared with unchunked ones bitwise: a class's los
 only its own synthetic images (instance norm, one DSA draw per class), and the convolutions of
 the CPU backend give every image the same result whatever the batch around it.
 """
-import math
-
 import pytest
 import torch
 from tiny_domains import TinyDomains
@@ -215,20 +213,6 @@ def test_per_class_streams_do_not_depend_on_the_other_classes():
     assert torch.equal(torch.cat([b.assignment(3, range(0, 1), 2, 3, "random"),
                                   b.assignment(3, range(1, 4), 2, 3, "random")]), full)
     assert torch.equal(a.assignment(3, range(2, 4), 2, 3, "fixed"), torch.arange(4, 8) % 3)
-
-
-def test_saved_run_folder_configs_keep_their_settings():
-    from sgs_cuda.config import default_config, resolve_config
-
-    saved = default_config()
-    saved["distill"].update(depth=3, precision="float32", channels_last=False)
-    cfg = resolve_config(saved=saved)
-    assert cfg["distill"]["precision"] == "float32"
-    assert cfg["distill"]["channels_last"] is False and cfg["distill"]["depth"] == 3
-    fresh = resolve_config({"distill.depth": "auto", "distill.channels_last": True})
-    assert fresh["distill"]["depth"] == "auto"
-    assert resolve_config({"distill.depth": 5}, saved=saved)["distill"]["depth"] == 5
-    assert math.isclose(resolve_config({"distill.memory_gib": 2})["distill"]["memory_gib"], 2)
 
 
 def test_scaling_benchmark_measures_a_point():

@@ -1,13 +1,13 @@
-"""The pipeline's Python API (sgs_cuda.experiment, with sgs_cuda.config and sgs_cuda.compare), which
-the CLI and later distributed workers call: configuration layers, one set at a time, the whole run,
-reuse, bad-image lists."""
+"""The pipeline's Python API (sgs_cuda.experiment), which the CLI and distributed workers call:
+one set at a time, the whole run, reuse, bad-image lists (the configuration's layers are
+tests/test_config.py)."""
 import json
 
 import pytest
 import torch
 from tiny_domains import TinyDomains as _TinyDomains
 
-from sgs_cuda import compare, config, experiment
+from sgs_cuda import compare, experiment
 from sgs_cuda._io import RunFolderError
 from sgs_cuda.config import resolve_config
 from sgs_cuda.experiment import Experiment
@@ -25,40 +25,6 @@ TINY = {"distill.ipc": 2, "distill.iterations": 4, "distill.batch_real": 6, "dis
 
 def tiny_config(**more):
     return resolve_config({**TINY, **more})
-
-
-def test_resolve_config_layers(tmp_path):
-    quick = resolve_config(preset="quick")
-    assert quick["distill"]["iterations"] == 200 and quick["methods"] == ["dm", "dm_sgs"]
-    path = tmp_path / "c.yaml"
-    path.write_text("distill:\n  iterations: 77\n  ipc: 3\nseeds: 4\n")
-    cfg = resolve_config({"distill.ipc": 5, "methods": "both random", "sgs.alpha": 0.5}, preset="quick",
-                         config_file=path)
-    assert cfg["distill"]["iterations"] == 77 and cfg["distill"]["ipc"] == 5  # file < overrides
-    assert cfg["distill"]["width"] == quick["distill"]["width"] and cfg["seeds"] == [4]
-    assert cfg["methods"] == ["dm", "dm_sgs", "random"] and cfg["sgs"]["alpha"] == 0.5
-    # a resumed run's saved config replaces the defaults; later layers still apply
-    again = resolve_config({"eval.epochs": 3}, saved=cfg)
-    assert again["distill"]["iterations"] == 77 and again["eval"]["epochs"] == 3
-    assert config.parse_assignment("sgs.beta=0") == ("sgs.beta", 0)
-    assert config.parse_assignment("device = cuda:1") == ("device", "cuda:1")
-
-
-@pytest.mark.parametrize("overrides,message", [
-    ({"distill.iterations": "abc"}, "'distill.iterations' must be an integer, got 'abc'"),
-    ({"distill.iterations": 2.5}, "'distill.iterations' must be an integer"),
-    ({"sgs.tau": True}, "'sgs.tau' must be a number"),
-    ({"eval.dsa": "yes"}, "'eval.dsa' must be true or false"),
-    ({"sgs.mask": 1}, "'sgs.mask' must be a string"),
-    ({"data_kwargs": [1]}, "'data_kwargs' must be a mapping"),
-    ({"seeds": ["x"]}, "'seeds' must be integers"),
-    ({"distill.ipcs": 1}, "unknown config option 'distill.ipcs'"),
-    ({"nope.x": 1}, "unknown config section 'nope'"),
-])
-def test_resolve_config_names_the_option(overrides, message):
-    with pytest.raises(ValueError) as info:
-        resolve_config(overrides)
-    assert message in str(info.value)
 
 
 def test_sets_one_at_a_time_then_the_whole_run(tmp_path):
@@ -145,14 +111,6 @@ def test_reused_set_must_match_the_settings(tmp_path):
     assert torch.load(longer.folder.set_dir("dm_sgs", 0) / "checkpoint.pt", weights_only=False)["iteration"] == 6
 
 
-def test_config_files_that_do_not_parse_are_named(tmp_path):
-    for name, text in (("c.json", '{"distill": {"ipc": 2'), ("c.yaml", "distill: [1, 2"), ("l.json", "[1]")):
-        (tmp_path / name).write_text(text)
-        with pytest.raises(ValueError) as info:
-            resolve_config(config_file=tmp_path / name)
-        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
-
-
 def test_metrics_saved_before_eval_arch_existed_are_reused(tmp_path):
     exp = Experiment(tiny_config(), tmp_path / "r", data=TinyDomains(), log=lambda m: None)
     payload = exp.produce_set("dm", 0)
@@ -171,18 +129,12 @@ def test_metrics_saved_before_eval_arch_existed_are_reused(tmp_path):
     assert not any("reusing" in line for line in more)
 
 
-def test_m3d_matching_and_arm_names(tmp_path):
+def test_m3d_matching(tmp_path):
     exp = Experiment(tiny_config(**{"distill.matching": "m3d", "methods": ["dm"]}), tmp_path / "r",
                      data=TinyDomains(), log=lambda m: None)
     m3d = exp.produce_set("dm", 0)
     dm = Experiment(tiny_config(methods=["dm"]), tmp_path / "dm", data=TinyDomains(), log=lambda m: None).produce_set("dm", 0)
     assert m3d["config"]["matching"] == "m3d" and not torch.equal(m3d["images"], dm["images"])
-    cfg = tiny_config(**{"distill.matching": "m3d", "sgs.space": "spatial"})
-    assert compare.arm_name(cfg, "dm") == "M3D"
-    assert compare.arm_name(cfg, "dm_sgs") == "M3D+SGS (space=spatial)"
-    assert compare.arm_name(tiny_config(), "dm_sgs") == "DM+SGS" and compare.arm_name(None, "random") == "random"
-    assert compare.arm_name({**cfg, "label": "mine"}, "dm") == "mine"
-    assert compare.arm_name({**cfg, "label": "mine"}, "dm", 2) == "mine: M3D"
 
 
 def test_selection_refuses_pseudo_domains_and_empty_grids(tmp_path):
