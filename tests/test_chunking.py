@@ -10,7 +10,6 @@ from tiny_domains import TinyDomains
 
 from sgs_cuda import SGSConfig
 from sgs_cuda.dm import DSAParams, DistillConfig, build_convnet, distill
-from sgs_cuda.dm.checkpoint import CHECKPOINT_NAME
 from sgs_cuda.dm.loop import RandomStreams, stream_seed
 from sgs_cuda.dm.matching import matching_losses
 from sgs_cuda.dm.memory import GIB, DoesNotFit, estimate, plan_memory

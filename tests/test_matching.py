@@ -8,7 +8,7 @@ from tiny_domains import TinyDomains
 
 from sgs_cuda import SGSConfig
 from sgs_cuda.dm import DistillConfig, DSAParams, augment, build_convnet, distill, matching_losses
-from sgs_cuda.dm.checkpoint import CHECKPOINT_NAME, relevant_settings
+from sgs_cuda.dm.checkpoint import relevant_settings
 from sgs_cuda.dm.matching import m3d_class_losses, median_bandwidth
 
 
