@@ -44,7 +44,8 @@ class HistoryRecorder:
         self._pending: list[tuple[int, torch.Tensor]] = []  # (iteration, summed record) not yet read back
         self._pending_bands: list[tuple[int, torch.Tensor]] = []  # (iteration, [2, keys, bands] sums)
         self._pending_truth: list[tuple[int, torch.Tensor]] = []  # (iteration, [2, 2] sums: kept, components)
-        self.start(-1)
+        self._iteration, self._with_bands = -1, False  # (set by start)
+        self._record = self._bands = self._truth = None  # this iteration's sums over its chunks
 
     def start(self, iteration: int) -> None:
         """Begin the records of ``iteration``."""
