@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from . import _io
 from ._io import RunFolderError
-from .config import ALL_METHODS, DISTILLED, load_saved_config
+from .config import ALL_METHODS, DISTILLED, read_saved_config
 from .evaluate import BASELINES
 from .methods import METHODS
 from .stats import mean_sd
@@ -116,7 +116,7 @@ def load_run(run_dir) -> RunRecord:
     missing = [k for k in _METRICS_KEYS if k not in metrics]
     if missing:
         raise RunFolderError(f"{path} is damaged (no {missing}); {hint}")
-    return RunRecord(run_dir, load_saved_config(run_dir), metrics)
+    return RunRecord(run_dir, read_saved_config(run_dir), metrics)
 
 
 def describe_run(record: RunRecord) -> str:
@@ -187,7 +187,7 @@ def collect_arms(run_dirs: Sequence) -> dict[str, dict]:
         run = Path(run)
         if not run.is_dir():
             raise FileNotFoundError(f"run folder {run} does not exist")
-        config = load_saved_config(run)
+        config = read_saved_config(run)
         methods = _folder_methods(run)
         for method in methods:
             name = arm_name(config, method, len(methods))
@@ -324,7 +324,7 @@ def selection_table(run_dirs: Sequence) -> dict:
 
     rows = []
     for run in dict.fromkeys(Path(r) for r in run_dirs):
-        config = load_saved_config(run) or {}
+        config = read_saved_config(run) or {}
         methods = [m for m in DISTILLED if (run / m / SELECTION_NAME).is_file()]
         for method in methods:
             path = run / method / SELECTION_NAME

@@ -266,21 +266,29 @@ def distill_config(cfg: dict, method: str, seed: int) -> DistillConfig:
 # --- a run folder's saved configuration (resolve_config's ``saved``) ----------------------------
 
 # What this version writes into a run folder (config.json's ``format_version``). A folder of another
-# format is refused as a whole rather than half-read: its options, sets and checkpoints may mean
-# something else now.
+# format is not continued or reused, rather than half-read: its options, sets and checkpoints may
+# mean something else now. Its finished results can still be shown and compared.
 FORMAT_VERSION = 1
 
 
 def load_saved_config(run_dir, required: bool = False) -> dict | None:
-    """A run folder's ``config.json`` (None when absent and not ``required``), of this format."""
+    """A run folder's ``config.json`` (None when absent and not ``required``) to continue or reuse
+    the folder: refused when it is of another format (:func:`check_format`)."""
+    saved = read_saved_config(run_dir, required)
+    if saved is not None:
+        check_format(saved, Path(run_dir) / "config.json")
+    return saved
+
+
+def read_saved_config(run_dir, required: bool = False) -> dict | None:
+    """A run folder's ``config.json`` as it is, of any format: what showing and comparing finished
+    results read (None when absent and not ``required``)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         if required:
             raise FileNotFoundError(f"no config.json in {run_dir}: is it a run folder?")
         return None
-    saved = _io.load_json(path, "fix or delete it (then give the run's options again), or use another --run-dir")
-    check_format(saved, path)
-    return saved
+    return _io.load_json(path, "fix or delete it (then give the run's options again), or use another --run-dir")
 
 
 def check_format(saved: dict, path: Path) -> None:

@@ -96,7 +96,8 @@ def test_config_json_not_a_mapping_or_truncated(sgs, tmp_path, text, what):
 @pytest.mark.parametrize("version", [None, 0])
 def test_run_folders_of_an_older_format_are_refused(sgs, tmp_path, capsys, version):
     """A folder written before format_version (or with an older one) is refused by every command
-    that reads or continues it, in one line saying how to redo it; nothing in it is touched."""
+    that continues or reuses it, in one line saying how to redo it, and nothing in it is touched;
+    its finished results can still be shown."""
     run_dir = tmp_path / "r"
     assert sgs("run", "--run-dir", str(run_dir), "--method", "dm")[0] == 0
     config = json.loads((run_dir / "config.json").read_text())
@@ -111,8 +112,7 @@ def test_run_folders_of_an_older_format_are_refused(sgs, tmp_path, capsys, versi
     for command in (["run", "--resume"], ["distill", "--resume"], ["distill"], ["evaluate"]):
         one_line_error(*sgs(command[0], "--run-dir", str(run_dir), *command[1:]), *needles)
     capsys.readouterr()
-    rc = cli.main(["show", str(run_dir)])
-    one_line_error(rc, capsys.readouterr().err, *needles)
+    assert cli.main(["show", str(run_dir)]) == 0 and "dm" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
