@@ -508,10 +508,11 @@ class Experiment:
         log = self._set_log(method, seed)
         digest = fingerprint(payload["images"], payload["labels"])
         ecfg = self.eval_config(method)
-        saved = self.world.on_main(lambda: self.folder.finished_metrics(method, seed, ecfg, self.targets, digest, log)) \
-            if self.resume else None
-        if saved is not None:
-            return saved
+        if self.resume:
+            saved = self.world.on_main(lambda: self.folder.finished_metrics(method, seed, ecfg, self.targets, digest,
+                                                                             log))
+            if saved is not None:
+                return saved
         if payload.get("source_domains") != self.sources:
             raise ValueError(f"{method} seed {seed} was distilled from {payload.get('source_domains')} "
                              f"(target {payload.get('target')!r}), not from {self.sources} (target {self.target!r})")
