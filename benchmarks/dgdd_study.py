@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from sgs_cuda.stats import mean_sd
+
 # Every DM+SGS cell starts from the spec's initial settings, passed explicitly so that the study
 # does not move when the op's defaults do (since the sweep, the op's rho default is 0: the
 # "sign only" row).
@@ -80,20 +82,14 @@ def finished_metrics(run_dir: Path, method: str, seeds) -> dict | None:
         return None
 
 
-def mean_std(values) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def fmt(values) -> str:
-    mean, std = mean_std(values)
+    mean, std = mean_sd(values)
     return f"{mean:.1f} ± {std:.1f}"
 
 
 def paired_delta(a, b) -> str:
     d = [y - x for x, y in zip(a, b)]
-    mean, std = mean_std(d)
+    mean, std = mean_sd(d)
     return f"{mean:+.1f} ± {std:.1f}"
 
 
@@ -180,9 +176,9 @@ def pooled_table(summary: dict, args) -> str:
         cols = []
         for key in ("ood", "in"):
             d = [b - a for dm, m in cells for a, b in zip(dm[key], m[key])]
-            mean, std = mean_std(d)
+            mean, std = mean_sd(d)
             cols.append(f"{mean:+.2f} ± {std / math.sqrt(len(d)):.2f}")
-        wins = sum(mean_std([b - a for a, b in zip(dm["ood"], m["ood"])])[0] > 0 for dm, m in cells)
+        wins = sum(mean_sd([b - a for a, b in zip(dm["ood"], m["ood"])])[0] > 0 for dm, m in cells)
         lines.append(f"| {name} | {len(cells) * len(args.seeds)} | {cols[0]} | {wins} of {len(cells)} | {cols[1]} |")
     return "\n".join(lines)
 

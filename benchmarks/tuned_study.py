@@ -1,4 +1,4 @@
-"""Issue 10's study: DM+SGS against a DM with a tuned step, at a matched step, on M3D and across
+"""The tuned study: DM+SGS against a DM with a tuned step, at a matched step, on M3D and across
 evaluation architectures, at the ``medium`` preset (the evidence in ``docs/RESULTS.md``).
 
     python benchmarks/tuned_study.py run    --out runs/tuned          # resumable; two jobs at most
@@ -77,22 +77,20 @@ class Arm:
     lr_from: str | None = None  # None: selects its own lr_img; else the arm whose selection it uses
     late: bool = False  # after every target's other cells
     core: bool = False  # the main question (DM, DM+SGS, matched step): all seeds before the other arms
-    normalize: bool = False  # needs the op's normalize option
     longer: bool = False  # runs at lr_from's pick on the grid extended past its end, where that pick moved
 
 
 ARMS = [
     Arm("dm", "DM", "dm", ("--eval-arch", XARCH), core=True),
     Arm("dm_sgs", "DM+SGS", "dm_sgs", (*SGS_DEFAULTS, "--eval-arch", XARCH), core=True),
-    Arm("matched", "DM+SGS matched step", "dm_sgs", (*SGS_DEFAULTS, "--normalize", "dm_norm"), "dm",
-        normalize=True, core=True),
+    Arm("matched", "DM+SGS matched step", "dm_sgs", (*SGS_DEFAULTS, "--normalize", "dm_norm"), "dm", core=True),
     Arm("spatial", "spatial mask", "dm_sgs", with_flag(SGS_DEFAULTS, "--space", "spatial"), "dm_sgs"),
     Arm("m3d", "M3D", "dm", ("--matching", "m3d"), "dm"),
     Arm("m3d_sgs", "M3D+SGS", "dm_sgs", (*SGS_DEFAULTS, "--matching", "m3d"), "dm_sgs"),
     Arm("dm_longer", "DM, longer grid", "dm", (), "dm", longer=True),
     Arm("dm_sgs_longer", "DM+SGS, longer grid", "dm_sgs", SGS_DEFAULTS, "dm_sgs", longer=True),
     Arm("kept", "DM+SGS kept-fraction step", "dm_sgs", (*SGS_DEFAULTS, "--normalize", "kept_fraction"), "dm",
-        late=True, normalize=True),
+        late=True),
 ]
 ARM = {a.key: a for a in ARMS}
 
@@ -150,10 +148,6 @@ def moved_pick(out: Path, target: str, arm_key: str) -> float | None:
 
 def seed_done(out: Path, target: str, arm: Arm, seed: int) -> bool:
     return (out / target / arm.key / arm.method / f"seed{seed}" / "metrics.json").is_file()
-
-
-def normalize_available(code: Path) -> bool:
-    return "normalize" in (code / "sgs_cuda" / "surgery.py").read_text()
 
 
 @dataclass
@@ -273,11 +267,9 @@ def cmd_run(args) -> None:
         load = os.getloadavg()[0]
         room = not stop and (not running or (len(running) < args.jobs and load < args.max_load))
         env = job_env(out)
-        code = Path(env["PYTHONPATH"].split(os.pathsep)[0])
-        ready = [j for j in pending if not (j.arm.normalize and not normalize_available(code))
-                 and j.command(out, args.preset) is not None]
+        ready = [j for j in pending if j.command(out, args.preset) is not None]
         if not ready and not running:
-            log(f"nothing left to run now; waiting for the op's normalize option: {[j.name for j in pending]}")
+            log(f"nothing left to run now; waiting: {[j.name for j in pending]}")
             return
         if room:
             for job in ready:

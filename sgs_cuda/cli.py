@@ -36,7 +36,7 @@ from typing import Sequence
 from . import compare, config, distributed, experiment
 from ._io import RunFolderError
 from .compare import format_table
-from .config import ALL_METHODS, available_presets, distill_config  # noqa: F401 (re-exported)
+from .config import available_presets
 from .methods import method_help
 
 # (flag attribute, config path) for the flags that map one-to-one onto an option.

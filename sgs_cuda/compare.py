@@ -6,26 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import _io
 from ._io import RunFolderError
-from .config import ALL_METHODS, DISTILLED, load_saved_config
-from .methods import METHODS
+from .config import ALL_METHODS, DISTILLED, read_saved_config
 from .evaluate import BASELINES
+from .methods import METHODS
+from .stats import mean_sd
 from .surgery import SGSConfig
 
 
 # --- results --------------------------------------------------------------------------------
-
-def _pooled(vals: Sequence[float]) -> tuple[float, float]:
-    mean = sum(vals) / len(vals)
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-    return mean, math.sqrt(var)
-
 
 def summarize(per_seed: dict[str, dict[int, dict]]) -> dict:
     """Pool the per-net accuracies of every seed of a method: mean and sample std; with several
@@ -36,12 +30,12 @@ def summarize(per_seed: dict[str, dict[int, dict]]) -> dict:
         ind = [a for m in seeds.values() for a in m["in_domain_acc"]]
         row = {"seeds": sorted(seeds), "num_nets": len(ood)}
         for key, vals in (("ood_acc", ood), ("in_domain_acc", ind)):
-            row[f"{key}_mean"], row[f"{key}_std"] = _pooled(vals)
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_sd(vals)
         targets = [m.get("targets") or {} for m in seeds.values()]
         names = [t for t in targets[0] if all(t in ts for ts in targets)]
         if len(names) > 1:
             row["targets"] = {t: dict(zip(("ood_acc_mean", "ood_acc_std"),
-                                          _pooled([a for ts in targets for a in ts[t]["ood_acc"]])))
+                                          mean_sd([a for ts in targets for a in ts[t]["ood_acc"]])))
                               for t in names}
         row["distill_seconds"] = sum(m.get("distill_seconds") or 0.0 for m in seeds.values())
         row["eval_seconds"] = sum(m.get("seconds") or 0.0 for m in seeds.values())
@@ -122,7 +116,7 @@ def load_run(run_dir) -> RunRecord:
     missing = [k for k in _METRICS_KEYS if k not in metrics]
     if missing:
         raise RunFolderError(f"{path} is damaged (no {missing}); {hint}")
-    return RunRecord(run_dir, load_saved_config(run_dir), metrics)
+    return RunRecord(run_dir, read_saved_config(run_dir), metrics)
 
 
 def describe_run(record: RunRecord) -> str:
@@ -193,7 +187,7 @@ def collect_arms(run_dirs: Sequence) -> dict[str, dict]:
         run = Path(run)
         if not run.is_dir():
             raise FileNotFoundError(f"run folder {run} does not exist")
-        config = load_saved_config(run)
+        config = read_saved_config(run)
         methods = _folder_methods(run)
         for method in methods:
             name = arm_name(config, method, len(methods))
@@ -330,7 +324,7 @@ def selection_table(run_dirs: Sequence) -> dict:
 
     rows = []
     for run in dict.fromkeys(Path(r) for r in run_dirs):
-        config = load_saved_config(run) or {}
+        config = read_saved_config(run) or {}
         methods = [m for m in DISTILLED if (run / m / SELECTION_NAME).is_file()]
         for method in methods:
             path = run / method / SELECTION_NAME

@@ -15,8 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import yaml
+
 from . import _io
-from .dm.distill import ADDED_OPTIONS, DistillConfig
+from .dm.loop import DistillConfig
 from .evaluate import EvalConfig
 from .methods import ALIASES as METHOD_ALIASES
 from .methods import DISTILLED, METHODS
@@ -79,10 +81,6 @@ def load_config_file(path) -> dict:
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as exc:
-            raise ValueError("reading YAML configs needs PyYAML (pip install pyyaml), or use JSON") from exc
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -189,13 +187,7 @@ def parse_assignment(item: str) -> tuple[str, Any]:
         raise ValueError(f"--set expects KEY=VALUE (e.g. distill.iterations=100), got {item!r}")
     key, text = item.split("=", 1)
     try:
-        import yaml
         value = yaml.safe_load(text)
-    except ImportError:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
     except Exception:  # not YAML (e.g. "a: b: c"): take the text as it is
         value = text
     return key.strip(), value
@@ -236,8 +228,6 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, *, preset: str | 
     ``overrides`` (``{"section.key": value}``, applied in order); validated."""
     cfg = default_config()
     if saved is not None:
-        if isinstance(saved.get("distill"), dict):  # options added since: as the run was made
-            saved = {**saved, "distill": {**ADDED_OPTIONS, **saved["distill"]}}
         merge_config(cfg, {k: v for k, v in saved.items() if k in cfg})
     if preset:
         merge_config(cfg, load_preset(preset))
@@ -275,11 +265,41 @@ def distill_config(cfg: dict, method: str, seed: int) -> DistillConfig:
 
 # --- a run folder's saved configuration (resolve_config's ``saved``) ----------------------------
 
+# What this version writes into a run folder (config.json's ``format_version``). A folder of another
+# format is not continued or reused, rather than half-read: its options, sets and checkpoints may
+# mean something else now. Its finished results can still be shown and compared.
+FORMAT_VERSION = 1
+
+
 def load_saved_config(run_dir, required: bool = False) -> dict | None:
-    """A run folder's ``config.json`` (None when absent and not ``required``)."""
+    """A run folder's ``config.json`` (None when absent and not ``required``) to continue or reuse
+    the folder: refused when it is of another format (:func:`check_format`)."""
+    saved = read_saved_config(run_dir, required)
+    if saved is not None:
+        check_format(saved, Path(run_dir) / "config.json")
+    return saved
+
+
+def read_saved_config(run_dir, required: bool = False) -> dict | None:
+    """A run folder's ``config.json`` as it is, of any format: what showing and comparing finished
+    results read (None when absent and not ``required``)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         if required:
             raise FileNotFoundError(f"no config.json in {run_dir}: is it a run folder?")
         return None
     return _io.load_json(path, "fix or delete it (then give the run's options again), or use another --run-dir")
+
+
+def check_format(saved: dict, path: Path) -> None:
+    """Refuse, in one line that says how to redo it, a run folder written in another format."""
+    found = saved.get("format_version")
+    if found == FORMAT_VERSION:
+        return
+    if isinstance(found, int) and found > FORMAT_VERSION:
+        raise _io.RunFolderError(f"{path} is of run-folder format {found}, written by a newer sgs_cuda than this one "
+                                 f"(format {FORMAT_VERSION}): use that version")
+    raise _io.RunFolderError(f"{path.parent} was written by an older sgs_cuda (run-folder format "
+                             f"{found if found is not None else 'unversioned'}; this version reads format "
+                             f"{FORMAT_VERSION}): run it again into a new --run-dir with the options its config.json "
+                             "lists")

@@ -9,7 +9,6 @@ real-image baselines at equal IPC (``shared/docs/sgs-spec.md`` section 6).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -23,6 +22,7 @@ from .dg import add_mixstyle, amplitude_mix
 from .dm.architectures import build_network, parse_archs
 from .dm.dsa import DEFAULT_STRATEGY, DSAParams, augment, parse_strategy
 from .dm.networks import NORMS, build_convnet
+from .stats import mean_sd
 
 
 TARGET_SPLITS = ("all", "test")
@@ -143,7 +143,7 @@ def iter_batches(data, domains: Sequence[str], split: str = "test",
     domains = list(domains)
     if hasattr(data, "iter_split"):
         yield from data.iter_split(domains, split, batch)
-    elif hasattr(data, "uint8_images") and hasattr(data, "normalize"):
+    elif hasattr(data, "uint8_images") and hasattr(data, "normalize_pixels"):
         yield from iter_uint8_split(data, domains, split, batch)
     else:
         x, y = data.split_tensors(domains, split)
@@ -159,12 +159,6 @@ def split_size(data, domains: Sequence[str], split: str = "test") -> int:
 def scored_splits(cfg: "EvalConfig") -> tuple[str, ...]:
     """The splits a target domain is scored on (the sources: always their test split)."""
     return ("train", "test") if cfg.target_split == "all" else ("test",)
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, sd
 
 
 def target_label(targets: Sequence[str]) -> str:
@@ -196,9 +190,19 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
     ``target_domain`` (:func:`target_label`) and ``target_domains``. Accuracies are fractions in [0, 1].
 
     ``nets``: which of the ``cfg.num_eval`` networks to train (default: all). Network ``k`` is
-    seeded the same whichever others are trained, so processes that evaluate disjoint blocks of
-    networks merge into the whole evaluation (``experiment.merge_evaluations``).
+    seeded the same whichever others are trained, so processes that score disjoint blocks of
+    networks (:func:`score_networks`) merge into the whole evaluation (:func:`merge_scores`).
     """
+    return evaluation_metrics(score_networks(images, labels, data, source_domains, target_domain, cfg, device,
+                                             seed, nets))
+
+
+def score_networks(images: torch.Tensor, labels: torch.Tensor, data, source_domains: Sequence[str],
+                   target_domain: str | Sequence[str], cfg: EvalConfig | None = None, device="cpu",
+                   seed: int = 0, nets: Sequence[int] | None = None) -> dict:
+    """What :func:`evaluate_synthetic` measures, raw: per architecture and domain the counts of
+    each network (``[correct, unrestricted correct, images]``), its final training loss, and the
+    seconds; :func:`evaluation_metrics` turns them into the metrics."""
     cfg = cfg or EvalConfig()
     nets_to_train = list(range(cfg.num_eval) if nets is None else nets)
     if any(not 0 <= k < cfg.num_eval for k in nets_to_train):
@@ -245,12 +249,35 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, data, source_
     splits = {**{t: target_splits for t in targets}, **{d: ("test",) for d in source_domains}}
     counts = _score(nets, data, splits, allowed, device, cfg.test_batch)
     test_share = (time.perf_counter() - t_test) / len(per_cfg)
-    per_arch = {name: _arch_metrics(counts[name], losses[name], targets, source_domains, missing,
-                                    per_cfg[name].width, seconds[name] + test_share) for name in per_cfg}
+    return {"targets": targets, "source_domains": source_domains, "missing": missing, "config": cfg.to_dict(),
+            "widths": {name: c.width for name, c in per_cfg.items()}, "counts": counts, "train_loss": losses,
+            "arch_seconds": {name: seconds[name] + test_share for name in per_cfg},
+            "seconds": time.perf_counter() - t0}
+
+
+def merge_scores(blocks: Sequence[dict]) -> dict:
+    """The scores of all networks from the scores of consecutive blocks of them (in network
+    order, as processes share them): the per-network counts and losses are concatenated, the
+    times are the longest block's."""
+    first = blocks[0]
+    return {**first,
+            "counts": {a: {d: [row for b in blocks for row in b["counts"][a][d]] for d in first["counts"][a]}
+                       for a in first["counts"]},
+            "train_loss": {a: [x for b in blocks for x in b["train_loss"][a]] for a in first["train_loss"]},
+            "arch_seconds": {a: max(b["arch_seconds"][a] for b in blocks) for a in first["arch_seconds"]},
+            "seconds": max(b["seconds"] for b in blocks)}
+
+
+def evaluation_metrics(scores: dict) -> dict:
+    """The metrics of :func:`evaluate_synthetic` from the networks' scores."""
+    targets, sources = scores["targets"], scores["source_domains"]
+    per_arch = {name: _arch_metrics(scores["counts"][name], scores["train_loss"][name], targets, sources,
+                                    scores["missing"], scores["widths"][name], scores["arch_seconds"][name])
+                for name in scores["counts"]}
     first = next(iter(per_arch.values()))
-    return {"target_domain": target_label(targets), "target_domains": targets, "source_domains": source_domains,
-            "num_eval": len(nets_to_train), **{k: v for k, v in first.items() if k not in ("width", "seconds")},
-            "per_arch": per_arch, "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
+    return {"target_domain": target_label(targets), "target_domains": targets, "source_domains": sources,
+            "num_eval": len(first["train_loss"]), **{k: v for k, v in first.items() if k not in ("width", "seconds")},
+            "per_arch": per_arch, "seconds": scores["seconds"], "config": scores["config"]}
 
 
 @torch.no_grad()
@@ -288,7 +315,7 @@ def _arch_metrics(counts: dict, losses: list[float], targets: Sequence[str], sou
     acc = {d: [hit / max(1, total) for hit, _, total in rows] for d, rows in counts.items()}
     per_target = {}
     for t in targets:
-        (m, sd), (free, _) = _mean_std(acc[t]), _mean_std([f / max(1, n) for _, f, n in counts[t]])
+        (m, sd), (free, _) = mean_sd(acc[t]), mean_sd([f / max(1, n) for _, f, n in counts[t]])
         per_target[t] = {"ood_acc": acc[t], "ood_acc_mean": m, "ood_acc_std": sd, "unrestricted_acc_mean": free,
                          "missing_classes": missing[t], "test_images": counts[t][0][2]}
     ood = [sum(acc[t][k] for t in targets) / len(targets) for k in range(n_nets)]
@@ -296,10 +323,10 @@ def _arch_metrics(counts: dict, losses: list[float], targets: Sequence[str], sou
     for k in range(n_nets):
         n_src = sum(counts[d][k][2] for d in source_domains)
         ind.append(sum(counts[d][k][0] for d in source_domains) / n_src if n_src else float("nan"))
-    (om, osd), (im, isd) = _mean_std(ood), _mean_std(ind)
+    (om, osd), (im, isd) = mean_sd(ood), mean_sd(ind)
     return {"width": width, "ood_acc_mean": om, "ood_acc_std": osd, "ood_acc": ood,
             "in_domain_acc_mean": im, "in_domain_acc_std": isd, "in_domain_acc": ind, "targets": per_target,
-            "per_domain": {d: _mean_std(v)[0] for d, v in acc.items()},
+            "per_domain": {d: mean_sd(v)[0] for d, v in acc.items()},
             "train_loss": losses, "seconds": seconds}
 
 

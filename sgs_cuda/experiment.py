@@ -1,32 +1,29 @@
 """The pipeline as a Python API: data, run folders, reuse and resume, distillation and evaluation
 (:class:`Experiment`). The configuration is :mod:`sgs_cuda.config`, the comparison of finished run
-folders :mod:`sgs_cuda.compare`; their public names are re-exported here. ``sgs-dgdd``
-(:mod:`sgs_cuda.cli`) only parses arguments and calls these modules. Evaluation is
+folders :mod:`sgs_cuda.compare`. ``sgs-dgdd`` (:mod:`sgs_cuda.cli`) only parses arguments and
+calls these modules. Evaluation is
 leave-one-domain-out for multi-domain sets (the target is one domain, the others are the
 sources), and for an ImageNet subset the sets are distilled from ImageNet train and tested on
 every OOD set given (ImageNet-Sketch, -R, -A, -V2) and on ImageNet val in one evaluation
 (:func:`prepare_data`, :func:`sgs_cuda.evaluate.evaluate_synthetic`).
 
->>> from sgs_cuda.experiment import Experiment, format_table, resolve_config
+>>> from sgs_cuda.compare import format_table
+>>> from sgs_cuda.config import resolve_config
+>>> from sgs_cuda.experiment import Experiment
 >>> cfg = resolve_config({"target": "photo", "distill.iterations": 50}, preset="quick")
 >>> exp = Experiment(cfg, "runs/photo")          # device, data, run folder, config.json
 >>> metrics = exp.run()                           # every method and seed: distil, evaluate, compare
 >>> print(format_table(metrics))
 
-A run folder holds ``config.json`` (the resolved configuration), ``metrics.json`` (the comparison,
-with the time of each phase of the last command) and ``curves.png`` (all methods), one folder per
-method and seed, ``<method>/seed<k>/``, with ``synthetic.pt`` (images, labels, class names,
-mean/std, history), ``synthetic.png``, ``curves.png``, ``metrics.json`` and ``checkpoint.pt``
-(with ``checkpoint_every > 0``), and ``bad_images.txt`` when the data source skipped unreadable
-images. Every file is written atomically (:mod:`sgs_cuda._io`); with ``resume=True`` finished
-sets and evaluations are reused, interrupted distillations continue from their checkpoint, and
-derived files (metrics, plots) that are missing or damaged are rebuilt.
+What a run folder holds, and the checks that decide what of it is reused, is
+:mod:`sgs_cuda.run_folder`: with ``resume=True`` finished sets and evaluations are reused,
+interrupted distillations continue from their checkpoint, and derived files (metrics, plots)
+that are missing or damaged are rebuilt.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import inspect
 import sys
 import time
@@ -38,28 +35,18 @@ import torch
 
 from . import _io
 from . import distributed
-from ._io import RunFolderError
-from .dm.distill import DistillConfig, distill, relevant_settings
-from .evaluate import BASELINES, EvalConfig, evaluate_synthetic, same_eval_config, target_label
+from .dm.loop import DistillConfig, distill
+from .evaluate import BASELINES, EvalConfig, evaluation_metrics, merge_scores, score_networks, target_label
+from .compare import _first, summarize
+from .config import DISTILLED, distill_config, parse_targets
 from .methods import base_method, get_method
-# configuration: what this module uses, and the public names of sgs_cuda.config it re-exports
-from .config import (ALL_METHODS, DISTILLED, METHOD_ALIASES, available_presets, default_config, distill_config,
-                     load_config_file, load_saved_config, parse_assignment, parse_grid, parse_methods, parse_targets,
-                     resolve_config)
-# results: what this module uses (summarize, _first), and the public names of sgs_cuda.compare it re-exports
-from .compare import (RunRecord, _first, arm_name, collect_arms, compare_runs, describe_run, format_selection,
-                      format_table, load_run, selection_table, summarize, write_comparison)
+from .run_folder import RunFolder, default_run_dir, fingerprint
 
 PHASES = {"extension": "SGS op load/build", "data": "data", "select": "lr selection", "distill": "distillation",
           "evaluate": "evaluation"}
-BAD_IMAGES_NAME = "bad_images.txt"
 
-__all__ = ["Experiment", "RunRecord", "RunFolderError", "resolve_config", "default_config", "available_presets",
-           "load_config_file", "parse_assignment", "parse_methods", "distill_config", "resolve_device",
-           "prepare_data", "PreparedData", "parse_targets", "check_data_kwargs", "data_source", "DATA_FLAGS",
-           "load_run", "load_saved_config", "summarize", "format_table",
-           "describe_run", "DISTILLED", "ALL_METHODS", "METHOD_ALIASES", "arm_name", "collect_arms", "compare_runs",
-           "selection_table", "format_selection", "parse_grid", "write_comparison"]
+__all__ = ["Experiment", "resolve_device", "prepare_data", "PreparedData", "check_data_kwargs", "data_source",
+           "DATA_FLAGS"]
 
 
 # --- device ---------------------------------------------------------------------------------
@@ -86,10 +73,8 @@ def load_data(name: str, root=None, **kwargs):
 
 def _registered(name):
     """The registry entry of a dataset name (``sgs_cuda.data.registry``), or None."""
-    try:
-        from .data.registry import find
-    except ImportError:
-        return None
+    from .data.registry import find  # lazy: the data stack is only needed when running
+
     found = find(name)
     return found[0] if found is not None else None
 
@@ -235,37 +220,17 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
     return PreparedData(data, targets, sources, data, sources)
 
 
-# --- run folders ----------------------------------------------------------------------------
+# --- training sets --------------------------------------------------------------------------
 
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in str(text)).strip("-") or "run"
-
-
-def default_run_dir(cfg: dict, target: str, preset: str | None, resume: bool) -> Path:
-    """``runs/<dataset>-<target>-<preset>``; a fresh run never reuses a folder (suffix -2, -3 ...),
-    ``resume`` takes the latest one."""
-    base = Path("runs") / _slug(f"{Path(str(cfg['dataset'])).name}-{target}-{preset or 'custom'}")
-    candidates = [base] + [base.with_name(f"{base.name}-{i}") for i in range(2, 1000)]
-    existing = [p for p in candidates if p.exists()]
-    if resume:
-        return existing[-1] if existing else base
-    return next(p for p in candidates if not p.exists())
-
-
-def set_config(method: str, seed: int, cfg: dict) -> dict:
-    """What determines a training set: the distillation config, or a baseline's settings."""
+def training_set_config(method: str, seed: int, cfg: dict) -> dict:
+    """What determines a training set, as the run's configuration gives it: the distillation
+    config, or a baseline's settings (:meth:`Experiment.resolved_set_config` resolves it)."""
     method = base_method(method)
     if method in DISTILLED:
         return distill_config(cfg, method, seed).to_dict()
     d = cfg["distill"]
     return {"method": method, "seed": seed, "ipc": d["ipc"],
             **({"width": d["width"], "depth": d["depth"], "norm": d["norm"]} if method == "herding" else {})}
-
-
-def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    h = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes())
-    h.update(labels.cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _stderr(msg: str) -> None:
@@ -327,9 +292,13 @@ class Experiment:
                  f"sources {', '.join(self.sources)}{self._missing_note()}")
         self.distill_data, self.distill_domains = prepared.distill_data, prepared.distill_domains
         cfg["target"] = self.targets[0] if len(self.targets) == 1 else list(self.targets)
-        self.run_dir = Path(run_dir) if run_dir is not None else self.world.on_main(
-            lambda: default_run_dir(cfg, self.target, preset, resume))
-        self.world.on_main(self._open_run_dir)
+        self.folder = RunFolder(run_dir if run_dir is not None else self.world.on_main(
+            lambda: default_run_dir(cfg, self.target, preset, resume)), self.log)
+        self.world.on_main(lambda: self.folder.open(self._config_record(), getattr(self.data, "bad_files", None)))
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
 
     @property
     def missing_classes(self) -> dict[str, list[str]]:
@@ -342,43 +311,14 @@ class Experiment:
         return "".join(f"; {t} lacks {len(m)} of the {k} classes ({_first(m)}): scored on the others"
                        for t, m in self.missing_classes.items())
 
-    # --- run folder -------------------------------------------------------------------------
-
-    def _open_run_dir(self) -> None:
-        _io.check_writable_dir(self.run_dir)
-        created = not self.run_dir.exists()
-        _io.ensure_dir(self.run_dir)
-        stale = _io.clean_stale_temporaries(self.run_dir)
-        if stale:
-            self.log(f"removed {len(stale)} temporary file(s) left in {self.run_dir} by interrupted writes")
-        try:
-            _io.write_json(self.run_dir / "config.json", {**self.cfg, "resolved": {
-                "device": str(self.device), "target_domains": self.targets, "missing_classes": self.missing_classes,
-                "source_domains": self.sources, "distill_domains": self.distill_domains,
-                "classes": list(self.data.classes), "image_shape": list(self.data.image_shape),
-                "distill": {k: getattr(self.compute_settings(), k) for k in ("depth", "precision", "channels_last")},
-                "processes": self.world.world_size, "torch": torch.__version__}})
-        except RunFolderError:
-            if created:  # leave no empty folder behind
-                with contextlib.suppress(OSError):
-                    self.run_dir.rmdir()
-            raise
-        self.write_bad_images()
-        self.log(f"run folder: {self.run_dir}")
-
-    def write_bad_images(self) -> Path | None:
-        """``bad_images.txt`` (one ``path<TAB>reason`` per line) when the data source skipped
-        unreadable images (its ``bad_files``), and one line with their count."""
-        bad = list(getattr(self.data, "bad_files", None) or [])
-        if not bad:
-            return None
-        path = self.run_dir / BAD_IMAGES_NAME
-        _io.write_text(path, "".join(f"{file}\t{reason}\n" for file, reason in bad))
-        self.log(f"skipped {len(bad)} unreadable image(s): listed in {path}")
-        return path
-
-    def set_dir(self, method: str, seed: int) -> Path:
-        return self.run_dir / method / f"seed{seed}"
+    def _config_record(self) -> dict:
+        """``config.json``: the configuration and what it resolved to on this data and device."""
+        return {**self.cfg, "resolved": {
+            "device": str(self.device), "target_domains": self.targets, "missing_classes": self.missing_classes,
+            "source_domains": self.sources, "distill_domains": self.distill_domains,
+            "classes": list(self.data.classes), "image_shape": list(self.data.image_shape),
+            "distill": {k: getattr(self.compute_settings(), k) for k in ("depth", "precision", "channels_last")},
+            "processes": self.world.world_size, "torch": torch.__version__}}
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -456,18 +396,19 @@ class Experiment:
         for this run's data and device: what a set records."""
         return distill_config(self.cfg, method, seed).resolved(self.distill_data.image_shape, self.device)
 
-    def distill_config(self, method: str, seed: int) -> DistillConfig:
-        """:meth:`compute_settings`, with ``lr_img`` the selected one when the run selects it."""
+    def selected_distill_config(self, method: str, seed: int) -> DistillConfig:
+        """:meth:`compute_settings`, with ``lr_img`` the selected one when the run selects it: the
+        config a distillation runs with."""
         dcfg = self.compute_settings(method, seed)
         record = self.select_lr(method)
         return dcfg if record is None else dataclasses.replace(dcfg, lr_img=float(record["selected_lr_img"]))
 
-    def set_config(self, method: str, seed: int) -> dict:
-        """What determines a training set of this run (:func:`set_config`, with the selected ``lr_img``
-        and the network depth resolved)."""
+    def resolved_set_config(self, method: str, seed: int) -> dict:
+        """What determines a training set of this run (:func:`training_set_config`, with the
+        selected ``lr_img`` and the network depth resolved): what a set records."""
         if method in DISTILLED:
-            return self.distill_config(method, seed).to_dict()
-        config = set_config(method, seed, self.cfg)
+            return self.selected_distill_config(method, seed).to_dict()
+        config = training_set_config(method, seed, self.cfg)
         if "depth" in config:
             config["depth"] = self.compute_settings().depth
         return config
@@ -480,40 +421,12 @@ class Experiment:
 
     # --- one training set -------------------------------------------------------------------
 
-    def _reusable(self, payload: dict, method: str, seed: int) -> bool:
-        """Whether a finished set can be reused. A distilled set whose settings differ only in
-        ``iterations`` (or checkpointing) is continued from its checkpoint instead; any other
-        difference is an error, so a resumed folder never mixes settings silently."""
-        # a set depends on its sources (in leave-one-domain-out they fix the target), not on the
-        # OOD targets it is tested on: an ImageNet set is reused when a target is added
-        where = (payload.get("source_domains"), payload.get("distill_domains"))
-        if where != (self.sources, self.distill_domains):
-            raise ValueError(f"{method} seed {seed} in {self.run_dir} was made from sources/distillation domains "
-                             f"{where} (target {payload.get('target')}), not {(self.sources, self.distill_domains)}")
-        wanted, saved = self.set_config(method, seed), payload.get("config") or {}
-        if method in BASELINES:
-            return wanted == saved  # cheap to redo when anything differs
-        if relevant_settings(wanted) == relevant_settings(saved):
-            # other iterations: distill() continues from the checkpoint (or says why it cannot)
-            return wanted["iterations"] == saved.get("iterations")
-        wanted, saved = relevant_settings(wanted), relevant_settings(saved)
-        diff = sorted(k for k in set(wanted) | set(saved) if wanted.get(k) != saved.get(k))
-        raise ValueError(f"{method} seed {seed} in {self.run_dir} was distilled with other settings for {diff} "
-                         f"({[saved.get(k) for k in diff]} there, {[wanted.get(k) for k in diff]} now): "
-                         "use another --run-dir, or drop --resume to start it again")
-
     def load_set(self, method: str, seed: int, hint: str | None = None) -> dict:
         """The finished set ``<method>/seed<k>/synthetic.pt``."""
         if get_method(method).set_of:
             base = get_method(method).set_of
             return {**self.load_set(base, seed, hint), "method": method, "set_of": base}
-        path = self.set_dir(method, seed) / "synthetic.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `sgs-dgdd distill` for {method} first")
-        payload = _io.load_torch(path, hint or f"delete it and run `sgs-dgdd distill --resume` for {method} "
-                                               "to make it again")
-        if not isinstance(payload, dict) or not {"images", "labels", "method", "seed"} <= set(payload):
-            raise RunFolderError(f"{path} is not a synthetic set of this package; delete it to make it again")
+        payload = self.folder.load_set(method, seed, hint)
         if payload["images"] is None:  # not stored (the whole sources): rebuilt from the data
             payload["images"], payload["labels"] = BASELINES[method](self.data, self.sources)
         return payload
@@ -521,11 +434,10 @@ class Experiment:
     def produce_set(self, method: str, seed: int, reuse: bool | None = None) -> dict:
         """Distil (or select, for a baseline) one training set, or reuse a finished one (``reuse``,
         default: ``resume``); writes ``synthetic.pt``, ``synthetic.png`` and ``curves.png`` in
-        :meth:`set_dir`."""
+        :meth:`RunFolder.set_dir`."""
         if get_method(method).set_of:  # another method's set, evaluated differently
             return self._set_of(method, seed, reuse)
-        out, log = self.set_dir(method, seed), self._set_log(method, seed)
-        syn_path = out / "synthetic.pt"
+        out, log = self.folder.set_dir(method, seed), self._set_log(method, seed)
         if self.resume if reuse is None else reuse:
             payload = self.world.on_main(lambda: self._finished_set(method, seed))
             if payload is not None:
@@ -533,11 +445,11 @@ class Experiment:
         if method == "dm_sgs":
             self.load_extension()
         data, device, cfg = self.data, self.device, self.cfg
-        history, config = {}, self.set_config(method, seed)
+        history, config = {}, self.resolved_set_config(method, seed)
         with self.phase("distill"):
             t0 = time.perf_counter()
             if method in DISTILLED:
-                dcfg = self.distill_config(method, seed)
+                dcfg = self.selected_distill_config(method, seed)
                 log(f"distilling {dcfg.ipc} img/class from {self.distill_domains} for {dcfg.iterations} "
                     f"iterations on {device} (lr_img {dcfg.lr_img:g}, {dcfg.matching} matching)")
                 result = distill(self.distill_data, self.distill_domains, dcfg, device=device, run_dir=out,
@@ -558,9 +470,8 @@ class Experiment:
                        "config": config, "history": history, "seconds": time.perf_counter() - t0}
             if method == "dm_sgs":
                 payload["sgs_backend"] = self.backend_record()
-            stored = payload if get_method(method).store_images else {**payload, "images": None, "labels": None}
-            self.world.on_main(lambda: _io.save_torch(stored, syn_path))
-        self.world.on_main(lambda: self.write_set_plots(payload, force=True))
+            self.world.on_main(lambda: self.folder.save_set(payload, get_method(method).store_images))
+        self.world.on_main(lambda: self.folder.write_set_plots(payload, force=True))
         log(f"done in {payload['seconds']:.1f} s")
         self._made[method, seed] = payload
         return payload
@@ -577,29 +488,17 @@ class Experiment:
     def _finished_set(self, method: str, seed: int) -> dict | None:
         """The set of ``method`` and ``seed`` when the run folder holds it finished with these
         settings (its plots rebuilt if missing); ``None`` when it is to be made."""
-        syn_path = self.set_dir(method, seed) / "synthetic.pt"
+        syn_path = self.folder.set_path(method, seed)
         if not syn_path.is_file():
             return None
         payload = self.load_set(method, seed, hint="delete it to make it again (a distillation continues "
                                                     "from its checkpoint.pt), or drop --resume")
-        if not self._reusable(payload, method, seed):
+        if not self.folder.reusable_set(payload, self.resolved_set_config(method, seed), self.sources,
+                                        self.distill_domains, baseline=method in BASELINES):
             return None
         self._set_log(method, seed)(f"reusing {syn_path}")
-        self.write_set_plots(payload)
+        self.folder.write_set_plots(payload)
         return payload
-
-    def write_set_plots(self, payload: dict, force: bool = False) -> None:
-        """``synthetic.png`` and ``curves.png`` of a set: always with ``force``, else only when
-        missing or damaged (a run killed after ``synthetic.pt`` was written)."""
-        from .dm.plots import save_curves, save_image_grid
-
-        out = self.set_dir(payload["method"], payload["seed"])
-        if force or not _io.is_complete_png(out / "synthetic.png"):
-            save_image_grid(payload["images"], payload["labels"], out / "synthetic.png", payload["mean"],
-                            payload["std"], payload["classes"])
-        history = payload.get("history") or {}
-        if history.get("loss") and (force or not _io.is_complete_png(out / "curves.png")):
-            save_curves({payload["method"]: history}, out / "curves.png")
 
     def evaluate_set(self, payload: dict) -> dict:
         """Train the evaluation networks on a set and test them on the target and the sources
@@ -607,12 +506,13 @@ class Experiment:
         writes ``<method>/seed<k>/metrics.json``."""
         method, seed = payload["method"], payload["seed"]
         log = self._set_log(method, seed)
-        path = self.set_dir(method, seed) / "metrics.json"
         digest = fingerprint(payload["images"], payload["labels"])
         ecfg = self.eval_config(method)
-        saved = self.world.on_main(lambda: self._finished_metrics(path, ecfg, digest, log)) if self.resume else None
-        if saved is not None:
-            return saved
+        if self.resume:
+            saved = self.world.on_main(lambda: self.folder.finished_metrics(method, seed, ecfg, self.targets, digest,
+                                                                             log))
+            if saved is not None:
+                return saved
         if payload.get("source_domains") != self.sources:
             raise ValueError(f"{method} seed {seed} was distilled from {payload.get('source_domains')} "
                              f"(target {payload.get('target')!r}), not from {self.sources} (target {self.target!r})")
@@ -620,14 +520,14 @@ class Experiment:
         log(f"training {ecfg.num_eval} network(s) of each of {archs} for {ecfg.epochs} epochs, testing on "
             f"{', '.join(self.targets)} and {', '.join(self.sources)} (in-domain)")
         with self.phase("evaluate"):
-            metrics = shared_evaluation(lambda cfg, s, nets: evaluate_synthetic(
+            metrics = shared_evaluation(lambda cfg, s, nets: score_networks(
                 payload["images"], payload["labels"], self.data, self.sources, self.targets, cfg, device=self.device,
                 seed=s, nets=nets), ecfg, seed, self.world)
         metrics["distill_seconds"] = payload.get("seconds")
         if method in DISTILLED:
             metrics["lr_img"] = (payload.get("config") or {}).get("lr_img")
         metrics["synthetic_sha1"] = digest  # ties the numbers to the exact set they were measured on
-        self.world.on_main(lambda: _io.write_json(path, metrics))
+        self.world.on_main(lambda: self.folder.write_metrics(method, seed, metrics))
         per_target = "" if len(self.targets) == 1 else " (" + ", ".join(
             f"{t} {100 * r['ood_acc_mean']:.1f}%" for t, r in metrics["targets"].items()) + ")"
         log(f"OOD {100 * metrics['ood_acc_mean']:.1f}%{per_target}  "
@@ -637,20 +537,6 @@ class Experiment:
     def eval_config(self, method: str) -> EvalConfig:
         """The run's evaluation settings with the method's own (:mod:`sgs_cuda.methods`)."""
         return EvalConfig.from_dict({**self.cfg["eval"], **get_method(method).eval_options(self.cfg["eval"])})
-
-    def _finished_metrics(self, path: Path, ecfg: EvalConfig, digest: str, log) -> dict | None:
-        """The saved evaluation at ``path`` when it is of this exact set and settings."""
-        if not path.is_file():
-            return None
-        saved = _io.try_load_json(path)
-        if saved is None:
-            log(f"{path} is damaged: evaluating again")
-        elif (same_eval_config(saved.get("config"), ecfg)
-              and saved.get("target_domains", [saved.get("target_domain")]) == self.targets
-              and saved.get("synthetic_sha1", digest) == digest):
-            log(f"reusing {path}")
-            return saved
-        return None
 
     # --- every method and seed --------------------------------------------------------------
 
@@ -675,53 +561,26 @@ class Experiment:
         self.world.on_main(self.write_curves)
         return self.world.on_main(lambda: self.write_summary(per_seed))
 
-    def _histories(self) -> dict:
-        out = {}
-        for method in DISTILLED:
-            for p in sorted((self.run_dir / method).glob("seed*/synthetic.pt")):
-                try:
-                    payload = _io.load_torch(p, "it is left out of curves.png")
-                    h = (payload.get("history") if isinstance(payload, dict) else None) or {}
-                except RunFolderError as exc:
-                    self.log(str(exc))
-                    continue
-                if h.get("loss"):
-                    out[f"{method} {p.parent.name}"] = h
-        return out
-
     def write_curves(self) -> None:
         """The run's ``curves.png``: the loss (and surgery diagnostics) of every distilled set."""
-        histories = self._histories()
-        if histories:
-            from .dm.plots import save_curves
-            save_curves(histories, self.run_dir / "curves.png")
+        self.folder.write_curves(DISTILLED)
 
     def write_summary(self, per_seed: dict[str, dict[int, dict]]) -> dict:
-        """The comparison in the top-level ``metrics.json``, keeping methods that earlier commands
-        evaluated on this folder (a damaged earlier file is rebuilt from this command's)."""
+        """The comparison of this command's sets, written to the top-level ``metrics.json`` with
+        the methods earlier commands evaluated on this folder (:meth:`RunFolder.write_summary`)."""
         cfg = self.cfg
         self.timings["total"] = time.perf_counter() - self._t0
-        path = self.run_dir / "metrics.json"
-        old = None
-        if path.exists():
-            old = _io.try_load_json(path)
-            if old is None:
-                self.log(f"{path} was damaged: rebuilt from this command's results")
         metrics = {"dataset": str(cfg["dataset"]), "target": self.target, "target_domains": self.targets,
                    "missing_classes": self.missing_classes, "source_domains": self.sources,
                    "ipc": cfg["distill"]["ipc"], "iterations": cfg["distill"]["iterations"],
                    "methods": summarize(per_seed)}
-        backend = self.backend_record() or (old or {}).get("sgs_backend") or {"implementation": "not used by this command"}
-        metrics["sgs_backend"] = backend
+        metrics["sgs_backend"] = self.backend_record()  # (None: the folder's earlier one)
         selections = {m: {k: r[k] for k in ("selected_lr_img", "grid", "validation_acc", "seeds")}
                       for m, r in self.selections.items() if m in metrics["methods"]}
         if selections:
             metrics["lr_selection"] = selections
         metrics["phase_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
-        if old is not None and old.get("target") == self.target and isinstance(old.get("methods"), dict):
-            metrics["methods"] = {**{k: v for k, v in old["methods"].items() if k not in metrics["methods"]},
-                                  **metrics["methods"]}
-        _io.write_json(path, metrics)
+        metrics = self.folder.write_summary(metrics, self.target)
         self.report_timings()
         return metrics
 
@@ -734,60 +593,16 @@ class Experiment:
 
 # --- evaluation networks shared by the processes ---------------------------------------------
 
-def shared_evaluation(evaluate: Callable[[EvalConfig, int, Sequence[int]], dict], ecfg: EvalConfig, seed: int,
+def shared_evaluation(score: Callable[[EvalConfig, int, Sequence[int]], dict], ecfg: EvalConfig, seed: int,
                       world: distributed.World) -> dict:
-    """``evaluate(ecfg, seed, nets)`` (:func:`~sgs_cuda.evaluate.evaluate_synthetic` of the
-    networks ``nets``), its ``num_eval`` networks shared by ``world``'s processes: each trains a
+    """The metrics of ``score(ecfg, seed, nets)`` (:func:`~sgs_cuda.evaluate.score_networks` of the
+    networks ``nets``), its ``num_eval`` networks shared by ``world``'s processes: each scores a
     consecutive block of them (a network's seed does not depend on which others are trained),
-    and rank 0 merges the blocks (:func:`merge_evaluations`); every rank returns the merged
-    metrics."""
+    and rank 0 merges their raw counts (:func:`~sgs_cuda.evaluate.merge_scores`) into the metrics
+    one process would compute; every rank returns them."""
     if not world.sharded:
-        return evaluate(ecfg, seed, range(ecfg.num_eval))
+        return evaluation_metrics(score(ecfg, seed, range(ecfg.num_eval)))
     block = world.shard(ecfg.num_eval)
-    part = evaluate(ecfg, seed, block) if len(block) else None
-    parts = world.gather((len(block), part))
-    return world.on_main(lambda: merge_evaluations([p for p in parts if p[0]], ecfg))
-
-
-def merge_evaluations(parts: Sequence[tuple[int, dict]], ecfg: EvalConfig) -> dict:
-    """One evaluation of all networks from the evaluations of consecutive blocks of them
-    (``(networks, metrics)`` in network order): per-network lists (``*_acc``, ``train_loss``, or
-    lists of that length that differ between blocks) are concatenated, ``X_mean`` /
-    ``X_std`` recomputed from the list ``X`` as one process computes them, counts (``num_eval``)
-    added, times (``seconds``) the longest block's, other per-block means (``per_domain``)
-    weighted by the block sizes; everything else is the same in every block."""
-    from .evaluate import _mean_std
-
-    counts = [n for n, _ in parts]
-
-    def merge(values: list, key: str | None = None):
-        first = values[0]
-        if key == "num_eval":
-            return sum(values)
-        if key == "seconds":
-            return max(values)
-        if isinstance(first, dict):
-            out = {k: merge([v[k] for v in values], k) for k in first}
-            for k, v in out.items():
-                for suffix, index in (("_mean", 0), ("_std", 1)):
-                    per_net = out.get(k[:-len(suffix)]) if k.endswith(suffix) else None
-                    if isinstance(per_net, list) and per_net:
-                        out[k] = _mean_std(per_net)[index]
-            return out
-        if isinstance(first, list) and all(isinstance(v, list) and len(v) == n for v, n in zip(values, counts)) \
-                and (_per_network(key) or any(v != first for v in values)):
-            return [x for v in values for x in v]
-        if all(v == first for v in values):
-            return first
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return sum(v * n for v, n in zip(values, counts)) / sum(counts)
-        return first
-
-    merged = merge([m for _, m in parts])
-    merged["config"] = ecfg.to_dict()
-    return merged
-
-
-def _per_network(key: str | None) -> bool:
-    """Whether a list under ``key`` holds one value per evaluation network (accuracies, losses)."""
-    return key is not None and (key.endswith("_acc") or key == "train_loss")
+    part = score(ecfg, seed, block) if len(block) else None
+    parts = world.gather(part)
+    return world.on_main(lambda: evaluation_metrics(merge_scores([p for p in parts if p is not None])))

@@ -20,7 +20,7 @@ import torch
 
 from . import _io
 from .data.holdout import hold_out
-from .dm.distill import DistillConfig, distill
+from .dm.loop import DistillConfig, distill
 from .evaluate import EvalConfig, _seed_for, iter_batches, predict, split_size, train_classifier
 
 DEFAULT_GRID = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -86,7 +86,7 @@ def select_lr(data, source_domains: Sequence[str], distill_cfg: DistillConfig, e
             if log is not None:
                 log(f"lr_img {lr:g} seed {seed}: validation accuracy {100 * _mean(accs):.1f}%")
             if path is not None:
-                _save(path, {"settings": settings, "per_seed": per_seed})
+                _save(path, {"settings": settings, "per_seed_all": per_seed})
     scores = {str(lr): _mean([a for s in seeds for a in per_seed[str(lr)][str(s)]]) for lr in grid}
     best = max(grid, key=lambda lr: (scores[str(lr)], -grid.index(lr)))
     record = {"selected_lr_img": best, "grid": grid, "validation_acc": scores,
@@ -111,7 +111,7 @@ def _load_finished(path: Path | None, settings: dict) -> dict:
     if saved.get("settings") != json.loads(json.dumps(settings)):
         raise ValueError(f"{path} holds a learning-rate selection with other settings; "
                          "use another run folder or delete it to start again")
-    return saved.get("per_seed_all", saved.get("per_seed", {}))
+    return saved.get("per_seed_all", {})
 
 
 def _save(path: Path, obj: dict) -> None:

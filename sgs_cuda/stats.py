@@ -54,6 +54,13 @@ class PairedSummary:
                 f"[{self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}]")
 
 
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``n - 1``; 0 for a single value)."""
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
 def t_quantile(confidence: float, df: int) -> float:
     """The two-sided Student-t critical value (``t_{(1 + confidence) / 2, df}``)."""
     from scipy.stats import t
@@ -72,11 +79,10 @@ def summarize_differences(diffs: Sequence[float], confidence: float = 0.95) -> P
     nan = float("nan")
     if n == 0:
         return PairedSummary(0, nan, nan, nan, nan, nan, 0, confidence)
-    mean = sum(d) / n
+    mean, sd = mean_sd(d)
     positive = sum(x > 0 for x in d)
     if n == 1:
         return PairedSummary(1, mean, nan, nan, nan, nan, positive, confidence)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     se = sd / math.sqrt(n)
     half = t_quantile(confidence, n - 1) * se
     return PairedSummary(n, mean, sd, se, mean - half, mean + half, positive, confidence)
@@ -142,14 +148,11 @@ def accuracies(seed_metrics: Mapping[str, Mapping[int, Mapping]], key: str = "oo
     return {t: {s: scale * float(lookup(m, key)) for s, m in sorted(seeds.items())} for t, seeds in seed_metrics.items()}
 
 
-def _mean_sd(values: Sequence[float]) -> str:
+def _format_mean_sd(values: Sequence[float]) -> str:
     if not values:
         return "not run"
-    m = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{m:.1f}"
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.1f} ± {sd:.1f}"
+    m, sd = mean_sd(values)
+    return f"{m:.1f}" if len(values) == 1 else f"{m:.1f} ± {sd:.1f}"
 
 
 def markdown_tables(arms: Mapping[str, tuple[Sequence, str]], baseline: str,
@@ -176,7 +179,7 @@ def markdown_tables(arms: Mapping[str, tuple[Sequence, str]], baseline: str,
             cells = [t, label]
             for key in keys:
                 mine = acc[label][key].get(t, {})
-                cells.append(_mean_sd(list(mine.values())))
+                cells.append(_format_mean_sd(list(mine.values())))
                 if label == baseline or t not in base[key]:
                     cells += ["", ""]
                     continue

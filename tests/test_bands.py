@@ -8,7 +8,7 @@ from tiny_domains import TinyDomains
 from sgs_cuda import SGSConfig
 from sgs_cuda.dm import DistillConfig, distill
 from sgs_cuda.dm.bands import BAND_EDGES, BAND_KEYS, band_diagnostics, band_index, band_labels
-from sgs_cuda.dm.distill import CHECKPOINT_NAME
+from sgs_cuda.dm.checkpoint import CHECKPOINT_NAME
 from sgs_cuda.dm.plots import save_band_curves
 from sgs_cuda.ops import spectral_gradient_surgery
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from benchmark_files import make_core50, make_digits, make_pacs
-from sgs_cuda import cli, experiment
+from sgs_cuda import cli, config, experiment
 from sgs_cuda.data.core50 import OUTDOOR
 
 TINY = ["--iterations", "3", "--ipc", "1", "--batch-real", "8", "--width", "8", "--eval-width", "8",
@@ -62,6 +62,6 @@ def test_a_missing_target_domain_names_the_files_looked_for(tmp_path):
         f.unlink()
     with pytest.raises(ValueError, match=r"unknown target domain 'usps'; .*usps: no usps/ under .*usps\.bz2"):
         with pytest.warns(UserWarning, match="usps not found"):
-            experiment.prepare_data(experiment.resolve_config(
+            experiment.prepare_data(config.resolve_config(
                 {"dataset": "digits", "data_root": str(root), "target": "usps",
                  "data_kwargs": {"cache_dir": str(tmp_path / "cache")}}, preset="digits-32"))

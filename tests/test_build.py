@@ -25,46 +25,84 @@ CHILD = textwrap.dedent("""
     print("OK")
 """)
 
+# The cache's behaviour (locking, healing, messages) does not depend on what it compiles: these
+# tests build a one-function source in well under a second instead of the whole extension.
+STUB_SOURCE = 'extern "C" int sgs_stub_answer() { return 42; }\n'
+STUB_CHILD = textwrap.dedent("""
+    import ctypes, sys
+    from pathlib import Path
+    from sgs_cuda import _build
+    stub = Path(sys.argv[1])
+    _build.source_dir = lambda: stub
+    _build.CPP_SOURCES, _build.HEADERS = ("stub.cpp",), ()
+    build = _build.build_extension(with_cuda=False)
+    (lib,) = build.glob("*.so")
+    assert ctypes.CDLL(str(lib)).sgs_stub_answer() == 42
+    print("OK")
+""")
 
-def _child(cache: Path, script: str = CHILD, **env):
+
+def _child(cache: Path, script: str = CHILD, *args: str, **env):
     env = {**os.environ, "SGS_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _stub_source(tmp_path: Path) -> str:
+    stub = tmp_path / "stub_src"
+    stub.mkdir()
+    (stub / "stub.cpp").write_text(STUB_SOURCE)
+    return str(stub)
+
+
+def _check_one_clean_build(cache: Path, outputs: list[str], source: str) -> Path:
+    """One build folder holding one library, compiled from a copy of the sources inside it (no
+    checkout path involved); one start and one end line; none of torch's CUDA warning."""
+    builds = [d for d in (cache / "extensions").iterdir() if d.is_dir()]
+    assert len(builds) == 1
+    assert len(list(builds[0].glob("*.so"))) == 1
+    assert (builds[0] / "src" / source).is_file() and (builds[0] / _build.MANIFEST).is_file()
+    assert not (builds[0] / "scratch").exists()
+    joined = "\n".join(outputs)
+    assert joined.count("sgs_cuda: compiling") == 1 and joined.count("sgs_cuda: extension built in") == 1, joined
+    assert "No CUDA runtime" not in joined
+    return builds[0]
+
+
+def test_full_extension_builds_in_a_fresh_cache(tmp_path):
+    """The one test that compiles the whole extension from scratch (the others build a stub)."""
+    proc = _child(tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    _check_one_clean_build(tmp_path, [proc.stdout, proc.stderr], "bindings.cpp")
 
 
 def test_concurrent_first_use_builds_once(tmp_path):
     env = {**os.environ, "SGS_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE,
+    stub = _stub_source(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", STUB_CHILD, stub], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and out.strip().endswith("OK"), out
-    builds = [d for d in (tmp_path / "extensions").iterdir() if d.is_dir()]
-    assert len(builds) == 1  # both processes used the same cached build
-    assert len(list(builds[0].glob("*.so"))) == 1
-    # compiled from a copy of the sources inside the build folder (no checkout path involved)
-    assert (builds[0] / "src" / "bindings.cpp").is_file() and (builds[0] / _build.MANIFEST).is_file()
-    assert not (builds[0] / "scratch").exists()
-    # one start and one end line, from the process that built; none of torch's CUDA warning
-    joined = "\n".join(outputs)
-    assert joined.count("sgs_cuda: compiling") == 1 and joined.count("sgs_cuda: extension built in") == 1, joined
-    assert "No CUDA runtime" not in joined
+    _check_one_clean_build(tmp_path, outputs, "stub.cpp")  # both processes used the same cached build
 
 
 def test_damaged_library_is_rebuilt(tmp_path):
     """A truncated library used to kill every later process with SIGBUS (exit 135), an empty or
     garbage one to fall back to the torch reference for good: both are now rebuilt, once."""
-    first = _child(tmp_path)
+    stub = _stub_source(tmp_path)
+    first = _child(tmp_path, STUB_CHILD, stub)
     assert first.returncode == 0, first.stderr
     (build,) = [d for d in (tmp_path / "extensions").iterdir() if d.is_dir()]
     (lib,) = build.glob("*.so")
     data = lib.read_bytes()
     for damage in (data[: len(data) // 2], b"", b"\x7fELF garbage" * 100):
         lib.write_bytes(damage)
-        proc = _child(tmp_path, SGS_BACKEND="ext")
+        proc = _child(tmp_path, STUB_CHILD, stub, SGS_BACKEND="ext")
         assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (proc.returncode, proc.stderr[-3000:])
         assert proc.stderr.count("rebuilding") == 1, proc.stderr[-3000:]
         assert _build.library_state(build, lib.stem) == "ok"
-    again = _child(tmp_path)  # healthy now: loaded, not rebuilt
+    again = _child(tmp_path, STUB_CHILD, stub)  # healthy now: loaded, not rebuilt
     assert again.returncode == 0 and "compiling" not in again.stderr
 
 

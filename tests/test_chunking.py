@@ -4,15 +4,13 @@ Chunked domain gradients are compared with unchunked ones bitwise: a class's los
 only its own synthetic images (instance norm, one DSA draw per class), and the convolutions of
 the CPU backend give every image the same result whatever the batch around it.
 """
-import math
-
 import pytest
 import torch
 from tiny_domains import TinyDomains
 
 from sgs_cuda import SGSConfig
 from sgs_cuda.dm import DSAParams, DistillConfig, build_convnet, distill
-from sgs_cuda.dm.distill import ADDED_OPTIONS, CHECKPOINT_NAME, RandomStreams, relevant_settings, stream_seed
+from sgs_cuda.dm.loop import RandomStreams, stream_seed
 from sgs_cuda.dm.matching import matching_losses
 from sgs_cuda.dm.memory import GIB, DoesNotFit, estimate, plan_memory
 from sgs_cuda.dm.networks import auto_depth
@@ -57,8 +55,7 @@ def test_chunked_domain_gradients_equal_unchunked(matching):
 @pytest.mark.parametrize("kw", [dict(method="dm"), dict(method="dm_sgs"),
                                 dict(method="dm_sgs", sgs=SGSConfig(assignment="fixed", normalize="dm_norm")),
                                 dict(method="dm_sgs", matching="m3d"),
-                                dict(method="dm_sgs", sgs=SGSConfig(space="spatial")),
-                                dict(method="dm_sgs", rng="sequential")])
+                                dict(method="dm_sgs", sgs=SGSConfig(space="spatial"))])
 def test_chunked_run_equals_one_pass(kw):
     whole = quiet(cfg=tiny_cfg(**kw))
     for chunk in (1, 2):
@@ -203,8 +200,8 @@ def test_channels_last_gives_the_same_features():
 # --- the random streams ---------------------------------------------------------------------------
 
 def test_per_class_streams_do_not_depend_on_the_other_classes():
-    a = RandomStreams(0, "per_class", torch.device("cpu"))
-    b = RandomStreams(0, "per_class", torch.device("cpu"))
+    a = RandomStreams(0, torch.device("cpu"))
+    b = RandomStreams(0, torch.device("cpu"))
     x = torch.rand(3, generator=a.for_class("data", 5, 2))
     torch.rand(100, generator=b.for_class("data", 5, 1))  # other classes' draws in between
     torch.rand(7, generator=b.for_class("dsa", 5, 2))
@@ -215,39 +212,6 @@ def test_per_class_streams_do_not_depend_on_the_other_classes():
     assert torch.equal(torch.cat([b.assignment(3, range(0, 1), 2, 3, "random"),
                                   b.assignment(3, range(1, 4), 2, 3, "random")]), full)
     assert torch.equal(a.assignment(3, range(2, 4), 2, 3, "fixed"), torch.arange(4, 8) % 3)
-
-
-def test_runs_saved_before_the_streams_resume_exactly(tmp_path):
-    """A checkpoint whose config predates rng/precision/channels_last (sequential streams)."""
-    legacy = tiny_cfg(iterations=6, checkpoint_every=3, rng="sequential")
-    full = quiet(cfg=legacy)
-    quiet(cfg=tiny_cfg(iterations=3, checkpoint_every=3, rng="sequential"), run_dir=tmp_path)
-    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
-    for key in ("rng", "precision", "channels_last", "class_chunk", "memory_gib"):
-        del saved["config"][key]
-    torch.save(saved, tmp_path / CHECKPOINT_NAME)
-    assert relevant_settings(saved["config"]) == relevant_settings(legacy.to_dict())
-    assert ADDED_OPTIONS["rng"] == "sequential"
-    resumed = quiet(cfg=legacy, run_dir=tmp_path, resume=True)
-    assert torch.equal(resumed.images, full.images)
-    with pytest.raises(ValueError, match="rng"):  # the new default is a different trajectory
-        quiet(cfg=tiny_cfg(iterations=6, checkpoint_every=3), run_dir=tmp_path, resume=True)
-
-
-def test_saved_run_folder_configs_keep_their_settings():
-    from sgs_cuda.config import default_config, resolve_config
-
-    saved = default_config()
-    for key in ("rng", "precision", "channels_last", "class_chunk", "memory_gib"):
-        del saved["distill"][key]
-    saved["distill"]["depth"] = 3
-    cfg = resolve_config(saved=saved)
-    assert cfg["distill"]["rng"] == "sequential" and cfg["distill"]["precision"] == "float32"
-    assert cfg["distill"]["channels_last"] is False and cfg["distill"]["depth"] == 3
-    fresh = resolve_config({"distill.depth": "auto", "distill.channels_last": True})
-    assert fresh["distill"]["rng"] == "per_class" and fresh["distill"]["depth"] == "auto"
-    assert resolve_config({"distill.depth": 5}, saved=saved)["distill"]["depth"] == 5
-    assert math.isclose(resolve_config({"distill.memory_gib": 2})["distill"]["memory_gib"], 2)
 
 
 def test_scaling_benchmark_measures_a_point():

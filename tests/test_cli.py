@@ -13,7 +13,7 @@ from tiny_domains import TinyDomains as _TinyDomains
 
 from sgs_cuda import cli, experiment
 from sgs_cuda.compare import describe_run, load_run
-from sgs_cuda.config import parse_targets
+from sgs_cuda.config import distill_config, parse_targets
 
 
 class TinyDomains(_TinyDomains):
@@ -69,7 +69,7 @@ def test_presets_and_resolution_order(tmp_path):
     assert cfg["sgs"] == {**quick["sgs"], "alpha": 0.5, "beta": 0.0, "mask": "soft", "space": "spatial"}
     assert cfg["seeds"] == [4, 5] and cfg["methods"] == ["dm", "dm_sgs", "random"]
     assert cfg["eval"]["epochs"] == 9 and cfg["distill"]["dsa"] is False and cfg["eval"]["dsa"] is False
-    dm_cfg = cli.distill_config(cfg, "dm_sgs", 4)
+    dm_cfg = distill_config(cfg, "dm_sgs", 4)
     assert dm_cfg.sgs.alpha == 0.5 and dm_cfg.sgs.space == "spatial" and dm_cfg.seed == 4 and dm_cfg.ipc == 5
 
 
@@ -228,7 +228,7 @@ def test_module_entry_point_help():
         assert flag in out.stdout
 
 
-def test_issue10_flags_map_onto_the_config():
+def test_selection_step_and_architecture_flags_map_onto_the_config():
     args = cli.build_parser().parse_args(
         ["run", "--preset", "medium", "--matching", "m3d", "--eval-arch", "convnet,vgg11:16", "--label", "M3D tuned",
          "--select-lr", "0.5, 1,2", "--select-seeds", "10", "11", "--holdout-fraction", "0.25"])
@@ -240,7 +240,7 @@ def test_issue10_flags_map_onto_the_config():
     assert plain["select"]["lr_grid"] == [] and plain["label"] is None and plain["distill"]["matching"] == "dm"
     if "normalize" in plain["sgs"]:  # the op's matched-step option
         cfg = cli.resolve_config(cli.build_parser().parse_args(["run", "--normalize", "dm_norm"]))
-        assert cfg["sgs"]["normalize"] == "dm_norm" and cli.distill_config(cfg, "dm_sgs", 0).sgs.normalize == "dm_norm"
+        assert cfg["sgs"]["normalize"] == "dm_norm" and distill_config(cfg, "dm_sgs", 0).sgs.normalize == "dm_norm"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -251,7 +251,7 @@ def test_issue10_flags_map_onto_the_config():
     (["run", "--eval-arch", "lenet"], "unknown architecture 'lenet'"),
     (["compare", "nowhere"], "run folder nowhere does not exist"),
 ])
-def test_issue10_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
+def test_selection_step_and_architecture_errors_are_one_line(tiny, capsys, tmp_path, argv, message):
     rc = tiny(*argv, "--run-dir", str(tmp_path / "r")) if argv[0] != "compare" else cli.main(argv)
     assert rc == 2
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmark_files import CORE50_COLOURS, make_core50
-from sgs_cuda import experiment
+from sgs_cuda import config, experiment
 from sgs_cuda.data import load_dataset
 from sgs_cuda.data.core50 import CATEGORIES, CORe50, OUTDOOR, SESSIONS
 
@@ -36,7 +36,7 @@ def test_sessions_are_domains_and_objects_group_into_categories(root, tmp_path):
 def test_named_target_sets_and_missing_sessions(root, tmp_path):
     data = load_dataset("CORe50", root=root, cache_dir=tmp_path / "c", progress=False)
     assert data.target_groups["outdoor"] == OUTDOOR and len(data.target_groups["indoor"]) == 8
-    cfg = experiment.resolve_config({"dataset": "core50", "data_root": str(root), "target": "outdoor",
+    cfg = config.resolve_config({"dataset": "core50", "data_root": str(root), "target": "outdoor",
                                      "data_kwargs": {"cache_dir": str(tmp_path / "c")}})
     prepared = experiment.prepare_data(cfg)
     assert prepared.targets == list(OUTDOOR) and prepared.sources == [s for s in SESSIONS if s not in OUTDOOR]

@@ -191,7 +191,7 @@ def test_memory_map_batches_equal_direct_decoding_and_are_balanced(tmp_path):
     g = torch.Generator().manual_seed(5)
     drawn = draw_indices(3, 8, torch.Generator().manual_seed(5))  # the same draw real_batch makes
     batch = data.real_batch("dB", 1, 8, generator=g)
-    direct = data.normalize(torch.from_numpy(np.stack([decode_image(files[i], 8, "squash") for i in drawn])))
+    direct = data.normalize_pixels(torch.from_numpy(np.stack([decode_image(files[i], 8, "squash") for i in drawn])))
     assert torch.equal(batch, direct)
     counts = torch.bincount(drawn, minlength=3)
     assert counts.min() >= 2 and counts.max() <= 3  # balanced draws over the cell

@@ -7,8 +7,9 @@ import torch
 
 from sgs_cuda import SGSConfig
 from sgs_cuda.dm import ConvNet, DSAParams, DistillConfig, augment, augment_pair, build_convnet, distill
-from sgs_cuda.dm.distill import CHECKPOINT_NAME, initial_images, matching_losses
 from sgs_cuda.dm.dsa import FAMILIES, parse_strategy
+from sgs_cuda.dm.checkpoint import CHECKPOINT_NAME
+from sgs_cuda.dm.loop import matching_losses
 
 
 from tiny_domains import CrashingDomains, TinyDomains  # noqa: E402
@@ -18,6 +19,17 @@ def tiny_cfg(**kw):
     base = dict(method="dm_sgs", ipc=2, iterations=4, batch_real=6, width=8, depth=2, log_every=2)
     base.update(kw)
     return DistillConfig(**base)
+
+
+def test_the_loop_module_is_not_shadowed_by_the_function():
+    """``sgs_cuda.dm.distill`` is the function; its module, the one to patch, is ``sgs_cuda.dm.loop``."""
+    import importlib
+
+    import sgs_cuda.dm.loop as loop
+
+    assert importlib.import_module("sgs_cuda.dm.loop") is loop and loop.distill is distill
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("sgs_cuda.dm.distill")
 
 
 # --- networks -------------------------------------------------------------------------------
@@ -217,7 +229,7 @@ def test_dm_sgs_without_extra_terms_is_dm():
     sgs = distill(data, ["d0", "d1", "d2"], tiny_cfg(method="dm_sgs", iterations=6, sgs=sgs0), progress=False)
     torch.testing.assert_close(sgs.images, dm.images, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(sgs.history["loss"]), torch.tensor(dm.history["loss"]), rtol=1e-4, atol=1e-6)
-    init, _ = initial_images(data, ["d0", "d1", "d2"], 2, "real", torch.Generator().manual_seed(0))
+    init = distill(data, ["d0", "d1", "d2"], tiny_cfg(method="dm", iterations=0), progress=False).images
     assert (dm.images - init).abs().max() > 1e-3  # the images did move
     full = distill(data, ["d0", "d1", "d2"], tiny_cfg(method="dm_sgs", iterations=6), progress=False)
     assert (full.images - dm.images).abs().max() > 1e-4  # the surgery terms change the trajectory

@@ -1,15 +1,16 @@
-"""The pipeline's Python API (sgs_cuda.experiment, with sgs_cuda.config and sgs_cuda.compare), which
-the CLI and later distributed workers call: configuration layers, one set at a time, the whole run,
-reuse, bad-image lists, the names experiment re-exports."""
+"""The pipeline's Python API (sgs_cuda.experiment), which the CLI and distributed workers call:
+one set at a time, the whole run, reuse, bad-image lists (the configuration's layers are
+tests/test_config.py)."""
 import json
 
 import pytest
 import torch
 from tiny_domains import TinyDomains as _TinyDomains
 
-from sgs_cuda import compare, config, experiment
+from sgs_cuda import compare, experiment
+from sgs_cuda._io import RunFolderError
 from sgs_cuda.config import resolve_config
-from sgs_cuda.experiment import Experiment, RunFolderError
+from sgs_cuda.experiment import Experiment
 
 
 class TinyDomains(_TinyDomains):
@@ -26,40 +27,6 @@ def tiny_config(**more):
     return resolve_config({**TINY, **more})
 
 
-def test_resolve_config_layers(tmp_path):
-    quick = resolve_config(preset="quick")
-    assert quick["distill"]["iterations"] == 200 and quick["methods"] == ["dm", "dm_sgs"]
-    path = tmp_path / "c.yaml"
-    path.write_text("distill:\n  iterations: 77\n  ipc: 3\nseeds: 4\n")
-    cfg = resolve_config({"distill.ipc": 5, "methods": "both random", "sgs.alpha": 0.5}, preset="quick",
-                         config_file=path)
-    assert cfg["distill"]["iterations"] == 77 and cfg["distill"]["ipc"] == 5  # file < overrides
-    assert cfg["distill"]["width"] == quick["distill"]["width"] and cfg["seeds"] == [4]
-    assert cfg["methods"] == ["dm", "dm_sgs", "random"] and cfg["sgs"]["alpha"] == 0.5
-    # a resumed run's saved config replaces the defaults; later layers still apply
-    again = resolve_config({"eval.epochs": 3}, saved=cfg)
-    assert again["distill"]["iterations"] == 77 and again["eval"]["epochs"] == 3
-    assert config.parse_assignment("sgs.beta=0") == ("sgs.beta", 0)
-    assert config.parse_assignment("device = cuda:1") == ("device", "cuda:1")
-
-
-@pytest.mark.parametrize("overrides,message", [
-    ({"distill.iterations": "abc"}, "'distill.iterations' must be an integer, got 'abc'"),
-    ({"distill.iterations": 2.5}, "'distill.iterations' must be an integer"),
-    ({"sgs.tau": True}, "'sgs.tau' must be a number"),
-    ({"eval.dsa": "yes"}, "'eval.dsa' must be true or false"),
-    ({"sgs.mask": 1}, "'sgs.mask' must be a string"),
-    ({"data_kwargs": [1]}, "'data_kwargs' must be a mapping"),
-    ({"seeds": ["x"]}, "'seeds' must be integers"),
-    ({"distill.ipcs": 1}, "unknown config option 'distill.ipcs'"),
-    ({"nope.x": 1}, "unknown config section 'nope'"),
-])
-def test_resolve_config_names_the_option(overrides, message):
-    with pytest.raises(ValueError) as info:
-        resolve_config(overrides)
-    assert message in str(info.value)
-
-
 def test_sets_one_at_a_time_then_the_whole_run(tmp_path):
     lines = []
     exp = Experiment(tiny_config(target="d1"), tmp_path / "r", data=TinyDomains(), log=lines.append)
@@ -69,11 +36,11 @@ def test_sets_one_at_a_time_then_the_whole_run(tmp_path):
 
     payload = exp.produce_set("dm_sgs", 0)
     assert payload["images"].shape == (6, 3, 8, 8) and payload["sgs_backend"] == exp.backend
-    assert {p.name for p in exp.set_dir("dm_sgs", 0).iterdir()} == {"synthetic.pt", "synthetic.png",
+    assert {p.name for p in exp.folder.set_dir("dm_sgs", 0).iterdir()} == {"synthetic.pt", "synthetic.png",
                                                                      "curves.png", "checkpoint.pt"}
     metrics = exp.evaluate_set(payload)
     assert len(metrics["ood_acc"]) == 2 and metrics["target_domain"] == "d1"
-    assert json.loads((exp.set_dir("dm_sgs", 0) / "metrics.json").read_text())["ood_acc"] == metrics["ood_acc"]
+    assert json.loads((exp.folder.set_dir("dm_sgs", 0) / "metrics.json").read_text())["ood_acc"] == metrics["ood_acc"]
     assert exp.timings["extension"] >= 0 and exp.timings["distill"] > 0 and exp.timings["evaluate"] > 0
     assert any(line.startswith("[dm_sgs seed 0] distilling") for line in lines)
 
@@ -141,22 +108,14 @@ def test_reused_set_must_match_the_settings(tmp_path):
                         log=(lines := []).append)
     assert len(longer.produce_set("dm_sgs", 0)["history"]["loss"]) == 6
     assert any("resuming from iteration 4 of 6" in line for line in lines)
-    assert torch.load(longer.set_dir("dm_sgs", 0) / "checkpoint.pt", weights_only=False)["iteration"] == 6
-
-
-def test_config_files_that_do_not_parse_are_named(tmp_path):
-    for name, text in (("c.json", '{"distill": {"ipc": 2'), ("c.yaml", "distill: [1, 2"), ("l.json", "[1]")):
-        (tmp_path / name).write_text(text)
-        with pytest.raises(ValueError) as info:
-            resolve_config(config_file=tmp_path / name)
-        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
+    assert torch.load(longer.folder.set_dir("dm_sgs", 0) / "checkpoint.pt", weights_only=False)["iteration"] == 6
 
 
 def test_metrics_saved_before_eval_arch_existed_are_reused(tmp_path):
     exp = Experiment(tiny_config(), tmp_path / "r", data=TinyDomains(), log=lambda m: None)
     payload = exp.produce_set("dm", 0)
     metrics = exp.evaluate_set(payload)
-    path = exp.set_dir("dm", 0) / "metrics.json"
+    path = exp.folder.set_dir("dm", 0) / "metrics.json"
     old = json.loads(path.read_text())
     del old["config"]["arch"]  # as written before EvalConfig.arch
     path.write_text(json.dumps(old))
@@ -170,25 +129,19 @@ def test_metrics_saved_before_eval_arch_existed_are_reused(tmp_path):
     assert not any("reusing" in line for line in more)
 
 
-def test_m3d_matching_and_arm_names(tmp_path):
+def test_m3d_matching(tmp_path):
     exp = Experiment(tiny_config(**{"distill.matching": "m3d", "methods": ["dm"]}), tmp_path / "r",
                      data=TinyDomains(), log=lambda m: None)
     m3d = exp.produce_set("dm", 0)
     dm = Experiment(tiny_config(methods=["dm"]), tmp_path / "dm", data=TinyDomains(), log=lambda m: None).produce_set("dm", 0)
     assert m3d["config"]["matching"] == "m3d" and not torch.equal(m3d["images"], dm["images"])
-    cfg = tiny_config(**{"distill.matching": "m3d", "sgs.space": "spatial"})
-    assert compare.arm_name(cfg, "dm") == "M3D"
-    assert compare.arm_name(cfg, "dm_sgs") == "M3D+SGS (space=spatial)"
-    assert compare.arm_name(tiny_config(), "dm_sgs") == "DM+SGS" and compare.arm_name(None, "random") == "random"
-    assert compare.arm_name({**cfg, "label": "mine"}, "dm") == "mine"
-    assert compare.arm_name({**cfg, "label": "mine"}, "dm", 2) == "mine: M3D"
 
 
 def test_selection_refuses_pseudo_domains_and_empty_grids(tmp_path):
     exp = Experiment(tiny_config(), tmp_path / "r", data=TinyDomains(), log=lambda m: None)
     with pytest.raises(ValueError, match="no lr_img grid"):
         exp.select_all()
-    assert exp.select_lr("dm") is None and exp.distill_config("dm", 0).lr_img == 1.0
+    assert exp.select_lr("dm") is None and exp.selected_distill_config("dm", 0).lr_img == 1.0
     pytest.importorskip("sgs_cuda.data.pseudo_domains")
     cfg = tiny_config(**{"select.lr_grid": [1, 2], "pseudo_domains": 2})
     import warnings
@@ -207,7 +160,7 @@ def test_several_targets_in_leave_domains_out(tmp_path):
     assert (exp.targets, exp.target, exp.sources) == (["d0", "d1"], "d0+d1", ["d2"])
     summary = exp.run()
     assert summary["target_domains"] == ["d0", "d1"] and list(summary["methods"]["dm"]["targets"]) == ["d0", "d1"]
-    per = json.loads((exp.set_dir("dm", 0) / "metrics.json").read_text())
+    per = json.loads((exp.folder.set_dir("dm", 0) / "metrics.json").read_text())
     assert per["ood_acc"] == pytest.approx([(a + b) / 2 for a, b in zip(per["targets"]["d0"]["ood_acc"],
                                                                          per["targets"]["d1"]["ood_acc"])])
     table = compare.format_table(summary)
@@ -222,20 +175,6 @@ def test_several_targets_in_leave_domains_out(tmp_path):
         Experiment(tiny_config(target="d0,d1"), tmp_path / "t", data=TinyDomains(), log=lambda m: None)
     with pytest.raises(ValueError, match="unknown target domain 'd7'"):
         Experiment(tiny_config(target="d0,d7"), tmp_path / "u", data=TinyDomains(), log=lambda m: None)
-
-
-def test_moved_names_are_re_exported_by_experiment():
-    """``from sgs_cuda.experiment import resolve_config`` (and every other public name that moved to
-    sgs_cuda.config or sgs_cuda.compare) still works, giving the same object."""
-    moved = set()
-    for name in experiment.__all__:
-        obj = getattr(experiment, name)  # every listed name is there
-        for module in (config, compare):
-            if hasattr(module, name):
-                assert obj is getattr(module, name), name
-                moved.add(name)
-    assert {"resolve_config", "default_config", "parse_targets", "load_saved_config", "ALL_METHODS", "load_run",
-            "describe_run", "compare_runs", "summarize", "format_table", "RunRecord", "selection_table"} <= moved
 
 
 def test_cuda_self_check_verdicts_are_logged_and_recorded(tmp_path, monkeypatch):

@@ -173,7 +173,7 @@ def test_truth_mask_sums_against_a_direct_count():
 
 
 def test_distill_records_the_mask_against_the_truth(idx_dir, tmp_path):
-    from sgs_cuda.dm.distill import DistillConfig, distill
+    from sgs_cuda.dm.loop import DistillConfig, distill
 
     data = cues(idx_dir, tmp_path, cue="grating", cue_strength=0.5)
     cfg = DistillConfig(method="dm_sgs", ipc=1, iterations=4, batch_real=6, width=8, log_every=2, seed=0)

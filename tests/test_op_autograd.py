@@ -1,4 +1,4 @@
-"""Autograd through the op (issue 11): the same gradient on every backend, the mask held fixed.
+"""Autograd through the op: the same gradient on every backend, the mask held fixed.
 
 Given the mask and the assignment the op is linear in ``grads``; its gradient is that linear
 map's adjoint (``sgs::surgery``'s registered backward, the torch reference's autograd). Checked
@@ -15,20 +15,8 @@ from sgs_cuda import _build, sgs_reference, spatial_gradient_surgery, spectral_g
 from sgs_cuda.reference import agreement_mask, clear_self_conjugate_imag, magnitude_agreement, spectral_mask
 from sgs_inputs import separated_grads
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KW = dict(tau=1.0, rho=0.25, alpha=0.7, beta=0.4)
 SHAPES = [(3, 2, 2, 6, 8), (2, 1, 2, 5, 7), (4, 2, 1, 8, 5)]
-
-
-@pytest.fixture(params=["ext", "torch"])
-def impl(request, monkeypatch):
-    monkeypatch.setenv("SGS_BACKEND", request.param)
-    return request.param
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 def parts_fn(assign, mask="hard", space="spectral", **kw):

@@ -1,4 +1,4 @@
-"""The op's numeric range (issue 11): every finite input gives the float64 reference's answer, the
+"""The op's numeric range: every finite input gives the float64 reference's answer, the
 planes outside the kernels' safe range being rescaled by exact powers of two, or a clear error
 when the true result does not fit the output dtype. Both backends, the spectral and the spatial op;
 the inputs are built away from the mask's decision boundaries (``sgs_inputs``), so the masks must
@@ -13,21 +13,9 @@ from sgs_cuda import ops, sgs_reference, spatial_gradient_surgery, spectral_grad
 from sgs_cuda.reference import spatial_reference
 from sgs_inputs import separated_grads
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KW = dict(tau=1.0, rho=0.25, alpha=0.5, beta=0.25, mask="hard")
 SHAPE = (3, 2, 2, 16, 12)
 F32_MAX = torch.finfo(torch.float32).max
-
-
-@pytest.fixture(params=["ext", "torch"])
-def impl(request, monkeypatch):
-    monkeypatch.setenv("SGS_BACKEND", request.param)
-    return request.param
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 def scaled_planes(scales, shape=SHAPE, seed=0) -> torch.Tensor:

@@ -14,13 +14,7 @@ from sgs_cuda.ops import SGSUpdate
 from sgs_cuda.surgery import StepParts
 from sgs_inputs import separated_grads
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ARGS = (1.0, 0.25, 1.0, 0.5)
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
 import sgs_cuda
 from sgs_cuda import SGSConfig, SpectralGradientSurgery, domain_gradients, sgs_reference, spectral_gradient_surgery
 from sgs_cuda import _build
-from sgs_inputs import separated_grads
+from sgs_inputs import DEVICES, IMPLS, separated_grads
 
 # The comparisons run at the spec's initial thresholds (tau 1, rho 0.25), where both conditions
 # of the hard mask are live; the op's default rho = 0 switches the magnitude one off.
@@ -30,20 +30,7 @@ def surgery(grads, assign=None, **kw):
     return spectral_gradient_surgery(grads, assign, **{"rho": SPEC_RHO, **kw})
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-IMPLS = ["ext", "torch"]
 SIZES = [1, 7, 28, 32, 33, 64, 128]
-
-
-@pytest.fixture(params=IMPLS)
-def impl(request, monkeypatch):
-    monkeypatch.setenv("SGS_BACKEND", request.param)
-    return request.param
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
 
 
 def reference64(grads, assign, **kw):

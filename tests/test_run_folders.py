@@ -1,6 +1,6 @@
-"""Damaged or unwritable run folders, killed writes, and what a first run tells the user
-(issue 11): every case ends in one line naming the file and what to do, or is repaired,
-and never leaves temporary files behind. Seconds each, on a tiny in-memory dataset."""
+"""Damaged or unwritable run folders, killed writes, and what a first run tells the user: every
+case ends in one line naming the file and what to do, or is repaired, and never leaves temporary
+files behind. Seconds each, on a tiny in-memory dataset."""
 import errno
 import json
 import os
@@ -11,6 +11,7 @@ import torch
 from tiny_domains import TinyDomains as _TinyDomains
 
 from sgs_cuda import cli, experiment
+from sgs_cuda.config import FORMAT_VERSION
 
 
 class TinyDomains(_TinyDomains):
@@ -90,6 +91,29 @@ def test_config_json_not_a_mapping_or_truncated(sgs, tmp_path, text, what):
     for command in (["run", "--resume"], ["evaluate"]):
         rc, err = sgs(command[0], "--run-dir", str(run_dir), *command[1:])
         one_line_error(rc, err, "config.json", what)
+
+
+@pytest.mark.parametrize("version", [None, 0])
+def test_run_folders_of_an_older_format_are_refused(sgs, tmp_path, capsys, version):
+    """A folder written before format_version (or with an older one) is refused by every command
+    that continues or reuses it, in one line saying how to redo it, and nothing in it is touched;
+    its finished results can still be shown."""
+    run_dir = tmp_path / "r"
+    assert sgs("run", "--run-dir", str(run_dir), "--method", "dm")[0] == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["format_version"] == FORMAT_VERSION
+    if version is None:
+        del config["format_version"]
+    else:
+        config["format_version"] = version
+    (run_dir / "config.json").write_text(json.dumps(config))
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    needles = (str(run_dir), "older sgs_cuda", "run it again into a new --run-dir")
+    for command in (["run", "--resume"], ["distill", "--resume"], ["distill"], ["evaluate"]):
+        one_line_error(*sgs(command[0], "--run-dir", str(run_dir), *command[1:]), *needles)
+    capsys.readouterr()
+    assert cli.main(["show", str(run_dir)]) == 0 and "dm" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
 def test_damaged_metrics_are_rebuilt(sgs, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sgs_cuda import SGSConfig, SpectralGradientSurgery, spatial_gradient_surgery
-from sgs_cuda.dm.distill import relevant_settings
+from sgs_cuda.dm.checkpoint import relevant_settings
 
 
 def loop_spatial(grads, assign, tau, rho, alpha, beta, mask):
@@ -94,9 +94,7 @@ def test_config_selects_the_space():
     torch.testing.assert_close(got, want)
 
 
-def test_runs_saved_before_the_option_still_resume():
-    saved = {"method": "dm_sgs", "ipc": 2, "sgs": {"tau": 1.0, "rho": 0.25, "alpha": 1.0, "beta": 0.25,
-                                                   "mask": "hard", "assignment": "random"}}
-    now = {**saved, "sgs": {**saved["sgs"], "space": "spectral"}}
-    assert relevant_settings(saved) == relevant_settings(now)
-    assert relevant_settings(saved) != relevant_settings({**saved, "sgs": {**saved["sgs"], "space": "spatial"}})
+def test_the_space_is_a_setting_of_the_trajectory():
+    now = {"method": "dm_sgs", "ipc": 2, "sgs": {"tau": 1.0, "rho": 0.25, "alpha": 1.0, "beta": 0.25,
+                                                 "mask": "hard", "assignment": "random", "space": "spectral"}}
+    assert relevant_settings(now) != relevant_settings({**now, "sgs": {**now["sgs"], "space": "spatial"}})

@@ -4,8 +4,14 @@ import math
 
 import pytest
 
-from sgs_cuda.stats import (PairedSummary, accuracies, compare, load_seed_metrics, lookup, markdown_tables,
+from sgs_cuda.stats import (PairedSummary, accuracies, compare, load_seed_metrics, lookup, markdown_tables, mean_sd,
                             paired_differences, save_pairs_plot, summarize_differences, t_quantile)
+
+
+def test_mean_sd_by_hand():
+    # 1, 2, 3, 6: mean 3, sample sd sqrt(14 / 3); one value: sd 0
+    assert mean_sd([1, 2, 3, 6]) == (3.0, math.sqrt(14 / 3))
+    assert mean_sd([0.5]) == (0.5, 0.0)
 
 
 def test_t_quantiles_from_the_table():

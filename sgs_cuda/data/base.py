@@ -41,7 +41,7 @@ class MultiDomainDataset(Protocol):
 class DataSource:
     """Base class of the sources: the optional attributes callers read have their defaults here,
     and ``real_batch`` is written once over what a subclass provides: ``domains``, ``classes``,
-    ``count``, ``uint8_images(domain, label, index, split)`` and ``normalize``."""
+    ``count``, ``uint8_images(domain, label, index, split)`` and ``normalize_pixels``."""
     train_domains: list[str] | None = None  # the domains with a train split, when only some have one
     target_domains: list[str] | None = None  # the out-of-distribution targets, when they differ from those
     bad_files: Sequence[tuple[str, str]] = ()  # (path, why) of every unreadable file skipped
@@ -54,7 +54,8 @@ class DataSource:
         available = self.count(domain, label, split)
         if available == 0 and n > 0:
             raise ValueError(f"domain {domain!r} has no {split} images of class {self.classes[int(label)]!r}")
-        return self.normalize(self.uint8_images(domain, label, draw_indices(available, n, generator).numpy(), split))
+        index = draw_indices(available, n, generator).numpy()
+        return self.normalize_pixels(self.uint8_images(domain, label, index, split))
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -74,7 +74,7 @@ class DecodedCells(DataSource):
             return torch.empty((0, *self.image_shape), dtype=torch.uint8)
         return torch.from_numpy(group.read(rows[index]))
 
-    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+    def normalize_pixels(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """``(x / 255 - mean) / std`` as one scale and shift in place: 3-4x faster on 128 px batches."""
         x = images_uint8.to(torch.float32, copy=True)  # never scales the caller's tensor in place
         return x.mul_(self._scale).add_(self._shift)

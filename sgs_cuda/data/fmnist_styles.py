@@ -249,8 +249,6 @@ class FashionMNISTStyles(InMemoryDomains):
 
 
 def _skimage_version() -> str:
-    try:
-        import skimage
-    except ImportError:
-        return "none"
+    import skimage  # lazy: slow to import
+
     return skimage.__version__

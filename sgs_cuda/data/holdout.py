@@ -19,7 +19,7 @@ class HeldOutDomains:
     """A :class:`~sgs_cuda.data.base.MultiDomainDataset` over tensors held in memory.
 
     ``cells[domain][split] = (images, labels)``; ``convert`` turns stored images into the
-    normalised float32 images the protocol hands out (the source's ``normalize`` for uint8
+    normalised float32 images the protocol hands out (the source's ``normalize_pixels`` for uint8
     images, ``None`` for images stored already normalised).
     """
 
@@ -86,7 +86,7 @@ def hold_out(data, source_domains: Sequence[str], fraction: float = 0.2, seed: i
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     gen = torch.Generator().manual_seed(int(seed))
-    raw = hasattr(data, "raw") and hasattr(data, "normalize")
+    raw = hasattr(data, "raw") and hasattr(data, "normalize_pixels")
     if not raw and hasattr(data, "uint8_images"):  # folder sources: held out by position, nothing copied
         return _hold_out_by_position(data, source_domains, fraction, gen)
     cells = {}
@@ -102,7 +102,7 @@ def hold_out(data, source_domains: Sequence[str], fraction: float = 0.2, seed: i
         keep[held_idx] = False
         cells[d] = {"train": (x[keep], y[keep]), "test": (x[held_idx], y[held_idx])}
     return HeldOutDomains(cells, data.classes, data.image_shape, data.mean, data.std,
-                          convert=data.normalize if raw else None)
+                          convert=data.normalize_pixels if raw else None)
 
 
 def _held_positions(n: int, fraction: float, gen: torch.Generator, domain: str, cls: str) -> torch.Tensor:
@@ -137,15 +137,15 @@ class HeldOutPositions(DataSource):
         pos = self._index(domain, label, split)[torch.as_tensor(index, dtype=torch.long).reshape(-1)]
         return self.data.uint8_images(domain, label, pos.numpy(), "train")
 
-    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.data.normalize(images_uint8)
+    def normalize_pixels(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self.data.normalize_pixels(images_uint8)
 
     def split_tensors(self, domains: Sequence[str], split: str = "test"):
         parts = [(self.uint8_images(d, c, torch.arange(self.count(d, c, split)), split), c)
                  for d in domains for c in range(len(self.classes))]
         if not parts:
             return torch.empty((0, *self.image_shape)), torch.empty(0, dtype=torch.long)
-        return (self.normalize(torch.cat([x for x, _ in parts])),
+        return (self.normalize_pixels(torch.cat([x for x, _ in parts])),
                 torch.cat([torch.full((len(x),), c, dtype=torch.long) for x, c in parts]))
 
     def __repr__(self) -> str:

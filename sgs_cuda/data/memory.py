@@ -96,7 +96,7 @@ class InMemoryDomains(DataSource):
             raise ValueError(f"label {label} outside [0, {len(self.classes)})")
         return self._by_class[domain, split][int(label)]
 
-    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+    def normalize_pixels(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return (images_uint8.to(torch.float32) / 255.0 - self._m) / self._s
 
     def raw(self, domain: str, split: str = "train") -> Cell:
@@ -117,7 +117,7 @@ class InMemoryDomains(DataSource):
         cells = [c for c in (self._domain(d)[split] for d in domains) if len(c[1])]
         if not cells:
             return torch.empty((0, *self.image_shape)), torch.empty(0, dtype=torch.long)
-        return self.normalize(torch.cat([x for x, _ in cells])), torch.cat([y for _, y in cells])
+        return self.normalize_pixels(torch.cat([x for x, _ in cells])), torch.cat([y for _, y in cells])
 
     def __repr__(self) -> str:
         n = {d: sum(len(self._cells[d][s][1]) for s in SPLITS) for d in self.domains}

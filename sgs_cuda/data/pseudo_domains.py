@@ -236,8 +236,8 @@ class PseudoDomainDataset(DataSource):
     def _cell(self, domain: str, label: int, split: str) -> np.ndarray:
         return self._cells[check_cell(self, domain, label, split)]
 
-    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.base.normalize(images_uint8)  # batches exactly as the base source gives them
+    def normalize_pixels(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self.base.normalize_pixels(images_uint8)  # batches exactly as the base source gives them
 
     def uint8_images(self, domain: str, label: int, index, split: str = "train") -> torch.Tensor:
         rows = self._cell(domain, label, split)[np.asarray(index, dtype=np.int64).reshape(-1)]
@@ -252,7 +252,7 @@ class PseudoDomainDataset(DataSource):
         labels = torch.cat([torch.full((len(r),), i % K, dtype=torch.long) for i, r in enumerate(rows)] +
                            [torch.empty(0, dtype=torch.long)])
         rows = np.concatenate(rows + [np.empty(0, dtype=np.int64)])
-        return self.normalize(self._read(self._items[split][rows], split)), labels
+        return self.normalize_pixels(self._read(self._items[split][rows], split)), labels
 
     def __repr__(self) -> str:
         n = {d: sum(len(self._cells[d, s, c]) for s in SPLITS for c in range(len(self.classes))) for d in self.domains}

@@ -81,11 +81,11 @@ def sample_class_balanced(data, domain: str, n_per_class: int, generator: torch.
 
 def iter_uint8_split(source, domains, split: str, batch_size: int):
     """``(images, labels)`` of ``split`` in batches of at most ``batch_size``, class by class, for a
-    source that stores uint8 cells (``count``, ``uint8_images``, ``normalize``)."""
+    source that stores uint8 cells (``count``, ``uint8_images``, ``normalize_pixels``)."""
     for d in domains:
         for c in range(len(source.classes)):
             n = source.count(d, c, split)
             for start in range(0, n, batch_size):
                 index = np.arange(start, min(n, start + batch_size))
-                yield (source.normalize(source.uint8_images(d, c, index, split)),
+                yield (source.normalize_pixels(source.uint8_images(d, c, index, split)),
                        torch.full((len(index),), c, dtype=torch.long))

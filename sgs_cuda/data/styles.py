@@ -123,12 +123,10 @@ def garment_shading(g: torch.Tensor) -> torch.Tensor:
 # -- backgrounds ------------------------------------------------------------------------------
 def load_backgrounds(size: int = 256) -> tuple[list[torch.Tensor], list[str]]:
     """The scikit-image sample photographs that load offline, as float ``[3, h, w]`` with short side
-    ``size``. Returns ``([], [])`` without scikit-image; the photo style then uses synthetic
-    textures instead."""
-    try:
-        import skimage.data as skdata
-    except ImportError:
-        return [], []
+    ``size``. Returns ``([], [])`` when none loads; the photo style then uses synthetic textures
+    instead."""
+    import skimage.data as skdata  # lazy: slow to import, and only the photo style needs it
+
     images, names = [], []
     for name in BACKGROUND_IMAGES:
         try:
