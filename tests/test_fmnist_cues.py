@@ -186,3 +186,15 @@ def test_distill_records_the_mask_against_the_truth(idx_dir, tmp_path):
                  progress=False, log=lambda m: None)
     assert "truth" not in dm.history
     assert not math.isnan(truth["cue"][0])
+
+
+def test_a_target_that_carries_a_class_cue_is_refused(idx_dir, tmp_path):
+    from sgs_cuda.config import resolve_config
+    from sgs_cuda.experiment import prepare_data
+
+    data = cues(idx_dir, tmp_path, cue_strength=0.5)
+    with pytest.raises(ValueError, match=r"target 'sketch' carries a class-correlated cue .* "
+                                         r"--data-option cue_free=sketch"):
+        prepare_data(resolve_config({"target": "sketch", "dataset": "fmnist-cues"}), data=data)
+    prepared = prepare_data(resolve_config({"target": "photo", "dataset": "fmnist-cues"}), data=data)
+    assert prepared.targets == ["photo"] and prepared.sources == ["cartoon", "sketch", "painting"]
