@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from .base import DataSource
-from .sampling import check_split, draw_indices
+from .sampling import check_source_domains, check_split, draw_indices
 
 
 class HeldOutDomains:
@@ -77,12 +77,7 @@ def hold_out(data, source_domains: Sequence[str], fraction: float = 0.2, seed: i
     sets such as the embedded benchmark) are kept as uint8; others are read once through
     ``split_tensors``.
     """
-    source_domains = list(source_domains)
-    if not source_domains:
-        raise ValueError("hold_out needs at least one source domain")
-    unknown = [d for d in source_domains if d not in data.domains]
-    if unknown:
-        raise ValueError(f"unknown source domain(s) {unknown}; the dataset has {list(data.domains)}")
+    source_domains = check_source_domains(data, source_domains, "hold_out")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     gen = torch.Generator().manual_seed(int(seed))

@@ -21,6 +21,17 @@ def check_split(split: str) -> str:
     return split
 
 
+def check_source_domains(data, domains: Sequence[str], who: str) -> list[str]:
+    """``domains`` as a list, refused with one line when empty or not all in ``data``."""
+    domains = list(domains)
+    if not domains:
+        raise ValueError(f"{who} needs at least one source domain")
+    unknown = [d for d in domains if d not in data.domains]
+    if unknown:
+        raise ValueError(f"unknown source domain(s) {unknown}; the dataset has {list(data.domains)}")
+    return domains
+
+
 def check_cell(source, domain: str, label: int, split: str) -> tuple[str, str, int]:
     """``(domain, split, label)`` of one cell of ``source`` (its ``domains`` and ``classes``), checked."""
     if domain not in source.domains:

@@ -44,7 +44,7 @@ import torch
 
 from .. import _io
 from .._dictconfig import DictConfig
-from ..data.sampling import sample_domain_batches
+from ..data.sampling import check_source_domains, sample_domain_batches
 from ..distributed import SOLO, World
 from ..ops import spatial_gradient_surgery, spectral_gradient_surgery
 from ..surgery import SGSConfig, domain_gradients
@@ -268,12 +268,7 @@ def distill(data, source_domains: Sequence[str], cfg: DistillConfig | None = Non
     cfg = cfg or DistillConfig()
     world = world or SOLO
     device = torch.device(device)
-    domains = list(source_domains)
-    if not domains:
-        raise ValueError("distill needs at least one source domain")
-    unknown = [d for d in domains if d not in data.domains]
-    if unknown:
-        raise ValueError(f"unknown source domain(s) {unknown}; the dataset has {list(data.domains)}")
+    domains = check_source_domains(data, source_domains, "distill")
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir (where the checkpoint is)")
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
