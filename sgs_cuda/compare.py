@@ -13,7 +13,6 @@ from typing import Mapping, Sequence
 from . import _io
 from ._io import RunFolderError
 from .config import ALL_METHODS, DISTILLED, read_saved_config
-from .evaluate import BASELINES
 from .methods import METHODS
 from .stats import mean_sd
 from .surgery import SGSConfig
@@ -156,7 +155,7 @@ def arm_name(config: Mapping | None, method: str, methods_in_folder: int = 1) ->
     (M3D / M3D+SGS with ``m3d`` matching), with the surgery settings that differ from
     :class:`~sgs_cuda.surgery.SGSConfig`'s defaults in brackets."""
     config = config or {}
-    if method in BASELINES:
+    if METHODS[method].kind == "real":
         name = method
     elif METHODS[method].set_of:  # another method's set, evaluated differently
         name = METHODS[method].label

@@ -416,5 +416,3 @@ def whole_sources(data, source_domains: Sequence[str]):
     """Every training image of the source domains: ``(images [M, C, H, W], labels [M])``."""
     return data.split_tensors(list(source_domains), "train")
 
-
-BASELINES = {"random": random_real_subset, "herding": herding, "whole": whole_sources}

@@ -36,7 +36,7 @@ import torch
 from . import _io
 from . import distributed
 from .dm.loop import DistillConfig, distill
-from .evaluate import BASELINES, EvalConfig, evaluation_metrics, merge_scores, score_networks, target_label
+from .evaluate import EvalConfig, evaluation_metrics, merge_scores, score_networks, target_label
 from .compare import _first, summarize
 from .config import DISTILLED, distill_config, parse_targets
 from .methods import base_method, get_method
@@ -204,11 +204,9 @@ def prepare_data(cfg: dict, data=None) -> PreparedData:
             raise ValueError(f"unknown target domain {', '.join(map(repr, unknown))}; "
                              f"the dataset has {list(data.domains)}{named}{why}")
         sources = [d for d in data.domains if d not in targets]
-        cue_free = getattr(data, "cue_free", None)  # fmnist-cues: only that domain's cue ignores the class
-        if cue_free is not None and targets != [cue_free]:
-            raise ValueError(f"target {'+'.join(targets)!r} carries a class-correlated cue in {cfg['dataset']}: "
-                             f"target {cue_free!r}, or make the target cue-free with "
-                             f"--data-option cue_free={targets[0]}")
+        check_targets = getattr(data, "check_targets", None)  # a source's own rule (DataSource.check_targets)
+        if check_targets is not None:
+            check_targets(targets)
         if not sources:
             raise ValueError("leave-one-domain-out needs at least two domains")
     _needs_pseudo_domains(cfg, str(cfg["dataset"]), sources)
@@ -428,7 +426,8 @@ class Experiment:
             return {**self.load_set(base, seed, hint), "method": method, "set_of": base}
         payload = self.folder.load_set(method, seed, hint)
         if payload["images"] is None:  # not stored (the whole sources): rebuilt from the data
-            payload["images"], payload["labels"] = BASELINES[method](self.data, self.sources)
+            payload["images"], payload["labels"] = get_method(method).select(
+                self.data, self.sources, seed, self.resolved_set_config(method, seed), self.device)
         return payload
 
     def produce_set(self, method: str, seed: int, reuse: bool | None = None) -> dict:
@@ -455,15 +454,9 @@ class Experiment:
                 result = distill(self.distill_data, self.distill_domains, dcfg, device=device, run_dir=out,
                                  resume=self.resume, progress=cfg["progress"], log=log, world=self.world)
                 images, labels, history = result.images, result.labels, result.history
-            elif method == "random":
+            else:  # real images, chosen as the method's registry entry says
                 images, labels = self.world.on_main(
-                    lambda: BASELINES["random"](data, self.sources, cfg["distill"]["ipc"], seed))
-            elif method == "whole":
-                images, labels = self.world.on_main(lambda: BASELINES["whole"](data, self.sources))
-            else:
-                images, labels = self.world.on_main(lambda: BASELINES["herding"](
-                    data, self.sources, cfg["distill"]["ipc"], seed, width=cfg["distill"]["width"],
-                    depth=config["depth"], norm=cfg["distill"]["norm"], device=device))
+                    lambda: get_method(method).select(data, self.sources, seed, config, device))
             payload = {"images": images, "labels": labels, "classes": list(data.classes), "mean": list(data.mean),
                        "std": list(data.std), "method": method, "seed": seed, "target": self.target,
                        "source_domains": self.sources, "distill_domains": self.distill_domains,
@@ -494,7 +487,7 @@ class Experiment:
         payload = self.load_set(method, seed, hint="delete it to make it again (a distillation continues "
                                                     "from its checkpoint.pt), or drop --resume")
         if not self.folder.reusable_set(payload, self.resolved_set_config(method, seed), self.sources,
-                                        self.distill_domains, baseline=method in BASELINES):
+                                        self.distill_domains, baseline=get_method(method).kind == "real"):
             return None
         self._set_log(method, seed)(f"reusing {syn_path}")
         self.folder.write_set_plots(payload)
@@ -553,7 +546,7 @@ class Experiment:
         per_seed: dict[str, dict[int, dict]] = {}
         for seed in self.cfg["seeds"]:
             for method in self.cfg["methods"]:
-                if distil or method in BASELINES:  # evaluate-only: a baseline there is reused
+                if distil or get_method(method).kind == "real":  # evaluate-only: a baseline there is reused
                     payload = self.produce_set(method, seed, reuse=self.resume or not distil)
                 else:
                     payload = self.world.on_main(lambda: self.load_set(method, seed))

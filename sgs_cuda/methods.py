@@ -18,7 +18,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from .evaluate import herding, random_real_subset, whole_sources
+
 KINDS = ("distilled", "real", "evaluated")
+
+
+# real: ``select(data, sources, seed, settings, device) -> (images, labels)``, ``settings`` being the
+# set's resolved configuration (ipc; for herding its embedding network's width, depth and norm)
+def _random(data, sources, seed, settings, device):
+    return random_real_subset(data, sources, settings["ipc"], seed)
+
+
+def _herding(data, sources, seed, settings, device):
+    return herding(data, sources, settings["ipc"], seed, width=settings["width"], depth=settings["depth"],
+                   norm=settings["norm"], device=device)
+
+
+def _whole(data, sources, seed, settings, device):
+    return whole_sources(data, sources)
 
 
 @dataclass(frozen=True)
@@ -28,17 +45,19 @@ class Method:
     kind: str
     help: str
     distill: str | None = None  # distilled: DistillConfig.method
+    select: Callable | None = None  # real: how the images are chosen (above)
     set_of: str | None = None  # evaluated: the method whose set it evaluates
     eval_options: Callable[[Mapping], dict] = field(default=lambda ecfg: {})
     store_images: bool = True  # False: the set is rebuilt from the data when needed (the whole sources)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("random", "random real", "real", "random real images, equally from every source domain"),
-    Method("herding", "herding", "real", "herding selection of real images in a random ConvNet's features"),
+    Method("random", "random real", "real", "random real images, equally from every source domain", select=_random),
+    Method("herding", "herding", "real", "herding selection of real images in a random ConvNet's features",
+           select=_herding),
     Method("whole", "whole sources", "real", "every training image of the source domains (the reference line; "
-           "its networks train eval.whole_epochs epochs)", eval_options=lambda e: {"epochs": e["whole_epochs"]},
-           store_images=False),
+           "its networks train eval.whole_epochs epochs)", select=_whole,
+           eval_options=lambda e: {"epochs": e["whole_epochs"]}, store_images=False),
     Method("dm", "DM", "distilled", "Distribution Matching", distill="dm"),
     Method("dm_sgs", "DM+SGS", "distilled", "DM with Spectral Gradient Surgery", distill="dm_sgs"),
     Method("dm_mixstyle", "DM+MixStyle", "evaluated", "DM's set, evaluation networks trained with MixStyle "

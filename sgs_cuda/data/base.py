@@ -49,6 +49,9 @@ class DataSource:
     missing_domains: Mapping[str, str] = MappingProxyType({})  # domain -> why it is absent (files looked for)
     target_groups: Mapping[str, tuple[str, ...]] = MappingProxyType({})  # named target sets (CORe50 "outdoor")
 
+    def check_targets(self, targets: Sequence[str]) -> None:
+        """Refuse, with one line, target domains this source cannot be tested on (default: any will do)."""
+
     def real_batch(self, domain: str, label: int, n: int, generator: torch.Generator | None = None,
                    split: str = "train") -> torch.Tensor:
         available = self.count(domain, label, split)

@@ -166,3 +166,10 @@ class FashionMNISTCues(InMemoryDomains):
         super().__init__(cells, FASHION_MNIST_CLASSES)
         self.from_cache, self.cache_path = styles.from_cache, styles.cache_path
         self.seed, self.per_class_train, self.per_class_test = seed, per_class_train, per_class_test
+
+    def check_targets(self, targets) -> None:
+        """Only the cue-free domain is an out-of-distribution test of the shortcut."""
+        if list(targets) != [self.cue_free]:
+            raise ValueError(f"target {'+'.join(targets)!r} carries a class-correlated cue in fmnist-cues: "
+                             f"target {self.cue_free!r}, or make the target cue-free with "
+                             f"--data-option cue_free={targets[0]}")
