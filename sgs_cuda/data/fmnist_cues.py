@@ -78,12 +78,10 @@ def render_cues(family: str, cue: np.ndarray, rng: np.random.Generator) -> np.nd
         arg = 2 * np.pi * (ky[:, None, None] * yy + kx[:, None, None] * xx) / IMAGE_SIZE + phase[:, None, None]
         return np.repeat(np.cos(arg)[:, None], 3, axis=1).astype(np.float32)
     if family == "patch":
-        out = np.zeros((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-        corners = _patch_corners()
-        for i, k in enumerate(cue):
-            y, x = corners[k]
-            out[i, :, y:y + PATCH_SIZE, x:x + PATCH_SIZE] = np.array(PATCH_COLOUR, dtype=np.float32)[:, None, None]
-        return out
+        templates = np.zeros((N_CUES, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # one per place
+        for k, (y, x) in enumerate(_patch_corners()):
+            templates[k, :, y:y + PATCH_SIZE, x:x + PATCH_SIZE] = np.array(PATCH_COLOUR, dtype=np.float32)[:, None, None]
+        return templates[cue]
     raise ValueError(f"cue family must be one of {CUE_FAMILIES}, got {family!r}")
 
 

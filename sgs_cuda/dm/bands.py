@@ -43,6 +43,14 @@ def band_labels(edges: Sequence[float] = BAND_EDGES) -> list[str]:
     return [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def spectral_masks(grads: torch.Tensor, tau: float, rho: float, mask: str):
+    """``(spectrum, mask of the real parts, mask of the imaginary parts)`` of ``grads``
+    ``[D, N, C, H, W]``, recomputed with the reference's functions as the op defines them."""
+    spec = torch.fft.rfft2(grads.to(compute_dtype(grads.dtype)))
+    mag_agree = magnitude_agreement(spec.abs())
+    return spec, agreement_mask(spec.real, mag_agree, tau, rho, mask), agreement_mask(spec.imag, mag_agree, tau, rho, mask)
+
+
 @torch.no_grad()
 def band_diagnostics(grads: torch.Tensor, diversity: torch.Tensor, tau: float, rho: float, mask: str,
                      edges: Sequence[float] = BAND_EDGES) -> dict[str, torch.Tensor]:
@@ -52,10 +60,7 @@ def band_diagnostics(grads: torch.Tensor, diversity: torch.Tensor, tau: float, r
     The mask is recomputed with the reference's functions, as the op defines it.
     """
     H, W = grads.shape[-2:]
-    spec = torch.fft.rfft2(grads.to(compute_dtype(grads.dtype)))
-    mag_agree = magnitude_agreement(spec.abs())
-    mask_re = agreement_mask(spec.real, mag_agree, tau, rho, mask)
-    mask_im = agreement_mask(spec.imag, mag_agree, tau, rho, mask)
+    spec, mask_re, mask_im = spectral_masks(grads, tau, rho, mask)
     mean = spec.mean(0)
     shared = (mask_re * mean.real) ** 2 + (mask_im * mean.imag) ** 2
     div = torch.fft.rfft2(diversity.to(spec.real.dtype)).abs().square()
@@ -106,9 +111,8 @@ def truth_mask_sums(grads: torch.Tensor, tau: float, rho: float, mask: str, cue_
     H, W = grads.shape[-2:]
     if tuple(cue_bins.shape) != (H, W // 2 + 1):
         raise ValueError(f"cue_bins must be [{H}, {W // 2 + 1}] for {H}x{W} images, got {list(cue_bins.shape)}")
-    spec = torch.fft.rfft2(grads.to(compute_dtype(grads.dtype)))
-    mag_agree = magnitude_agreement(spec.abs())
-    kept = agreement_mask(spec.real, mag_agree, tau, rho, mask) + agreement_mask(spec.imag, mag_agree, tau, rho, mask)
+    _, mask_re, mask_im = spectral_masks(grads, tau, rho, mask)
+    kept = mask_re + mask_im
     per_bin = kept.double().reshape(-1, H * (W // 2 + 1)).sum(0)
     cue = cue_bins.to(per_bin.device).flatten()
     components = 2.0 * kept[..., 0, 0].numel()  # re + im, every image and channel
