@@ -51,21 +51,70 @@ def clear_self_conjugate_imag(spec: torch.Tensor, W: int) -> torch.Tensor:
     return torch.complex(spec.real, torch.where(row[:, None] & col[None, :], 0, spec.imag))
 
 
-def spectral_mask(spec: torch.Tensor, tau: float, rho: float, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
+def spectral_mask(spec: torch.Tensor, tau: float, rho: float, mask: str,
+                  equalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The mask of the real and of the imaginary components (spec steps 1-3) of the domain spectra
-    ``spec`` ``[D, ...]`` complex, without gradient (the op holds its mask fixed)."""
+    ``spec`` ``[D, ...]`` complex, without gradient (the op holds its mask fixed). ``equalize``:
+    each domain's plane (the last two axes) is first divided by its energy's square root, so
+    that the magnitude test compares shapes, not a louder domain with a quieter one (the signs
+    are unchanged)."""
     spec = spec.detach()
-    mag_agree = magnitude_agreement(spec.abs())
+    mag = spec.abs()
+    if equalize:
+        energy = mag.square().sum((-2, -1), keepdim=True).sqrt()
+        mag = mag / torch.where(energy > 0, energy, 1)
+    mag_agree = magnitude_agreement(mag)
     return agreement_mask(spec.real, mag_agree, tau, rho, mask), agreement_mask(spec.imag, mag_agree, tau, rho, mask)
 
 
+def pcgrad_spectrum(spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bin projection (PCGrad per frequency): each domain's complex component, read as a
+    2-vector, has its conflict with every other domain's removed (in domain order: where
+    ``<F_d, F_j> < 0``, ``F_d -= <F_d, F_j> / |F_j|^2 F_j``, with the others' original components),
+    then the domains are averaged. Returns ``(projected mean [...], conflicted [...])``:
+    ``conflicted`` is 1 where some domain was projected (the "disagreeing" bins), else 0."""
+    D = spec.shape[0]
+    out = []
+    conflicted = torch.zeros(spec.shape[1:], dtype=spec.real.dtype, device=spec.device)
+    for d in range(D):
+        g = spec[d]
+        for j in range(D):
+            if j == d:
+                continue
+            other = spec[j].detach()
+            dot = (g.real * other.real + g.imag * other.imag)
+            norm2 = other.abs().square()
+            clash = (dot < 0) & (norm2 > 0)
+            coef = torch.where(clash, dot.detach() / torch.where(norm2 > 0, norm2, 1), 0)
+            g = g - coef * other
+            conflicted = torch.maximum(conflicted, clash.to(conflicted.dtype))
+        out.append(g)
+    return torch.stack(out).mean(0), conflicted
+
+
 def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: float, alpha: float,
-                  beta: float, mask: str = "hard", return_parts: bool = False):
+                  beta: float, mask: str = "hard", return_parts: bool = False, *, agree_on: torch.Tensor | None = None,
+                  equalize: bool = False, mean_weight: float = 1.0, images: torch.Tensor | None = None,
+                  decay: float = 0.0, combine: str = "mask"):
     """Return ``update`` or, with ``return_parts``, ``(update, mean, shared, diversity, stats)``.
 
     ``grads`` ``[D, N, C, H, W]``, ``assign`` ``[N]`` int64 in ``[0, D)``. ``stats`` is a float64
     tensor ``[4]``: (sum of mask over real components, number of real components,
     ``sum |Sh|^2``, ``sum |Fbar|^2``) over the half-spectrum, from which the diagnostics follow.
+
+    The formulations of :class:`~sgs_cuda.surgery.SGSConfig` beyond the spec (all off by default,
+    which is the spec's section 3 exactly):
+
+    - ``agree_on`` ``[D, N, C, H, W]``: the tensor whose spectra the agreement test reads (a moving
+      average of the gradients over iterations, or their class means); the recombination still
+      uses ``grads``. ``equalize``: see :func:`spectral_mask`.
+    - ``mean_weight``: the weight of the DM gradient ``mean_d grads[d]`` in the update (1: the
+      spec's augment; 0: replace it by the shared and diversity parts).
+    - ``images`` ``[N, C, H, W]`` and ``decay``: removal, ``+ decay * irfft2((1 - M) * rfft2(images))``
+      (a gradient step then shrinks each image's own spectrum where the domains disagree).
+    - ``combine="pcgrad"``: the shared spectrum is the per-bin projection of
+      :func:`pcgrad_spectrum` (no sign/magnitude mask; ``1 - M`` marks the bins where a conflict
+      was projected out), the diversity part as with the mask.
     """
     D, N, C, H, W = grads.shape
     g = grads.to(compute_dtype(grads.dtype))
@@ -74,20 +123,31 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
         stats = torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=grads.device)
         return (empty, empty.clone(), empty.clone(), empty.clone(), stats) if return_parts else empty
     spec = clear_self_conjugate_imag(torch.fft.rfft2(g), W)  # [D, N, C, H, W//2+1] complex
+    mean_spec = spec.mean(0)
 
     # 1.-3. sign agreement per real component, magnitude agreement per complex bin, the mask
-    mask_re, mask_im = spectral_mask(spec, tau, rho, mask)
+    if combine == "pcgrad":
+        projected, conflicted = pcgrad_spectrum(spec)
+        mask_re = mask_im = 1 - conflicted
+        shared = projected
+    else:
+        test = spec if agree_on is None else clear_self_conjugate_imag(
+            torch.fft.rfft2(agree_on.detach().to(g.dtype)), W)
+        mask_re, mask_im = spectral_mask(test, tau, rho, mask, equalize)
+        shared = torch.complex(mask_re * mean_spec.real, mask_im * mean_spec.imag)
 
     # 4. masked recombination
-    mean_spec = spec.mean(0)
     assigned = spec[assign, torch.arange(N, device=grads.device)]  # [N, C, H, Wr]
-    shared = torch.complex(mask_re * mean_spec.real, mask_im * mean_spec.imag)
     dev = assigned - mean_spec
     diversity = torch.complex((1 - mask_re) * dev.real, (1 - mask_im) * dev.imag)
+    total = mean_weight * mean_spec + alpha * shared + beta * diversity
+    if decay:
+        own = clear_self_conjugate_imag(torch.fft.rfft2(images.detach().to(g.dtype)), W)
+        total = total + decay * torch.complex((1 - mask_re) * own.real, (1 - mask_im) * own.imag)
 
     # 5. output: irfft2 is linear, so one inverse transform suffices for the update
     size = (H, W)
-    update = torch.fft.irfft2(mean_spec + alpha * shared + beta * diversity, s=size)
+    update = torch.fft.irfft2(total, s=size)
     out_dtype = grads.dtype
     if not return_parts:
         return update.to(out_dtype)
