@@ -24,13 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+from sgs_cuda.options import SGSConfig
 from sgs_cuda.stats import mean_sd
 
 # Every DM+SGS cell starts from the spec's initial settings, passed explicitly so that the study
 # does not move when the op's defaults do (since the sweep, the op's rho default is 0: the
 # "sign only" row).
-INITIAL = ["--tau", "1", "--rho", "0.25", "--alpha", "1", "--beta", "0.25", "--mask", "hard",
-           "--assignment", "random", "--normalize", "none", "--space", "spectral"]
+INITIAL = SGSConfig(tau=1, rho=0.25, alpha=1, beta=0.25).flags()
 # name -> CLI flags; each changes one thing from INITIAL ("defaults")
 VARIANTS = {
     "defaults": [],

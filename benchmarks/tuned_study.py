@@ -52,14 +52,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from sgs_cuda.options import SGSConfig  # noqa: E402  (the flags a study passes: every option, explicit)
 TARGETS = ["photo", "cartoon", "sketch", "painting"]
 SEEDS = [0, 1, 2]
 GRID = "0.5,1,2,4,8"
 SELECT = ["--select-lr", GRID, "--select-seeds", "10", "--holdout-fraction", "0.2"]
 XARCH = "convnet,alexnet:32,vgg11:16,resnet18:16"
 # The op's defaults, passed explicitly so the study does not move when they do.
-SGS_DEFAULTS = ["--tau", "1", "--rho", "0", "--alpha", "1", "--beta", "0.25", "--mask", "hard",
-                "--assignment", "random", "--normalize", "none", "--space", "spectral"]
+SGS_DEFAULTS = SGSConfig(tau=1, rho=0, alpha=1, beta=0.25).flags()
 
 
 def with_flag(flags, name: str, value: str) -> tuple:

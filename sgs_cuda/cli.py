@@ -33,10 +33,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import compare, config, distributed, experiment
+from . import compare, config, distributed, experiment, options
 from ._io import RunFolderError
 from .compare import format_table
 from .config import available_presets
+from .dm.loop import INITS
 from .methods import method_help
 
 # (flag attribute, config path) for the flags that map one-to-one onto an option.
@@ -50,11 +51,10 @@ FLAG_PATHS = [
     ("ipc", "distill.ipc"), ("iterations", "distill.iterations"), ("batch_real", "distill.batch_real"),
     ("lr_img", "distill.lr_img"), ("init", "distill.init"), ("width", "distill.width"),
     ("matching", "distill.matching"), ("checkpoint_every", "distill.checkpoint_every"),
-    ("tau", "sgs.tau"), ("rho", "sgs.rho"), ("alpha", "sgs.alpha"), ("beta", "sgs.beta"),
-    ("mask", "sgs.mask"), ("assignment", "sgs.assignment"), ("space", "sgs.space"), ("normalize", "sgs.normalize"),
     ("eval_epochs", "eval.epochs"), ("num_eval", "eval.num_eval"), ("eval_width", "eval.width"),
     ("eval_arch", "eval.arch"), ("label", "label"),
     ("select_seeds", "select.seeds"), ("holdout_fraction", "select.fraction"),
+    *options.flag_paths(),  # the surgery's options: one flag per SGSConfig field
 ]
 
 
@@ -193,24 +193,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iterations", type=int)
     g.add_argument("--batch-real", type=int, help="real images per class and iteration (split over domains)")
     g.add_argument("--lr-img", type=float)
-    g.add_argument("--init", choices=["real", "noise"])
+    g.add_argument("--init", choices=list(INITS),
+                   help="real images, noise, or real images with the class's cross-domain amplitude spectrum "
+                        "(spectral: mean over the source domains, spectral_min: minimum)")
     g.add_argument("--width", type=int, help="width of the embedding ConvNet")
     g.add_argument("--matching", choices=["dm", "m3d"],
                    help="dm: feature means (DM); m3d: Gaussian-kernel MMD (M3D), in DM units")
     g.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=None,
                    help="differentiable Siamese augmentation (distillation and evaluation)")
-    g = p.add_argument_group("spectral gradient surgery")
-    g.add_argument("--tau", type=float, help="sign-agreement threshold")
-    g.add_argument("--rho", type=float, help="magnitude-agreement threshold (default 0: sign agreement only)")
-    g.add_argument("--alpha", type=float, help="weight of the shared spectrum")
-    g.add_argument("--beta", type=float, help="weight of the diversity spectrum")
-    g.add_argument("--mask", choices=["hard", "soft"])
-    g.add_argument("--assignment", choices=["random", "fixed"])
-    g.add_argument("--space", choices=["spectral", "spatial"],
-                   help="where agreement is measured: per frequency (SGS) or per pixel (ablation)")
-    g.add_argument("--normalize", choices=["none", "dm_norm", "kept_fraction"],
-                   help="matched step: dm_norm rescales each image's update to its DM gradient's norm; "
-                        "kept_fraction divides the shared part by the fraction kept (AND-mask)")
+    g = p.add_argument_group("spectral gradient surgery (sgs_cuda.options.SGSConfig)")
+    options.add_arguments(g)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-epochs", type=int)
     g.add_argument("--num-eval", type=int, help="evaluation networks per synthetic set")

@@ -22,10 +22,10 @@ from typing import NamedTuple
 import torch
 
 from . import _build, selfcheck
-from .reference import MASK_MODES, compute_dtype, sgs_reference, sgs_vjp, spatial_reference, times_pow2
+from .options import NORMALIZE_MODES, KernelArgs, SGSConfig
+from .reference import compute_dtype, sgs_reference, sgs_vjp, spatial_reference, times_pow2
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-NORMALIZE_MODES = ("none", "dm_norm", "kept_fraction")
 
 
 class SGSParts(NamedTuple):
@@ -59,19 +59,6 @@ class SGSUpdate(NamedTuple):
     diagnostics: dict[str, torch.Tensor]
 
 
-def _check_unit(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return value
-
-
-def check_normalize(normalize) -> str:
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-    return normalize
-
-
 def _tracing_or_capturing(grads: torch.Tensor) -> bool:
     """Whether value checks (host synchronisations) must be skipped: torch.compile tracing, or a
     CUDA graph capture, which a synchronisation would invalidate."""
@@ -92,9 +79,24 @@ def plane_range(grads: torch.Tensor) -> PlaneRange:
     return PlaneRange(top, low, plane_max)
 
 
-def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite, normalize="none"):
-    """Raise a clear ``TypeError``/``ValueError`` naming what is wrong; return the cleaned scalars
-    and, when ``check_finite``, the :class:`PlaneRange` of ``grads`` (else None)."""
+def resolve_config(config: SGSConfig | None, options: dict) -> SGSConfig:
+    """``config`` (default: :class:`SGSConfig`'s defaults) with the keyword ``options`` applied;
+    every value is validated there, and an unknown option is one ``TypeError`` naming them all."""
+    if config is not None and not isinstance(config, SGSConfig):
+        raise TypeError(f"config must be an SGSConfig or None, got {type(config).__name__}")
+    config = config or SGSConfig()
+    if not options:
+        return config
+    unknown = sorted(set(options) - set(SGSConfig.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown surgery option(s) {unknown}; the options are SGSConfig's fields: "
+                        f"{sorted(SGSConfig.__dataclass_fields__)}")
+    return config.replace(**options)
+
+
+def validate_inputs(grads, assign, check_finite):
+    """Raise a clear ``TypeError``/``ValueError`` naming what is wrong with the tensors; return,
+    when ``check_finite``, the :class:`PlaneRange` of ``grads`` (else None)."""
     if not isinstance(grads, torch.Tensor):
         raise TypeError(f"grads must be a torch.Tensor, got {type(grads).__name__}")
     if grads.dim() != 5:
@@ -122,14 +124,6 @@ def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite, no
             lo, hi = torch.stack([assign.min(), assign.max()]).tolist()  # one host synchronisation
             if lo < 0 or hi >= D:
                 raise ValueError(f"assign values must lie in [0, D) = [0, {D}), got range [{lo}, {hi}]")
-    if mask not in MASK_MODES:
-        raise ValueError(f"mask must be one of {MASK_MODES}, got {mask!r}")
-    check_normalize(normalize)
-    tau, rho = _check_unit("tau", tau), _check_unit("rho", rho)
-    alpha, beta = float(alpha), float(beta)
-    for name, v in (("alpha", alpha), ("beta", beta)):
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} must be finite, got {v}")
     # The check costs a host synchronisation; inside torch.compile or a CUDA graph capture a NaN
     # input simply propagates, and no plane is rescaled.
     planes = None
@@ -137,17 +131,31 @@ def validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite, no
         planes = plane_range(grads)
         if not math.isfinite(planes.top):
             raise ValueError("grads contains NaN or Inf values (pass check_finite=False to skip this check)")
-    return tau, rho, alpha, beta, planes
+    return planes
 
 
-def _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite, normalize):
+def _check_companion(name: str, tensor, grads: torch.Tensor, shape: tuple, check_finite: bool) -> None:
+    """``agree_on`` / ``images``: a tensor of ``shape`` on ``grads``' device, finite when checked."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)} (like grads{'' if name == 'agree_on' else '[0]'}), "
+                         f"got {list(tensor.shape)}")
+    if tensor.device != grads.device or not tensor.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor on {grads.device}, got {tensor.dtype} on "
+                         f"{tensor.device}")
+    if check_finite and tensor.numel() and not _tracing_or_capturing(grads) and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _prepare(grads, assign, config: SGSConfig, check_finite) -> tuple[torch.Tensor, KernelArgs, PlaneRange | None]:
     """Validate; return the int64 assignment (a fresh uniform draw from torch's default generator
-    on ``grads.device`` when ``assign`` is None), the cleaned scalars and the plane range."""
-    tau, rho, alpha, beta, planes = validate_inputs(grads, assign, tau, rho, alpha, beta, mask, check_finite,
-                                                    normalize)
+    on ``grads.device`` when ``assign`` is None), the kernels' arguments and the plane range."""
+    planes = validate_inputs(grads, assign, check_finite)
     D, N = grads.shape[:2]
+    args = config.kernel_args(D)
     assign = torch.randint(0, D, (N,), device=grads.device) if assign is None else assign.long()
-    return assign, tau, rho, alpha, beta, planes
+    return assign, args, planes
 
 
 # --- the kernels: (grads, assign, outputs, params) -> update (UPDATE) | (update, stats) (STATS) |
@@ -178,11 +186,10 @@ class _Kernel(NamedTuple):
     components: int  # real components over which the mask fraction is taken
 
 
-def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
-                              tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
-                              beta: float = 0.25, mask: str = "hard", normalize: str = "none",
-                              return_parts: bool = False, check_finite: bool = True,
-                              return_diagnostics: bool = False):
+def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None,
+                              config: SGSConfig | None = None, *, agree_on: torch.Tensor | None = None,
+                              images: torch.Tensor | None = None, return_parts: bool = False,
+                              check_finite: bool = True, return_diagnostics: bool = False, **options):
     """Spectral Gradient Surgery of D domain-wise gradients (``shared/docs/sgs-spec.md`` sec. 3).
 
     Args:
@@ -192,24 +199,19 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
         assign: ``[N]`` integer tensor, the source domain whose specific components each image
             takes this step. ``None`` draws a fresh uniform domain per image from torch's default
             generator on ``grads.device`` (reproducible under ``torch.manual_seed``).
-        tau: sign-agreement threshold in [0, 1] (1 = unanimous signs).
-        rho: magnitude-agreement threshold ``min_d |F_d| / max_d |F_d|`` in [0, 1]. The default
-            0 keeps sign agreement only, the best setting of our sweep (``docs/RESULTS.md``);
-            the spec's initial value was 0.25.
-        alpha: weight of the shared (cross-domain agreeing) spectrum.
-        beta: weight of the diversity spectrum (the assigned domain's own deviation).
-        mask: ``"hard"`` (thresholds) or ``"soft"`` (``agreement * magnitude ratio``).
-        normalize: matched-step variants, so that a comparison with DM isolates the direction the
-            surgery chooses from the size of its step. ``"none"`` (default): the update above.
-            ``"dm_norm"``: each image's update is rescaled to the norm of its plain DM gradient
-            ``mean_d grads[d]`` (over C, H, W); without the parts this costs one reduction over
-            ``grads``, not the parts' extra outputs. ``"kept_fraction"``: the shared part is divided by
-            the fraction of components the mask kept, as the AND-mask does (Parascandolo et al.,
-            2021, ``scale_grad_inverse_sparsity``). The fraction is taken per call, over all
-            images, not per image: the AND-mask takes it per parameter tensor, and the synthetic
-            set of a DM loop is one tensor; it is the ``mask_fraction`` the kernels already sum,
-            so the rescale needs no second pass over the spectra; and a per-image fraction would
-            blow up the shared part of an image whose domains happen to agree on few components.
+        config: the options (:class:`~sgs_cuda.options.SGSConfig`; default its defaults), and
+        **options: any of its fields as keywords, applied on top (``tau=0.5, beta=0``). The op
+            reads ``tau``, ``rho``, ``alpha``, ``beta``, ``mask``, ``normalize``, ``sign_test``,
+            ``equalize``, ``combine``, ``mean_weight`` and ``decay``; ``ema`` and ``pool`` are kept
+            by :class:`~sgs_cuda.surgery.SpectralGradientSurgery`, which passes ``agree_on``.
+            ``normalize`` (matched-step variants, so that a comparison with DM isolates the
+            direction the surgery chooses from the size of its step): ``"dm_norm"`` rescales each
+            image's update to the norm of its plain DM gradient ``mean_d grads[d]`` (over C, H,
+            W); ``"kept_fraction"`` divides the shared part by the fraction of components the mask
+            kept, taken per call over all images, as the AND-mask does (Parascandolo et al., 2021).
+        agree_on: ``[D, N, C, H, W]``, the tensor whose spectra the agreement test reads (a moving
+            average of the gradients, their class means); default ``grads``.
+        images: ``[N, C, H, W]`` the synthetic images, needed by ``decay`` (removal).
         return_parts: also return the mean, shared and diversity parts and the diagnostics.
         check_finite: raise on NaN/Inf in ``grads`` and bring planes outside the kernels' safe
             range into it (one reduction and one host synchronisation). ``False`` skips both:
@@ -221,42 +223,101 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
             parts (an :class:`SGSUpdate`), as fast as the update alone: what a DM loop logs
             every step. Ignored when ``return_parts``.
 
+    Which kernel: the spec's formulation (``mean_weight`` 1, ``decay`` 0, ``equalize`` off,
+    ``combine`` "mask", no ``agree_on``) runs the fused kernels; the general formulations run
+    ``sgs::surgery_general`` on the CPU (the C++ kernel) and the float64-capable torch reference
+    elsewhere (on a GPU: the reference on the GPU; ``combine="pcgrad"``: the reference).
+
     Returns:
         ``update`` ``[N, C, H, W]`` in ``grads.dtype``, an :class:`SGSParts` (``return_parts``) or
         an :class:`SGSUpdate` (``return_diagnostics``).
 
     Raises:
-        ValueError: bad arguments, a non-finite input, or a true result that overflows the output
+        TypeError: an unknown option or a tensor of the wrong type.
+        ValueError: bad values, a non-finite input, or a true result that overflows the output
             dtype (e.g. a float16 update larger than 65504).
 
     Autograd: differentiable in ``grads`` with the mask held fixed (it is piecewise constant for
     the hard mask; the soft mask's magnitude ratio is held fixed too), the same gradient on every
-    backend. The diagnostics carry no gradient.
+    backend. The diagnostics, ``agree_on`` and ``images`` carry no gradient.
     """
-    assign, tau, rho, alpha, beta, planes = _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite,
-                                                     normalize)
+    config = resolve_config(config, options)
+    assign, args, planes = _prepare(grads, assign, config, check_finite)
     D, N, C, H, W = grads.shape
+    if agree_on is not None:
+        _check_companion("agree_on", agree_on, grads, grads.shape, check_finite)
+    if args.decay:
+        if images is None:
+            raise ValueError(f"decay={args.decay:g} (removal) needs the synthetic images: pass images=[N, C, H, W]")
+        _check_companion("images", images, grads, grads.shape[1:], check_finite)
+    if not args.is_spec or agree_on is not None:
+        return _general(grads, assign, args, config.normalize, agree_on, images if args.decay else None, planes,
+                        return_parts, return_diagnostics)
     kernel = _Kernel(_spectral_kernel, H * W, 2 * N * C * H * (W // 2 + 1))
-    return _surgery(kernel, (tau, rho, alpha, beta, mask), grads, assign, normalize, return_parts, planes,
-                    return_diagnostics)
+    return _surgery(kernel, args.spec, grads, assign, config.normalize, return_parts, planes, return_diagnostics)
 
 
-def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None, *,
-                             tau: float = 1.0, rho: float = 0.0, alpha: float = 1.0,
-                             beta: float = 0.25, mask: str = "hard", normalize: str = "none",
-                             return_parts: bool = False, check_finite: bool = True,
-                             return_diagnostics: bool = False):
+def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None,
+                             config: SGSConfig | None = None, *, return_parts: bool = False,
+                             check_finite: bool = True, return_diagnostics: bool = False, **options):
     """The spatial-domain ablation (spec section 6): the agreement mask of
     :func:`spectral_gradient_surgery` computed per pixel instead of per frequency, with the same
-    arguments, validation, numeric range, normalisation, autograd and return values (the
-    ``kept_fraction`` is then the fraction of pixels kept). Plain torch (elementwise, no
-    transform), so it runs on any device; it exists to measure what the spectral domain adds.
+    arguments (the spec's formulation only), validation, numeric range, normalisation, autograd
+    and return values (the ``kept_fraction`` is then the fraction of pixels kept). Plain torch
+    (elementwise, no transform), so it runs on any device; it exists to measure what the spectral
+    domain adds.
     """
-    assign, tau, rho, alpha, beta, planes = _prepare(grads, assign, tau, rho, alpha, beta, mask, check_finite,
-                                                     normalize)
+    config = resolve_config(config, options)
+    assign, args, planes = _prepare(grads, assign, config, check_finite)
+    if not args.is_spec:
+        raise ValueError(f"the spatial ablation takes the spec's formulation only, got {config.differences()}")
     kernel = _Kernel(_spatial_kernel, 1, grads[0].numel())
-    return _surgery(kernel, (tau, rho, alpha, beta, mask), grads, assign, normalize, return_parts, planes,
-                    return_diagnostics)
+    return _surgery(kernel, args.spec, grads, assign, config.normalize, return_parts, planes, return_diagnostics)
+
+
+# --- the general formulations ----------------------------------------------------------------------
+
+GENERAL_SAFE_RANGE = (2.0 ** -40, 2.0 ** 50)  # plane maxima the general path computes in float32 as is
+
+
+def _general(grads, assign, args: KernelArgs, normalize, agree_on, images, planes, return_parts,
+             return_diagnostics):
+    """The general formulations: ``sgs::surgery_general`` (C++, CPU) or the torch reference, always
+    with the parts; computed in float64 (then rounded once and checked) when a plane lies outside
+    a range where float32 is comfortably safe."""
+    wide = planes is not None and grads.dtype != torch.float64 and (
+        planes.low < GENERAL_SAFE_RANGE[0] or planes.top > GENERAL_SAFE_RANGE[1])
+    if wide:
+        g = grads.double()
+        out = sgs_reference(g, assign, *args.spec, return_parts=True, agree_on=agree_on, equalize=args.equalize,
+                            mean_weight=args.mean_weight, images=images, decay=args.decay, combine=args.combine)
+    elif _general_kernel_available(grads, args):
+        out = torch.ops.sgs.surgery_general(grads, assign, agree_on, images, *args.spec[:4], args.mean_weight,
+                                            args.decay, args.mask, args.equalize)
+    else:
+        out = sgs_reference(grads, assign, *args.spec, return_parts=True, agree_on=agree_on, equalize=args.equalize,
+                            mean_weight=args.mean_weight, images=images, decay=args.decay, combine=args.combine)
+    result = _normalize(_parts(*out), args.alpha, normalize)
+    if wide:
+        result = result._replace(**{k: getattr(result, k).to(grads.dtype) for k in ("update", "mean", "shared",
+                                                                                    "diversity")})
+        _check_representable(result if return_parts else result[:1], grads.dtype)
+    if return_parts:
+        return result
+    return SGSUpdate(result.update, result.diagnostics) if return_diagnostics else result.update
+
+
+def _general_kernel_available(grads: torch.Tensor, args: KernelArgs) -> bool:
+    return (args.combine == "mask" and grads.device.type == "cpu" and _build.use_extension(grads.device)
+            and hasattr(torch.ops.sgs, "surgery_general"))
+
+
+def general_backend(device) -> str:
+    """Which implementation the general formulations take on ``device`` (``backend_info`` reports it)."""
+    device = torch.device(device)
+    if device.type == "cpu" and _build.use_extension(device) and hasattr(torch.ops.sgs, "surgery_general"):
+        return "extension (cpu): sgs::surgery_general; combine=pcgrad: torch reference"
+    return f"torch reference ({device.type})"
 
 
 # --- numeric range ---------------------------------------------------------------------------------
@@ -483,6 +544,40 @@ def _register_op_python_parts() -> None:
     for op in ("sgs::surgery", "sgs::surgery_parts"):
         torch.library.register_autograd(op, _backward, setup_context=_setup_context)
     torch.library.register_autograd("sgs::surgery_stats", _backward_stats, setup_context=_setup_context)
+    if hasattr(torch.ops.sgs, "surgery_general"):
+        _register_general()
+
+
+def _register_general() -> None:
+    """``sgs::surgery_general``: shapes for tracing, and a backward through the reference (the mask
+    held fixed: the reference computes it from the detached ``agree_on``/``grads``)."""
+
+    @torch.library.register_fake("sgs::surgery_general")
+    def _(grads, assign, agree_on, images, tau, rho, alpha, beta, mean_weight, decay, mask, equalize):
+        out = grads.shape[1:]
+        return (grads.new_empty(out), grads.new_empty(out), grads.new_empty(out),
+                grads.new_empty(out), grads.new_empty(4, dtype=torch.float64))
+
+    def setup(ctx, inputs, output):
+        grads, assign, agree_on, images, *scalars = inputs
+        ctx.save_for_backward(grads, assign, agree_on, images)
+        ctx.scalars = scalars
+        ctx.mark_non_differentiable(output[-1])
+
+    def backward(ctx, *outs):
+        grads, assign, agree_on, images = ctx.saved_tensors
+        tau, rho, alpha, beta, mean_weight, decay, mask, equalize = ctx.scalars
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 12
+        with torch.enable_grad():
+            g = grads.detach().requires_grad_()
+            parts = sgs_reference(g, assign, tau, rho, alpha, beta, mask, return_parts=True, agree_on=agree_on,
+                                  equalize=equalize, mean_weight=mean_weight, images=images, decay=decay)
+            pairs = [(p, o) for p, o in zip(parts[:4], outs[:4]) if o is not None]
+            (grad,) = torch.autograd.grad([p for p, _ in pairs], g, [o for _, o in pairs], allow_unused=True)
+        return (grad if grad is not None else torch.zeros_like(grads),) + (None,) * 11
+
+    torch.library.register_autograd("sgs::surgery_general", backward, setup_context=setup)
 
 
 _build.on_load(_register_op_python_parts)

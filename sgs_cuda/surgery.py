@@ -2,62 +2,12 @@
 batched backward, and the surgery applied in place of ``loss.backward()``."""
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from .ops import SGSParts, _check_unit, check_normalize, spatial_gradient_surgery, spectral_gradient_surgery
-from .reference import MASK_MODES
-
-ASSIGNMENTS = ("random", "fixed")
-SPACES = ("spectral", "spatial")
-
-
-@dataclass(frozen=True)
-class SGSConfig:
-    """Hyper-parameters of the surgery (defaults: ``docs/RESULTS.md`` says how they were set).
-
-    ``assignment``: ``"random"`` draws a fresh source domain per image every step (the spec's
-    default); ``"fixed"`` gives image ``n`` domain ``n % D`` for the whole run (round-robin).
-    ``space``: ``"spectral"`` (the method) or ``"spatial"`` (the ablation that measures agreement
-    per pixel, :func:`~sgs_cuda.ops.spatial_gradient_surgery`).
-    ``normalize``: ``"none"`` (default), or a matched-step variant: ``"dm_norm"`` rescales each
-    image's update to the norm of its plain DM gradient, ``"kept_fraction"`` divides the shared
-    part by the fraction of components the mask kept (see
-    :func:`~sgs_cuda.ops.spectral_gradient_surgery`).
-    """
-    tau: float = 1.0
-    rho: float = 0.0  # sign agreement only: docs/RESULTS.md (the spec started at 0.25)
-    alpha: float = 1.0
-    beta: float = 0.25
-    mask: str = "hard"
-    assignment: str = "random"
-    space: str = "spectral"
-    normalize: str = "none"  # run folders saved before this option resume with it (relevant_settings)
-
-    def __post_init__(self):
-        _check_unit("tau", self.tau)
-        _check_unit("rho", self.rho)
-        for name in ("alpha", "beta"):
-            value = float(getattr(self, name))
-            if value != value or abs(value) == float("inf"):
-                raise ValueError(f"{name} must be finite, got {value}")
-        if self.mask not in MASK_MODES:
-            raise ValueError(f"mask must be one of {MASK_MODES}, got {self.mask!r}")
-        if self.assignment not in ASSIGNMENTS:
-            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
-        if self.space not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
-        check_normalize(self.normalize)
-
-    def replace(self, **changes) -> "SGSConfig":
-        return dataclasses.replace(self, **changes)
-
-    def op_kwargs(self) -> dict:
-        return {"tau": self.tau, "rho": self.rho, "alpha": self.alpha, "beta": self.beta, "mask": self.mask,
-                "normalize": self.normalize}
+from .ops import SGSParts, spatial_gradient_surgery, spectral_gradient_surgery
+from .options import ASSIGNMENTS, SPACES, SGSConfig  # noqa: F401  (SGSConfig: its historical home)
 
 
 _batched_grad_failed = False
@@ -124,43 +74,116 @@ class SpectralGradientSurgery:
     >>> losses = torch.stack([dm_loss(real[d], syn) for d in range(D)])  # [D]
     >>> optimizer.zero_grad(); sgs.backward(losses, syn); optimizer.step()
 
+    It is the home of the options that live across steps or need more than the gradients:
+    ``assignment="fixed"`` (image n -> domain n % D), ``ema`` (the agreement test on a moving
+    average of each domain's gradient per image, kept here: :meth:`state_dict` checkpoints it),
+    ``pool="class"`` (the test on each class's mean gradient; pass ``images_per_class``, the set
+    being class-ordered as DM's is) and ``decay`` (removal: it passes the synthetic images).
+
     ``last`` holds the :class:`SGSParts` of the latest step (diagnostics as tensors, so reading
-    them is the only host synchronisation). With the spectral mask and ``normalize`` "none" or
-    "dm_norm" a step computes only the update and the diagnostics (``return_diagnostics``: on a
+    them is the only host synchronisation). With the spec's formulation, the spectral mask and
+    ``normalize`` "none" or "dm_norm" a step computes only the update and the diagnostics (on a
     GPU the fastest CUDA path), and ``last`` is a :class:`StepParts` whose parts are computed if
-    they are read.
+    they are read. ``last_agree_on`` is the tensor the latest test read (None: the gradients).
     """
 
-    def __init__(self, config: SGSConfig | None = None, check_finite: bool = True, grad_mode: str = "auto"):
+    def __init__(self, config: SGSConfig | None = None, check_finite: bool = True, grad_mode: str = "auto",
+                 images_per_class: int | None = None):
         self.config = config or SGSConfig()
         self.check_finite = check_finite
         self.grad_mode = grad_mode
+        self.images_per_class = images_per_class
+        if self.config.pool == "class" and not images_per_class:
+            raise ValueError("pool='class' needs images_per_class (the set is class-ordered: IPC images per class)")
+        self.ema: torch.Tensor | None = None  # [D, N, C, H, W]: the moving average (ema > 0), all rows
+        self.ema_started: torch.Tensor | None = None  # [N] bool: rows whose average has a gradient in it
         self.last: SGSParts | StepParts | None = None
+        self.last_agree_on: torch.Tensor | None = None
 
     def assignment(self, num_domains: int, num_images: int, device) -> torch.Tensor | None:
         if self.config.assignment == "fixed":
             return torch.arange(num_images, device=device) % num_domains
         return None  # the op draws a fresh one from torch's default generator
 
-    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
-        """The surgery of stacked domain gradients ``[D, N, C, H, W]`` -> update ``[N, C, H, W]``."""
+    # --- state across steps (checkpointed with the run) ---------------------------------------
+
+    def state_dict(self) -> dict:
+        """The state across steps, every tensor rows (images) first, so that a loop that shards
+        its images over processes can gather and split it like the images."""
+        return {"ema": None if self.ema is None else self.ema.detach().transpose(0, 1).cpu(),
+                "ema_started": None if self.ema_started is None else self.ema_started.cpu()}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        def to(t):
+            return None if t is None else t.to(device if device is not None else t.device)
+        ema = to(state.get("ema"))
+        self.ema = None if ema is None else ema.transpose(0, 1).contiguous()
+        self.ema_started = to(state.get("ema_started"))
+
+    def agreement_tensor(self, grads: torch.Tensor, rows: slice | None = None, num_images: int | None = None):
+        """What the test reads for these gradients (``None``: the gradients themselves); updates
+        the moving average of ``rows`` (of a set of ``num_images``; default: all of them)."""
+        cfg = self.config
+        if not cfg.needs_agreement_tensor:
+            return None
+        agree = grads.detach()
+        if cfg.ema > 0:
+            D, N = grads.shape[:2]
+            total = num_images if num_images is not None else N
+            rows = rows if rows is not None else slice(0, N)
+            if self.ema is None or self.ema.shape[:2] != (D, total) or self.ema.shape[2:] != grads.shape[2:]:
+                self.ema = torch.zeros((D, total, *grads.shape[2:]), dtype=torch.float32, device=grads.device)
+                self.ema_started = torch.zeros(total, dtype=torch.bool, device=grads.device)
+            part = self.ema[:, rows]
+            # a row's first step starts its average at its gradient (no bias toward zero)
+            weight = torch.where(self.ema_started[rows], cfg.ema, 0.0).view(1, -1, 1, 1, 1)
+            part.mul_(weight).add_((1 - weight) * agree.float())
+            self.ema_started[rows] = True
+            agree = part
+        if cfg.pool == "class":
+            D, N = agree.shape[:2]
+            ipc = self.images_per_class
+            if N % ipc:
+                raise ValueError(f"pool='class': {N} images are not whole classes of {ipc}")
+            agree = agree.reshape(D, N // ipc, ipc, *agree.shape[2:]).mean(2, keepdim=True).expand(
+                D, N // ipc, ipc, *agree.shape[2:]).reshape(agree.shape)
+        return agree.to(grads.dtype)
+
+    # --- the step ------------------------------------------------------------------------------
+
+    def __call__(self, grads: torch.Tensor, assign: torch.Tensor | None = None, *, images: torch.Tensor | None = None,
+                 rows: slice | None = None, num_images: int | None = None, return_parts: bool = False):
+        """The surgery of stacked domain gradients ``[D, N, C, H, W]`` -> update ``[N, C, H, W]``.
+
+        ``assign``: default the config's (a fresh random draw, or fixed). ``images``: the
+        synthetic images (needed by ``decay``). ``rows``/``num_images``: these are rows ``rows``
+        of a set of ``num_images`` (a DM loop that computes its gradients class chunk by chunk),
+        so that the moving average is kept per image of the whole set."""
+        cfg = self.config
         D, N = grads.shape[:2]
-        kwargs = dict(check_finite=self.check_finite, **self.config.op_kwargs())
-        assign = self.assignment(D, N, grads.device)
-        if self.config.space == "spatial" or self.config.normalize == "kept_fraction":  # these compute the parts anyway
-            surgery = spatial_gradient_surgery if self.config.space == "spatial" else spectral_gradient_surgery
-            self.last = surgery(grads, assign, return_parts=True, **kwargs)
+        if assign is None:
+            assign = self.assignment(D, N, grads.device)
+        agree_on = self.agreement_tensor(grads, rows, num_images)
+        self.last_agree_on = agree_on
+        extra = dict(check_finite=self.check_finite, agree_on=agree_on, images=images if cfg.decay else None)
+        if cfg.space == "spatial":
+            self.last = spatial_gradient_surgery(grads, assign, cfg, return_parts=True,
+                                                 check_finite=self.check_finite)
+            return self.last.update
+        if return_parts or cfg.normalize == "kept_fraction" or agree_on is not None \
+                or not cfg.kernel_args(D).is_spec:  # these compute the parts anyway
+            self.last = spectral_gradient_surgery(grads, assign, cfg, return_parts=True, **extra)
             return self.last.update
         if assign is None:  # the op's own draw (the same generator calls), kept to recompute the parts
             assign = torch.randint(0, D, (N,), device=grads.device)
-        step = spectral_gradient_surgery(grads, assign, return_diagnostics=True, **kwargs)
+        step = spectral_gradient_surgery(grads, assign, cfg, return_diagnostics=True, **extra)
         self.last = StepParts(step.update, step.diagnostics,
-                              lambda: spectral_gradient_surgery(grads, assign, return_parts=True, **kwargs))
+                              lambda: spectral_gradient_surgery(grads, assign, cfg, return_parts=True, **extra))
         return step.update
 
     def backward(self, domain_losses: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
         """Compute the domain gradients, apply the surgery and accumulate it into ``synthetic.grad``."""
-        update = self(domain_gradients(domain_losses, synthetic, self.grad_mode))
+        update = self(domain_gradients(domain_losses, synthetic, self.grad_mode), images=synthetic.detach())
         if synthetic.grad is None:
             synthetic.grad = update.detach().clone()
         else:

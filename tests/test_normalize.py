@@ -91,7 +91,7 @@ def test_default_is_off_and_unchanged(impl):
     base = spectral_gradient_surgery(grads, assign, return_parts=True)
     off = spectral_gradient_surgery(grads, assign, return_parts=True, normalize="none")
     assert all(torch.equal(a, b) for a, b in zip(base[:4], off[:4]))
-    assert SGSConfig().normalize == "none" and SGSConfig().op_kwargs()["normalize"] == "none"
+    assert SGSConfig().normalize == "none" and SGSConfig(normalize="dm_norm").normalize == "dm_norm"
 
 
 def test_degenerate_images(impl):

@@ -393,7 +393,8 @@ def test_op_rejects_out_of_range_assign_directly(monkeypatch, device, op):
 # --- the DM-loop helper ------------------------------------------------------------------------
 
 def test_config_validation():
-    assert SGSConfig().op_kwargs() == dict(tau=1.0, rho=0.0, alpha=1.0, beta=0.25, mask="hard", normalize="none")
+    args = SGSConfig().kernel_args(3)
+    assert args.spec == (1.0, 0.0, 1.0, 0.25, "hard") and args.is_spec and SGSConfig().normalize == "none"
     with pytest.raises(ValueError, match="tau must lie in"):
         SGSConfig(tau=2.0)
     with pytest.raises(ValueError, match="assignment must be one of"):
@@ -447,4 +448,4 @@ def test_defaults_are_the_documented_ones(impl, device):
     out = spectral_gradient_surgery(grads.to(device), assign.to(device))
     assert rel_err(out, reference64(grads, assign, rho=0.0)[0]) < 1e-12
     assert rel_err(out, reference64(grads, assign, rho=0.25)[0]) > 1e-6  # the default really differs
-    assert SGSConfig().op_kwargs() == dict(tau=1.0, rho=0.0, alpha=1.0, beta=0.25, mask="hard", normalize="none")
+    assert SGSConfig().kernel_args(3).spec == (1.0, 0.0, 1.0, 0.25, "hard") and SGSConfig().normalize == "none"

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..reference import agreement_mask, compute_dtype, magnitude_agreement
+from ..reference import clear_self_conjugate_imag, compute_dtype, pcgrad_spectrum, spectral_mask
 
 BAND_EDGES = (0.25, 0.5, 0.75)  # normalised radius: bands [0, .25), [.25, .5), [.5, .75), [.75, sqrt 2]
 BAND_KEYS = ("mask_fraction", "shared_energy", "diversity_energy", "energy")
@@ -43,24 +43,32 @@ def band_labels(edges: Sequence[float] = BAND_EDGES) -> list[str]:
     return [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def spectral_masks(grads: torch.Tensor, tau: float, rho: float, mask: str):
+def spectral_masks(grads: torch.Tensor, tau: float, rho: float, mask: str, *, agree_on: torch.Tensor | None = None,
+                   equalize: bool = False, combine: str = "mask"):
     """``(spectrum, mask of the real parts, mask of the imaginary parts)`` of ``grads``
-    ``[D, N, C, H, W]``, recomputed with the reference's functions as the op defines them."""
-    spec = torch.fft.rfft2(grads.to(compute_dtype(grads.dtype)))
-    mag_agree = magnitude_agreement(spec.abs())
-    return spec, agreement_mask(spec.real, mag_agree, tau, rho, mask), agreement_mask(spec.imag, mag_agree, tau, rho, mask)
+    ``[D, N, C, H, W]``, recomputed with the reference's functions as the op defines them (the
+    test on ``agree_on``'s spectra when given; ``combine="pcgrad"``: 1 where no conflict was
+    projected out)."""
+    W = grads.shape[-1]
+    spec = clear_self_conjugate_imag(torch.fft.rfft2(grads.to(compute_dtype(grads.dtype))), W)
+    if combine == "pcgrad":
+        kept = 1 - pcgrad_spectrum(spec)[1]
+        return spec, kept, kept
+    test = spec if agree_on is None else clear_self_conjugate_imag(torch.fft.rfft2(agree_on.to(spec.real.dtype)), W)
+    return (spec, *spectral_mask(test, tau, rho, mask, equalize))
 
 
 @torch.no_grad()
 def band_diagnostics(grads: torch.Tensor, diversity: torch.Tensor, tau: float, rho: float, mask: str,
-                     edges: Sequence[float] = BAND_EDGES) -> dict[str, torch.Tensor]:
+                     edges: Sequence[float] = BAND_EDGES, **mask_options) -> dict[str, torch.Tensor]:
     """Per-band diagnostics (``BAND_KEYS`` -> float64 tensor ``[len(edges) + 1]``) of one surgery
     step on ``grads`` ``[D, N, C, H, W]``; ``diversity`` ``[N, C, H, W]`` is the op's spatial
     diversity part (``SGSParts.diversity``: it carries the step's random domain assignment).
-    The mask is recomputed with the reference's functions, as the op defines it.
+    The mask is recomputed with the reference's functions, as the op defines it
+    (``mask_options``: those of :func:`spectral_masks`).
     """
     H, W = grads.shape[-2:]
-    spec, mask_re, mask_im = spectral_masks(grads, tau, rho, mask)
+    spec, mask_re, mask_im = spectral_masks(grads, tau, rho, mask, **mask_options)
     mean = spec.mean(0)
     shared = (mask_re * mean.real) ** 2 + (mask_im * mean.imag) ** 2
     div = torch.fft.rfft2(diversity.to(spec.real.dtype)).abs().square()
@@ -104,14 +112,15 @@ def chance_keep_rate(num_domains: int, tau: float, rho: float = 0.0, mask: str =
 
 
 @torch.no_grad()
-def truth_mask_sums(grads: torch.Tensor, tau: float, rho: float, mask: str, cue_bins: torch.Tensor) -> torch.Tensor:
+def truth_mask_sums(grads: torch.Tensor, tau: float, rho: float, mask: str, cue_bins: torch.Tensor,
+                    **mask_options) -> torch.Tensor:
     """float64 ``[2, 2]``: row 0 the mask summed over the real and imaginary components of the
     cue bins and of the other bins (``TRUTH_GROUPS``), row 1 how many components each holds; sums,
     so chunks and processes add up. ``cue_bins``: bool ``[H, W // 2 + 1]``, the ground truth."""
     H, W = grads.shape[-2:]
     if tuple(cue_bins.shape) != (H, W // 2 + 1):
         raise ValueError(f"cue_bins must be [{H}, {W // 2 + 1}] for {H}x{W} images, got {list(cue_bins.shape)}")
-    _, mask_re, mask_im = spectral_masks(grads, tau, rho, mask)
+    _, mask_re, mask_im = spectral_masks(grads, tau, rho, mask, **mask_options)
     kept = mask_re + mask_im
     per_bin = kept.double().reshape(-1, H * (W // 2 + 1)).sum(0)
     cue = cue_bins.to(per_bin.device).flatten()

@@ -34,6 +34,9 @@ def relevant_settings(config: dict) -> dict:
     out = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
     if out.get("method") == "dm":
         out.pop("sgs", None)
+    elif isinstance(out.get("sgs"), dict):  # options added since the folder was written take their defaults
+        from ..options import SGSConfig
+        out["sgs"] = SGSConfig.from_dict(out["sgs"]).to_dict()
     return out
 
 

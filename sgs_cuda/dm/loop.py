@@ -46,8 +46,8 @@ from .. import _io
 from .._dictconfig import DictConfig
 from ..data.sampling import check_source_domains, sample_domain_batches
 from ..distributed import SOLO, World
-from ..ops import spatial_gradient_surgery, spectral_gradient_surgery
-from ..surgery import SGSConfig, domain_gradients
+from ..options import SGSConfig
+from ..surgery import SpectralGradientSurgery, domain_gradients
 from .checkpoint import CHECKPOINT_NAME, optimizer_rows, resumable_checkpoint, save_checkpoint, say_resumed
 from .dsa import DEFAULT_STRATEGY, DSAParams, parse_strategy
 from .matching import MATCHINGS, matching_losses
@@ -56,7 +56,8 @@ from .networks import COMPUTE_DTYPES, NORMS, build_convnet, resolve_depth
 from .recorder import HistoryRecorder
 
 METHODS = ("dm", "dm_sgs")
-INITS = ("real", "noise")
+INITS = ("real", "noise", "spectral", "spectral_min")
+SPECTRAL_INIT_SAMPLE = 64  # real images per source domain and class behind the class amplitude spectra
 PRECISIONS = ("auto", *COMPUTE_DTYPES)
 
 
@@ -216,7 +217,26 @@ def _class_init(data, have: Sequence[str], label: int, ipc: int, init: str, gene
     if init == "noise":
         return torch.randn((ipc, *data.image_shape), generator=generator)
     per_domain = [ipc // len(have) + (i < ipc % len(have)) for i in range(len(have))]
-    return torch.cat([data.real_batch(d, label, k, generator=generator) for d, k in zip(have, per_domain) if k]).float()
+    images = torch.cat([data.real_batch(d, label, k, generator=generator)
+                        for d, k in zip(have, per_domain) if k]).float()
+    if init in ("spectral", "spectral_min"):
+        images = _spectral_init(data, have, label, images, init, generator)
+    return images
+
+
+def _spectral_init(data, have: Sequence[str], label: int, images: torch.Tensor, init: str, generator) -> torch.Tensor:
+    """Real images with their domain-specific spectrum taken out before the first step: each keeps
+    its phase and takes its class's amplitude spectrum across the source domains (per domain the
+    mean ``|rfft2|`` of up to ``SPECTRAL_INIT_SAMPLE`` class images; then their mean over the
+    domains, ``spectral``, FACT/FDA-style, or their minimum, ``spectral_min``: a component one
+    domain carries and the others do not is brought down to the quietest domain's level)."""
+    amplitudes = torch.stack([
+        torch.fft.rfft2(data.real_batch(d, label, min(SPECTRAL_INIT_SAMPLE, data.count(d, label, "train")),
+                                        generator=generator).double()).abs().mean(0) for d in have])
+    amplitude = amplitudes.mean(0) if init == "spectral" else amplitudes.amin(0)
+    spectrum = torch.fft.rfft2(images.double())
+    phase = torch.where(spectrum.abs() > 0, spectrum / spectrum.abs().clamp_min(1e-300), 1)
+    return torch.fft.irfft2(amplitude * phase, s=images.shape[-2:]).float()
 
 
 def initial_class_images(data, domains: Sequence[str], ipc: int, init: str, classes: range,
@@ -308,7 +328,7 @@ class _Run:
     streams: RandomStreams
     n_real: int  # real images per class and domain
     strategy: str  # the DSA strategy ("none" without DSA)
-    op: Callable | None  # the surgery (None for plain DM)
+    surgery: SpectralGradientSurgery | None  # None for plain DM
 
 
 def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progress, log,
@@ -338,14 +358,21 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     if saved is not None:
         opt.load_state_dict(optimizer_rows(saved.pop("optimizer"), rows_mine))
         run.streams.set_state(saved["rng"])
+        if run.surgery is not None and saved.get("surgery"):  # per-image state, rows first
+            run.surgery.load_state_dict({k: None if v is None else v[rows_mine] for k, v in saved["surgery"].items()},
+                                        device)
         start = saved["iteration"]
         saved = None  # the whole set's momentum: only this process's rows are kept
 
     def checkpoint(iteration: int):
         recorder.flush()
+        surgery = None
+        if run.surgery is not None:
+            surgery = {k: None if v is None else world.gather_rows(v.to(device)).cpu()
+                       for k, v in run.surgery.state_dict().items()}
         save_checkpoint(ckpt_path, world, syn, opt, labels=labels, iteration=iteration, history=recorder.history,
                         rng=run.streams.state(), config=cfg.to_dict(), source_domains=domains,
-                        classes=list(data.classes))
+                        classes=list(data.classes), surgery=surgery)
 
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=cfg.method,
@@ -395,11 +422,10 @@ def _prepare(data, domains, cfg: DistillConfig, device, world: World, log) -> tu
                        precision=cfg.precision, chunk_classes=cfg.class_chunk, memory_gib=cfg.memory_gib,
                        splittable=cfg.norm != "batchnorm")
     log(plan.describe())
-    op = None
-    if surgery:
-        op = spatial_gradient_surgery if cfg.sgs.space == "spatial" else spectral_gradient_surgery
+    # check_finite off: a non-finite loss stops the run at the next flush (HistoryRecorder)
+    helper = SpectralGradientSurgery(cfg.sgs, check_finite=False, images_per_class=cfg.ipc) if surgery else None
     run = _Run(data, domains, cfg, device, mine, present, net, streams, n_real,
-               cfg.dsa_strategy if cfg.dsa else "none", op)
+               cfg.dsa_strategy if cfg.dsa else "none", helper)
     return run, plan.chunks
 
 
@@ -408,7 +434,7 @@ def _step(run: _Run, recorder: HistoryRecorder, syn: torch.Tensor, opt, it: int,
     cfg = run.cfg
     run.net.reinitialize(run.streams.net)
     assign = None
-    if run.op is not None:
+    if run.surgery is not None:
         assign = run.streams.assignment(it, run.mine, cfg.ipc, len(run.domains), cfg.sgs.assignment)
     recorder.start(it)
     opt.zero_grad(set_to_none=True)
@@ -430,15 +456,14 @@ def _chunk_gradient(run: _Run, recorder: HistoryRecorder, syn, grad, it: int, cl
     losses, pooled = matching_losses(run.net, real, part, params, pool_all=cfg.norm == "batchnorm",
                                      present=None if present is None else [present[c] for c in classes],
                                      num_domains=len(run.domains), matching=cfg.matching)
-    if run.op is None:
+    if run.surgery is None:
         (grad[rows],) = torch.autograd.grad(pooled, part)
         recorder.add_dm(pooled)
         return
     grads = domain_gradients(losses, part, "auto")
-    parts = run.op(grads, assign[rows], return_parts=recorder.needs_parts, return_diagnostics=True,
-                   check_finite=False, **cfg.sgs.op_kwargs())
-    grad[rows] = parts.update
-    recorder.add_surgery(pooled, losses, grads, parts)
+    grad[rows] = run.surgery(grads, assign[rows], images=part.detach(), rows=rows, num_images=len(run.mine) * cfg.ipc,
+                             return_parts=recorder.needs_parts)
+    recorder.add_surgery(pooled, losses, grads, run.surgery.last, run.surgery.last_agree_on)
 
 
 def draw_class_batches(data, domains, classes: Sequence[int], n_real, strategy, streams: RandomStreams, iteration,

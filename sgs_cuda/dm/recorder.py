@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..distributed import World
-from ..surgery import SGSConfig
+from ..options import SGSConfig
 from .bands import (BAND_EDGES, BAND_KEYS, TRUTH_GROUPS, band_diagnostics, band_index, chance_keep_rate,
                     truth_mask_sums)
 
@@ -61,13 +61,16 @@ class HistoryRecorder:
     def add_dm(self, pooled: torch.Tensor) -> None:
         self._record = _added(self._record, pooled.detach().double().view(1))
 
-    def add_surgery(self, pooled: torch.Tensor, losses: torch.Tensor, grads: torch.Tensor, parts) -> None:
+    def add_surgery(self, pooled: torch.Tensor, losses: torch.Tensor, grads: torch.Tensor, parts,
+                    agree_on: torch.Tensor | None = None) -> None:
+        """One chunk's records; ``agree_on``: what the agreement test read (None: ``grads``)."""
         row = _surgery_record(pooled, losses, parts, self.sgs.space, self.one_pass)
         if self._with_bands:
-            self._bands = _added(self._bands, _band_sums(grads, parts, self.sgs, self.one_pass))
+            args = self.sgs.kernel_args(self.num_domains)
+            options = dict(agree_on=agree_on, equalize=args.equalize, combine=args.combine)
+            self._bands = _added(self._bands, _band_sums(grads, parts, args, self.one_pass, options))
             if self.cue_bins is not None:
-                sgs = self.sgs
-                self._truth = _added(self._truth, truth_mask_sums(grads, sgs.tau, sgs.rho, sgs.mask, self.cue_bins))
+                self._truth = _added(self._truth, truth_mask_sums(grads, args.tau, args.rho, args.mask, self.cue_bins, **options))
         self._record = _added(self._record, row)
 
     def end(self) -> None:
@@ -98,10 +101,11 @@ class HistoryRecorder:
                           world.all_sum(torch.stack([b for _, b in self._pending_bands])).cpu())
             self._pending_bands.clear()
         if self._pending_truth:
-            sgs = self.sgs
+            args = self.sgs.kernel_args(self.num_domains)
+            chance = None if args.combine != "mask" else chance_keep_rate(self.num_domains, args.tau, args.rho, args.mask)
             _append_truth(history, [i for i, _ in self._pending_truth],
                           world.all_sum(torch.stack([t for _, t in self._pending_truth])).cpu(),
-                          chance_keep_rate(self.num_domains, sgs.tau, sgs.rho, sgs.mask), int(self.cue_bins.sum()))
+                          chance, int(self.cue_bins.sum()))
             self._pending_truth.clear()
         bad = next((i for i, r in zip(its, rows) if not math.isfinite(r[0])), None)
         if bad is not None:
@@ -145,10 +149,10 @@ def _record_values(row: list[float]) -> list[float]:
     return [row[0], row[1], row[2] / row[3], row[4] / row[5]]
 
 
-def _band_sums(grads: torch.Tensor, parts, sgs: SGSConfig, one_pass: bool) -> torch.Tensor:
+def _band_sums(grads: torch.Tensor, parts, args, one_pass: bool, options: dict) -> torch.Tensor:
     """``[2, len(BAND_KEYS), bands]``: numerators and denominators of this chunk's band
     diagnostics (:mod:`sgs_cuda.dm.bands`), so that chunks and processes add up."""
-    values = band_diagnostics(grads, parts.diversity, sgs.tau, sgs.rho, sgs.mask)
+    values = band_diagnostics(grads, parts.diversity, args.tau, args.rho, args.mask, **options)
     num = torch.stack([values[k] for k in BAND_KEYS])
     if one_pass:
         return torch.stack([num, torch.ones_like(num)])
