@@ -55,6 +55,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> surgery_p
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
+// The checks of sgs::surgery_general beyond check_and_parse's: the optional tensors match grads.
+void check_general_input(const at::Tensor& grads, const c10::optional<at::Tensor>& t, const char* name,
+                         at::IntArrayRef shape, const char* layout) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->sizes() == shape, "sgs::surgery_general: ", name, " must have the shape ", layout, " = ", shape,
+              ", got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == grads.scalar_type(), "sgs::surgery_general: ", name, " must have grads' dtype ",
+              grads.scalar_type(), ", got ", t->scalar_type());
+  TORCH_CHECK(t->device() == grads.device(), "sgs::surgery_general: ", name, " is on ", t->device(),
+              " but grads is on ", grads.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> surgery_general_cpu(
+    const at::Tensor& grads, const at::Tensor& assign, const c10::optional<at::Tensor>& agree_on,
+    const c10::optional<at::Tensor>& images, double tau, double rho, double alpha, double beta, double mean_weight,
+    double decay, c10::string_view mask, bool equalize) {
+  const bool soft = check_and_parse(grads, assign, tau, rho, mask);
+  check_general_input(grads, agree_on, "agree_on", grads.sizes(), "grads.shape [D, N, C, H, W]");
+  check_general_input(grads, images, "images", grads.sizes().slice(1), "grads.shape[1:] [N, C, H, W]");
+  TORCH_CHECK(decay == 0 || images.has_value(), "sgs::surgery_general: decay = ", decay,
+              " needs images [N, C, H, W], got None");
+  auto r = surgery_general_cpu_impl(grads, assign, agree_on, images, tau, rho, alpha, beta, mean_weight, decay, soft,
+                                    equalize);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
 #ifdef SGS_WITH_CUDA
 at::Tensor surgery_cuda(const at::Tensor& grads, const at::Tensor& assign, double tau, double rho, double alpha,
                         double beta, c10::string_view mask) {
@@ -97,6 +123,12 @@ TORCH_LIBRARY(sgs, m) {
   // |Fbar|^2), without the parts: what a DM loop needs every step, on every path's fastest kernel.
   m.def("surgery_stats(Tensor grads, Tensor assign, float tau, float rho, float alpha, float beta, str mask) "
         "-> (Tensor, Tensor)");
+  // The general formulations of reference.sgs_reference (combine="mask"), CPU only: the mask read
+  // from agree_on's spectra (None: grads'), equalize, mean_weight and the removal decay * (1 - M) *
+  // images; the outputs of surgery_parts.
+  m.def("surgery_general(Tensor grads, Tensor assign, Tensor? agree_on, Tensor? images, float tau, float rho, "
+        "float alpha, float beta, float mean_weight, float decay, str mask, bool equalize) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_enabled() -> bool", &sgs::cuda_enabled);
 }
 
@@ -104,6 +136,7 @@ TORCH_LIBRARY_IMPL(sgs, CPU, m) {
   m.impl("surgery", &sgs::surgery_cpu);
   m.impl("surgery_parts", &sgs::surgery_parts_cpu);
   m.impl("surgery_stats", &sgs::surgery_stats_cpu);
+  m.impl("surgery_general", &sgs::surgery_general_cpu);
 }
 
 #ifdef SGS_WITH_CUDA

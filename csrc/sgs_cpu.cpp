@@ -222,6 +222,122 @@ void surgery_kernel(const at::Tensor& grads, const at::Tensor& assign, const Sur
   }
 }
 
+
+// Statistics of the agreement test for one bin of one domain: the signs of (re, im) and the
+// squared magnitude times inv_energy (1, or 1 / the plane's half-spectrum energy when the
+// magnitudes are equalized). The sums are not touched: the general kernel keeps them apart.
+template <typename T>
+inline void test_stats(BinStats<T>& s, bool first, T re, T im, T inv_energy) {
+  const T m2 = (re * re + im * im) * inv_energy;
+  if (first) {
+    s.min2 = m2;
+    s.max2 = m2;
+    s.sgn_re = signum(re);
+    s.sgn_im = signum(im);
+  } else {
+    s.min2 = m2 < s.min2 ? m2 : s.min2;
+    s.max2 = m2 > s.max2 ? m2 : s.max2;
+    s.sgn_re += signum(re);
+    s.sgn_im += signum(im);
+  }
+}
+
+// 1 / sum of |F|^2 over the half spectrum (what reference.spectral_mask(equalize=True) divides
+// the squared magnitudes by), or 1 for an all-zero plane.
+template <typename T>
+inline T inverse_energy(const T* re, const T* im, int64_t bins) {
+  T e = T(0);
+  for (int64_t b = 0; b < bins; ++b) e += re[b] * re[b] + im[b] * im[b];
+  return e > T(0) ? T(1) / e : T(1);
+}
+
+// sgs::surgery_general: the mask read from the spectra of `agree` (null: of grads), optionally
+// with each domain plane's magnitudes equalized; update = irfft2(mean_weight * Fbar + alpha * Sh
+// + beta * V + decay * (1 - M) * rfft2(images)). Parts and stats as surgery_kernel's.
+template <typename In, typename T>
+void general_kernel(const at::Tensor& grads, const at::Tensor& assign, const at::Tensor* agree,
+                    const at::Tensor* images, const SurgeryParams<T>& p, T mean_weight, T decay, bool equalize,
+                    at::Tensor& update, at::Tensor& mean, at::Tensor& shared, at::Tensor& diversity,
+                    at::Tensor& stats) {
+  const int64_t D = grads.size(0), N = grads.size(1), C = grads.size(2);
+  const int H = static_cast<int>(grads.size(3)), W = static_cast<int>(grads.size(4));
+  const int Wr = W / 2 + 1, M = W % 2 == 0 ? W / 2 : W;
+  const int64_t plane = static_cast<int64_t>(H) * W, bins = static_cast<int64_t>(H) * Wr;
+  const In* g = grads.data_ptr<In>();
+  const In* ag = agree ? agree->data_ptr<In>() : nullptr;
+  const In* im_in = images ? images->data_ptr<In>() : nullptr;
+  const int64_t* asg = assign.data_ptr<int64_t>();
+  In* out = update.data_ptr<In>();
+  std::vector<double> plane_stats(N * C * 4);
+  const Twiddles<T> tw_rows(M), tw_cols(H), tw_w(W);
+
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    PlaneWorkspace<T> ws(H, W, tw_rows, tw_cols, tw_w);
+    std::vector<BinStats<T>> st(bins);
+    std::vector<T> sum_re(bins), sum_im(bins), fa_re(bins), fa_im(bins), u_re(bins), u_im(bins);
+    std::vector<T> sh_re(bins), sh_im(bins), dv_re(bins), dv_im(bins), mean_sp(plane);
+    std::vector<T> own_re(im_in ? bins : 0), own_im(im_in ? bins : 0);
+    for (int64_t pc = begin; pc < end; ++pc) {
+      const int64_t n = pc / C;
+      const int64_t a = asg[n];
+      std::fill(mean_sp.begin(), mean_sp.end(), T(0));
+      for (int64_t d = 0; d < D; ++d) {
+        const In* x = g + (d * N * C + pc) * plane;
+        const T *fre, *fim;
+        ws.forward(x, fre, fim);
+        if (d == 0) {
+          std::copy(fre, fre + bins, sum_re.begin());
+          std::copy(fim, fim + bins, sum_im.begin());
+        } else {
+          for (int64_t b = 0; b < bins; ++b) sum_re[b] += fre[b], sum_im[b] += fim[b];
+        }
+        if (d == a) {
+          std::copy(fre, fre + bins, fa_re.begin());
+          std::copy(fim, fim + bins, fa_im.begin());
+        }
+        for (int64_t i = 0; i < plane; ++i) mean_sp[i] += static_cast<T>(x[i]);
+        if (ag) ws.forward(ag + (d * N * C + pc) * plane, fre, fim);  // the spectrum the test reads
+        const T inv_energy = equalize ? inverse_energy(fre, fim, bins) : T(1);
+        for (int64_t b = 0; b < bins; ++b) test_stats(st[b], d == 0, fre[b], fim[b], inv_energy);
+      }
+      if (im_in) {
+        const T *fre, *fim;
+        ws.forward(im_in + pc * plane, fre, fim);
+        std::copy(fre, fre + bins, own_re.begin());
+        std::copy(fim, fim + bins, own_im.begin());
+      }
+      double mask_sum = 0, sh_energy = 0, mean_energy = 0;
+      for (int64_t b = 0; b < bins; ++b) {
+        BinStats<T> s = st[b];
+        s.sum_re = sum_re[b];
+        s.sum_im = sum_im[b];
+        const BinResult<T> r = recombine_bin(p, s, fa_re[b], fa_im[b]);
+        T ur = mean_weight * r.mean_re + p.alpha * r.sh_re + p.beta * r.div_re;
+        T ui = mean_weight * r.mean_im + p.alpha * r.sh_im + p.beta * r.div_im;
+        if (im_in) {
+          ur += decay * (T(1) - r.mask_re) * own_re[b];
+          ui += decay * (T(1) - r.mask_im) * own_im[b];
+        }
+        u_re[b] = ur, u_im[b] = ui;
+        sh_re[b] = r.sh_re, sh_im[b] = r.sh_im, dv_re[b] = r.div_re, dv_im[b] = r.div_im;
+        mask_sum += static_cast<double>(r.mask_re) + static_cast<double>(r.mask_im);
+        sh_energy += static_cast<double>(r.sh_re) * r.sh_re + static_cast<double>(r.sh_im) * r.sh_im;
+        mean_energy += static_cast<double>(r.mean_re) * r.mean_re + static_cast<double>(r.mean_im) * r.mean_im;
+      }
+      ws.inverse(u_re.data(), u_im.data(), out + pc * plane);
+      ws.inverse(sh_re.data(), sh_im.data(), shared.data_ptr<In>() + pc * plane);
+      ws.inverse(dv_re.data(), dv_im.data(), diversity.data_ptr<In>() + pc * plane);
+      In* m = mean.data_ptr<In>() + pc * plane;
+      for (int64_t i = 0; i < plane; ++i) m[i] = static_cast<In>(mean_sp[i] / static_cast<T>(D));
+      double* ps = plane_stats.data() + pc * 4;
+      ps[0] = mask_sum, ps[1] = 2.0 * bins, ps[2] = sh_energy, ps[3] = mean_energy;
+    }
+  });
+  double* s = stats.data_ptr<double>();  // fixed-order reduction: the same result whatever the thread count
+  for (int64_t i = 0; i < N * C; ++i)
+    for (int q = 0; q < 4; ++q) s[q] += plane_stats[i * 4 + q];
+}
+
 }  // namespace
 
 std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads_in, const at::Tensor& assign_in, double tau,
@@ -239,6 +355,29 @@ std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads_in, const at::T
     surgery_kernel<scalar_t, T>(grads, assign, make_params<T>(static_cast<int>(D), tau, rho, alpha, beta, soft), update,
                                 parts ? &mean : nullptr, parts ? &shared : nullptr,
                                 parts ? &diversity : nullptr, outs.with_stats() ? &stats : nullptr);
+  });
+  return outs.list();
+}
+
+std::vector<at::Tensor> surgery_general_cpu_impl(const at::Tensor& grads_in, const at::Tensor& assign_in,
+                                                 const c10::optional<at::Tensor>& agree_on,
+                                                 const c10::optional<at::Tensor>& images, double tau, double rho,
+                                                 double alpha, double beta, double mean_weight, double decay,
+                                                 bool soft, bool equalize) {
+  const at::Tensor grads = grads_in.contiguous();
+  const at::Tensor assign = assign_in.to(at::kLong).contiguous();
+  SurgeryOutputs outs(grads, Outputs::kParts);
+  if (grads.numel() == 0) return outs.list();
+  const at::Tensor agree = agree_on.has_value() ? agree_on->contiguous() : at::Tensor();
+  // Images only count with a nonzero decay (as in the reference): no transform otherwise.
+  const at::Tensor own = (decay != 0 && images.has_value()) ? images->contiguous() : at::Tensor();
+  const int64_t D = grads.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "sgs_surgery_general_cpu", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    general_kernel<scalar_t, T>(grads, assign, agree.defined() ? &agree : nullptr, own.defined() ? &own : nullptr,
+                                make_params<T>(static_cast<int>(D), tau, rho, alpha, beta, soft),
+                                static_cast<T>(mean_weight), static_cast<T>(decay), equalize, outs.update, outs.mean,
+                                outs.shared, outs.diversity, outs.stats);
   });
   return outs.list();
 }

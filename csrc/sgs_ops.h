@@ -44,6 +44,17 @@ struct SurgeryOutputs {
 // components (2 per bin), sum |Sh|^2 and sum |Fbar|^2 (sgs_reference's stats).
 std::vector<at::Tensor> surgery_cpu_impl(const at::Tensor& grads, const at::Tensor& assign, double tau,
                                          double rho, double alpha, double beta, bool soft, Outputs what);
+// sgs::surgery_general (CPU): the general formulations of reference.sgs_reference (combine="mask").
+// The mask reads the spectra of agree_on [D, N, C, H, W] (none: of grads), each domain plane's
+// magnitudes divided by the square root of its half-spectrum energy with equalize;
+// update = irfft2(mean_weight * Fbar + alpha * Sh + beta * V + decay * (1 - M) * rfft2(images)),
+// images [N, C, H, W] read only when decay != 0. Returns {update, mean, shared, diversity, stats}
+// as surgery_cpu_impl with Outputs::kParts. Inputs validated by the caller (same dtype and shapes).
+std::vector<at::Tensor> surgery_general_cpu_impl(const at::Tensor& grads, const at::Tensor& assign,
+                                                 const c10::optional<at::Tensor>& agree_on,
+                                                 const c10::optional<at::Tensor>& images, double tau, double rho,
+                                                 double alpha, double beta, double mean_weight, double decay,
+                                                 bool soft, bool equalize);
 #ifdef SGS_WITH_CUDA
 std::vector<at::Tensor> surgery_cuda_impl(const at::Tensor& grads, const at::Tensor& assign, double tau,
                                           double rho, double alpha, double beta, bool soft, Outputs what);
