@@ -385,7 +385,11 @@ def backend_info(device: str | torch.device = "cpu") -> dict:
         ext = use_extension(device)
     except RuntimeError as exc:
         return {**info, "implementation": "none", "reason": str(exc)}
+    general = ext and device.type == "cpu" and hasattr(torch.ops.sgs, "surgery_general")
     info.update(implementation=f"extension ({device.type})" if ext else "torch reference",
+                # the formulations beyond the spec (SGSConfig: agree_on, equalize, mean_weight, decay)
+                general_formulations="extension (cpu): sgs::surgery_general; combine=pcgrad: torch reference"
+                if general else f"torch reference ({device.type})",
                 reason="SGS_BACKEND=torch" if requested == "torch" else _state["reason"],
                 cuda_kernel_built=bool(_state["cuda"]), cuda_build_reason=_state["cuda_reason"],
                 build_dir=_state["build_dir"])

@@ -312,14 +312,6 @@ def _general_kernel_available(grads: torch.Tensor, args: KernelArgs) -> bool:
             and hasattr(torch.ops.sgs, "surgery_general"))
 
 
-def general_backend(device) -> str:
-    """Which implementation the general formulations take on ``device`` (``backend_info`` reports it)."""
-    device = torch.device(device)
-    if device.type == "cpu" and _build.use_extension(device) and hasattr(torch.ops.sgs, "surgery_general"):
-        return "extension (cpu): sgs::surgery_general; combine=pcgrad: torch reference"
-    return f"torch reference ({device.type})"
-
-
 # --- numeric range ---------------------------------------------------------------------------------
 
 def _safe_exponents(dtype: torch.dtype, num_domains: int, gain: int, alpha: float, beta: float) -> tuple[int, int]:

@@ -23,6 +23,7 @@ ASSIGNMENTS = ("random", "fixed")
 SPACES = ("spectral", "spatial")
 POOLS = ("image", "class")
 COMBINES = ("mask", "pcgrad")
+AGREEMENT_SOURCES = ("dm", "contrast")
 
 
 def _opt(default, help: str, scope: str = "op", choices: tuple | None = None, unit: bool = False,
@@ -80,6 +81,10 @@ class SGSConfig:
     ema: float = _opt(0.0, "agreement over time: the test reads a moving average of each domain's gradient per "
                       "image with this weight on the past (0: this step only; 0.9: about 10 steps)",
                       scope="loop", unit=True)
+    agree_on: str = _opt("dm", "what the agreement test reads: the DM loss's domain gradients, or a class-contrast "
+                         "gradient per domain (a class pulled toward that domain's class mean and pushed from its "
+                         "other class means, in the same network: agreement on class content)", scope="loop",
+                         choices=AGREEMENT_SOURCES)
     pool: str = _opt("image", "agreement over a class: the test reads the class mean of each domain's gradient "
                      "(one mask per class) instead of each image's", scope="loop", choices=POOLS)
     combine: str = _opt("mask", "mask: the agreement mask; pcgrad: per-bin projection of conflicting domain "
@@ -162,7 +167,7 @@ class SGSConfig:
     @property
     def needs_agreement_tensor(self) -> bool:
         """Whether the test reads something other than this step's gradients (kept by the helper)."""
-        return self.ema > 0 or self.pool != "image"
+        return self.ema > 0 or self.pool != "image" or self.agree_on != "dm"
 
 
 def sign_test_threshold(num_domains: int, level: float) -> float:

@@ -110,8 +110,8 @@ class SpectralGradientSurgery:
     def state_dict(self) -> dict:
         """The state across steps, every tensor rows (images) first, so that a loop that shards
         its images over processes can gather and split it like the images."""
-        return {"ema": None if self.ema is None else self.ema.detach().transpose(0, 1).cpu(),
-                "ema_started": None if self.ema_started is None else self.ema_started.cpu()}
+        return {"ema": None if self.ema is None else self.ema.detach().transpose(0, 1).cpu().clone(),
+                "ema_started": None if self.ema_started is None else self.ema_started.cpu().clone()}
 
     def load_state_dict(self, state: dict, device=None) -> None:
         def to(t):
@@ -120,13 +120,19 @@ class SpectralGradientSurgery:
         self.ema = None if ema is None else ema.transpose(0, 1).contiguous()
         self.ema_started = to(state.get("ema_started"))
 
-    def agreement_tensor(self, grads: torch.Tensor, rows: slice | None = None, num_images: int | None = None):
-        """What the test reads for these gradients (``None``: the gradients themselves); updates
-        the moving average of ``rows`` (of a set of ``num_images``; default: all of them)."""
+    def agreement_tensor(self, grads: torch.Tensor, rows: slice | None = None, num_images: int | None = None,
+                         source: torch.Tensor | None = None):
+        """What the test reads for these gradients (``None``: the gradients themselves): ``source``
+        (``agree_on="contrast"``: the class-contrast gradients; default ``grads``), averaged over
+        time and pooled over classes as configured; updates the moving average of ``rows`` (of a
+        set of ``num_images``; default: all of them)."""
         cfg = self.config
         if not cfg.needs_agreement_tensor:
             return None
-        agree = grads.detach()
+        if cfg.agree_on == "contrast" and source is None:
+            raise ValueError("agree_on='contrast' needs the class-contrast gradients (the DM loop computes them; "
+                             "pass agree_source=)")
+        agree = (grads if source is None else source).detach()
         if cfg.ema > 0:
             D, N = grads.shape[:2]
             total = num_images if num_images is not None else N
@@ -152,18 +158,20 @@ class SpectralGradientSurgery:
     # --- the step ------------------------------------------------------------------------------
 
     def __call__(self, grads: torch.Tensor, assign: torch.Tensor | None = None, *, images: torch.Tensor | None = None,
-                 rows: slice | None = None, num_images: int | None = None, return_parts: bool = False):
+                 rows: slice | None = None, num_images: int | None = None, return_parts: bool = False,
+                 agree_source: torch.Tensor | None = None):
         """The surgery of stacked domain gradients ``[D, N, C, H, W]`` -> update ``[N, C, H, W]``.
 
         ``assign``: default the config's (a fresh random draw, or fixed). ``images``: the
         synthetic images (needed by ``decay``). ``rows``/``num_images``: these are rows ``rows``
         of a set of ``num_images`` (a DM loop that computes its gradients class chunk by chunk),
-        so that the moving average is kept per image of the whole set."""
+        so that the moving average is kept per image of the whole set. ``agree_source``: what the
+        test reads before averaging and pooling (``agree_on="contrast"``), ``[D, N, C, H, W]``."""
         cfg = self.config
         D, N = grads.shape[:2]
         if assign is None:
             assign = self.assignment(D, N, grads.device)
-        agree_on = self.agreement_tensor(grads, rows, num_images)
+        agree_on = self.agreement_tensor(grads, rows, num_images, agree_source)
         self.last_agree_on = agree_on
         extra = dict(check_finite=self.check_finite, agree_on=agree_on, images=images if cfg.decay else None)
         if cfg.space == "spatial":

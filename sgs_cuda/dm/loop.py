@@ -453,16 +453,19 @@ def _chunk_gradient(run: _Run, recorder: HistoryRecorder, syn, grad, it: int, cl
     part = syn[rows]  # a view: its gradient is the chunk's rows only
     real, params = draw_class_batches(run.data, run.domains, classes, run.n_real, run.strategy, run.streams, it,
                                       run.device, present)
-    losses, pooled = matching_losses(run.net, real, part, params, pool_all=cfg.norm == "batchnorm",
-                                     present=None if present is None else [present[c] for c in classes],
-                                     num_domains=len(run.domains), matching=cfg.matching)
+    contrast = run.surgery is not None and cfg.sgs.agree_on == "contrast"
+    losses, pooled, *contrast_losses = matching_losses(
+        run.net, real, part, params, pool_all=cfg.norm == "batchnorm",
+        present=None if present is None else [present[c] for c in classes], num_domains=len(run.domains),
+        matching=cfg.matching, contrast=contrast)
     if run.surgery is None:
         (grad[rows],) = torch.autograd.grad(pooled, part)
         recorder.add_dm(pooled)
         return
     grads = domain_gradients(losses, part, "auto")
+    source = domain_gradients(contrast_losses[0], part, "auto") if contrast else None
     grad[rows] = run.surgery(grads, assign[rows], images=part.detach(), rows=rows, num_images=len(run.mine) * cfg.ipc,
-                             return_parts=recorder.needs_parts)
+                             return_parts=recorder.needs_parts, agree_source=source)
     recorder.add_surgery(pooled, losses, grads, run.surgery.last, run.surgery.last_agree_on)
 
 

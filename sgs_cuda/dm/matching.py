@@ -40,8 +40,10 @@ MATCHINGS = ("dm", "m3d")
 
 def matching_losses(net, real: Sequence[torch.Tensor], syn: torch.Tensor, params: Sequence[DSAParams | None],
                     pool_all: bool = False, present: Sequence[Sequence[int]] | None = None,
-                    num_domains: int | None = None, matching: str = "dm"):
-    """``(L [D], pooled)``: the domain-wise losses and the pooled-batch loss of ``matching``.
+                    num_domains: int | None = None, matching: str = "dm", contrast: bool = False):
+    """``(L [D], pooled)``: the domain-wise losses and the pooled-batch loss of ``matching``;
+    with ``contrast`` also the domain-wise class-contrast losses (:func:`contrast_losses`), in the
+    same forward pass: ``(L, pooled, contrast)``.
 
     ``real[c]``: ``[D, n, C, H, W]`` real images of class ``c``; ``syn``: ``[K * ipc, C, H, W]``
     class-ordered; ``params[c]``: the DSA draw of class ``c`` (applied to both sides).
@@ -68,8 +70,27 @@ def matching_losses(net, real: Sequence[torch.Tensor], syn: torch.Tensor, params
         feats = [f.view(r.shape[0], r.shape[1], -1) for f, r in zip(feats, real)]  # [D_c, n, F]
     syn_feats = net.embed(torch.cat(syn_aug)).view(K, ipc, -1)  # [K, ipc, F]
     if matching == "dm":
-        return _dm_losses(feats, syn_feats, present, num_domains)
-    return _m3d_losses(feats, syn_feats, present, num_domains)
+        out = _dm_losses(feats, syn_feats, present, num_domains)
+    else:
+        out = _m3d_losses(feats, syn_feats, present, num_domains)
+    if not contrast:
+        return out
+    with torch.no_grad():
+        means = [f.mean(1) for f in feats]
+        if present is not None:
+            means = [_fill_missing(m, idx, num_domains) for m, idx in zip(means, present)]
+    return (*out, contrast_losses(torch.stack(means), syn_feats.mean(1)))
+
+
+def contrast_losses(mu_real: torch.Tensor, mu_syn: torch.Tensor) -> torch.Tensor:
+    """``[D]``: per domain d, ``sum_c 2 <mu_syn_c, mean_{c' != c} mu_{c',d} - mu_{c,d}>``, whose gradient
+    pulls each class's synthetic mean embedding toward that domain's class mean and pushes it from
+    the domain's other class means: the class-discriminative content of domain d, in the same
+    random network (``mu_real`` ``[K, D, F]`` without gradient, ``mu_syn`` ``[K, F]``). With one
+    class there is nothing to contrast: the pull alone."""
+    K = mu_real.shape[0]
+    others = (mu_real.sum(0, keepdim=True) - mu_real) / (K - 1) if K > 1 else torch.zeros_like(mu_real)
+    return 2 * ((others - mu_real) * mu_syn[:, None]).sum(dim=(0, 2))
 
 
 def _dm_losses(feats, syn_feats, present, num_domains):

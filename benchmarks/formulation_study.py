@@ -1,0 +1,200 @@
+"""Surgery formulations that could carry the premise: the first filter of issue 18 on the premise
+benchmark (``fmnist-cues``, strong cue, target ``photo``, the ``quick`` preset), each formulation
+alone, with the mask against the cue's ground truth.
+
+    python benchmarks/formulation_study.py run    --out runs/formulations --code <snapshot>   # resumable
+    python benchmarks/formulation_study.py report --out runs/formulations --results docs/RESULTS.md
+
+Arms (``ARMS``: an :class:`~sgs_cuda.options.SGSConfig` each, or DM with another initialisation):
+DM; DM+SGS with the spec's formulation; agreement over time (``ema``), over a class (``pool``),
+the equal-energy magnitude test (``equalize`` with ``rho`` 0.5), replace instead of augment
+(``mean_weight`` 0 at the DM step), per-bin PCGrad, removal (``decay``), agreement on class content
+(``agree_on="contrast"``); and DM from the spectral
+initialisations. ``lr_img`` is DM's selected value on this benchmark (4, ``premise_study``) for
+every arm: a first filter, not a tuned comparison. Settings (``SETTINGS``): both cue families at
+strength 1 with real initialisation for every arm; noise initialisation for the arms where it is
+part of the question (DM, the spec, removal, replace, over time). Seeds 0 and 1.
+
+The scheduler is ``premise_study``'s (one job per run folder at a time, ``--jobs`` at once, one
+thread each, ``<out>/STOP`` to stop); the report pairs each arm with DM per setting and seed
+(95 % Student-t intervals, pooled over settings and seeds) and averages the mask-against-truth
+fractions over the second half of training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import premise_study as ps  # noqa: E402  (the scheduler, the run-folder readers, the block writer)
+
+from sgs_cuda.options import SGSConfig  # noqa: E402
+
+SEEDS = (0, 1)
+LR = "4"  # DM's lr_img selected on held-out source images at this preset (premise_study's cells)
+SPEC = SGSConfig(tau=1, rho=0, alpha=1, beta=0.25)  # the op's defaults, explicit
+# name -> (method, SGSConfig or None, init override or None); the order is the tables'
+ARMS = {
+    "DM": ("dm", None, None),
+    "SGS (spec)": ("dm_sgs", SPEC, None),
+    "over time (ema 0.9)": ("dm_sgs", SPEC.replace(ema=0.9), None),
+    "over a class (pool)": ("dm_sgs", SPEC.replace(pool="class"), None),
+    "equalized (rho 0.5)": ("dm_sgs", SPEC.replace(rho=0.5, equalize=True), None),
+    "replace (dm_norm)": ("dm_sgs", SPEC.replace(mean_weight=0, normalize="dm_norm"), None),
+    "PCGrad per bin": ("dm_sgs", SPEC.replace(combine="pcgrad", mean_weight=0, beta=0), None),
+    "removal (decay 5e-4)": ("dm_sgs", SPEC.replace(decay=5e-4), None),
+    "class content (contrast)": ("dm_sgs", SPEC.replace(agree_on="contrast"), None),
+    "DM, spectral init": ("dm", None, "spectral"),
+    "DM, spectral_min init": ("dm", None, "spectral_min"),
+}
+NOISE_ARMS = ("DM", "SGS (spec)", "over time (ema 0.9)", "replace (dm_norm)", "removal (decay 5e-4)")
+# (cue, init), in the order they run
+SETTINGS = [("grating", "real"), ("patch", "real"), ("grating", "noise")]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def arm_flags(name: str, init: str) -> tuple[str, ...]:
+    method, sgs, init_override = ARMS[name]
+    flags = ["--init", init_override or init, "--lr-img", LR, "--label", name]
+    return tuple(flags + (sgs.flags() if sgs is not None else []))
+
+
+ARM_OF: dict[tuple[str, str], str] = {}  # (setting, run folder name) -> arm
+
+
+def all_cells() -> list[ps.Cell]:
+    """One cell per (setting, arm, seed), each in its own run folder ``<setting>/<arm>-s<seed>``."""
+    cells = []
+    for seed_pass in SEEDS:  # every arm's seed 0 before any seed 1: what finishes first is a whole screen
+        for cue, init in SETTINGS:
+            for name, (method, _, init_override) in ARMS.items():
+                if init == "noise" and name not in NOISE_ARMS:
+                    continue
+                if init_override and init == "noise":
+                    continue
+                setting, folder = f"{cue}-1-{init}", f"{slug(name)}-s{seed_pass}"
+                ARM_OF[setting, folder] = name
+                cells.append(ps.Cell(setting, folder, (method,),
+                                     (*ps.cue_flags(cue, 1.0), "--target", "photo", *arm_flags(name, init)),
+                                     (seed_pass,)))
+    return cells
+
+
+def collect(out: Path) -> dict:
+    """``{arm: {setting: {seed: {"ood", "in_domain", "seconds", "truth"}}}}`` from the finished cells."""
+    found: dict = {}
+    for cell in all_cells():
+        method, seed = cell.methods[0], cell.seeds[0]
+        m = ps._metrics(cell.folder(out), method, seed)
+        if m is None:
+            continue
+        arm = ARM_OF[cell.stage, cell.name]
+        row = {"ood": 100 * m["ood_acc_mean"], "in_domain": 100 * m["in_domain_acc_mean"],
+               "seconds": m.get("distill_seconds")}
+        if method == "dm_sgs":
+            row["truth"] = ps.truth_summary(ps._history(cell.folder(out), method, seed))
+        found.setdefault(arm, {}).setdefault(cell.stage, {})[seed] = row
+    return found
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def tables(found: dict) -> tuple[str, dict]:
+    from sgs_cuda import stats
+
+    if "DM" not in found:
+        return "_not run yet_", {}
+    settings = [f"{c}-1-{i}" for c, i in SETTINGS]
+    lines = ["| arm | " + " | ".join(settings) + " | cue / other bins kept % (real init) |",
+             "|---" * (len(settings) + 2) + "|"]
+    numbers = {"accuracy": found, "paired": {}}
+    for arm in (a for a in ARMS if a in found):
+        cells = []
+        for st in settings:
+            rows = found[arm].get(st, {})
+            cells.append("—" if not rows else f"{_mean(r['ood'] for r in rows.values()):.1f} / "
+                         f"{_mean(r['in_domain'] for r in rows.values()):.1f} ({len(rows)})")
+        truths = [r["truth"] for st in settings if st.endswith("real") for r in found[arm].get(st, {}).values()
+                  if r.get("truth")]
+        truth = "—" if not truths else f"{_mean(t['cue'] for t in truths):.1f} / {_mean(t['other'] for t in truths):.1f}"
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {truth} |")
+    diff = ["| arm − DM | OOD diff (pts) | 95 % CI | ahead | in-domain diff | 95 % CI | pairs |",
+            "|---|---|---|---|---|---|---|"]
+    for arm in (a for a in ARMS if a in found and a != "DM"):
+        pairs = {"ood": ({}, {}), "in_domain": ({}, {})}
+        for st, rows in found[arm].items():
+            for seed, r in rows.items():
+                base = found["DM"].get(st, {}).get(seed)
+                if base is None:
+                    continue
+                for key in pairs:
+                    pairs[key][0].setdefault(st, {})[seed] = base[key]
+                    pairs[key][1].setdefault(st, {})[seed] = r[key]
+        if not pairs["ood"][0]:
+            continue
+        res = {k: stats.compare(*v)["pooled"] for k, v in pairs.items()}
+        numbers["paired"][arm] = {k: v.to_dict() for k, v in res.items()}
+        o, i = res["ood"], res["in_domain"]
+        diff.append(f"| {arm} | {o.mean:+.1f} | {ps._ci(o)} | {o.positive}/{o.n} | {i.mean:+.1f} | {ps._ci(i)} | {o.n} |")
+    cost = ["| arm | distillation s per iteration | × DM |", "|---|---|---|"]
+    dm_cost = _mean(r["seconds"] for rows in found["DM"].values() for r in rows.values())
+    for arm in (a for a in ARMS if a in found):
+        c = _mean(r["seconds"] for rows in found[arm].values() for r in rows.values())
+        if c is not None and dm_cost:
+            cost.append(f"| {arm} | {c / 200:.3f} | {c / dm_cost:.2f} |")
+    text = ("OOD % / in-domain % on `fmnist-cues` (strength 1, target `photo` scored on every image; mean over "
+            "seeds, their count in brackets), and the share of the cue's frequency components the mask kept "
+            "against the other components (second half of training, real initialisation):\n\n" + "\n".join(lines)
+            + "\n\nPaired with DM (same setting and seed), pooled over the settings and seeds:\n\n" + "\n".join(diff)
+            + "\n\nCost (distillation wall time of these runs, two jobs sharing the 2-core machine: indicative):\n\n"
+            + "\n".join(cost))
+    return text, numbers
+
+
+def cmd_report(args) -> None:
+    out = Path(args.out)
+    found = collect(out)
+    text, numbers = tables(found)
+    numbers.update(machine=ps.machine(), date=time.strftime("%Y-%m-%d"), preset=ps.PRESET, lr_img=LR,
+                   command=" ".join(sys.argv))
+    docs = Path(args.docs)
+    (docs / "results").mkdir(parents=True, exist_ok=True)
+    (docs / "results" / "formulations-quick.json").write_text(json.dumps(numbers, indent=1, default=str) + "\n")
+    if args.results:
+        path = Path(args.results)
+        path.write_text(ps.replace_blocks(path.read_text(), {"formulations": text}))
+    else:
+        print(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the cells (resumable)")
+    r.add_argument("--out", default="runs/formulations")
+    r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--poll", type=float, default=5.0)
+    r.add_argument("--code", help="a folder holding the sgs_cuda package to run (default: this checkout)")
+    rep = sub.add_parser("report", help="tables from the finished cells")
+    rep.add_argument("--out", default="runs/formulations")
+    rep.add_argument("--docs", default=str(ps.REPO / "docs"))
+    rep.add_argument("--results", help="markdown file whose <!-- premise:formulations --> block is replaced")
+    args = p.parse_args(argv)
+    if args.command == "run":
+        ps.cmd_run(args, all_cells())
+    else:
+        cmd_report(args)
+
+
+if __name__ == "__main__":
+    main()
