@@ -9,7 +9,7 @@ Arms (``ARMS``: an :class:`~sgs_cuda.options.SGSConfig` each, or DM with another
 DM; DM+SGS with the spec's formulation; agreement over time (``ema``), over a class (``pool``),
 the equal-energy magnitude test (``equalize`` with ``rho`` 0.5), replace instead of augment
 (``mean_weight`` 0 at the DM step), per-bin PCGrad, removal (``decay``), agreement on class content
-(``agree_on="contrast"``); and DM from the spectral
+(``agree_on="contrast"``), DM with amplitude removal (``amp_decay``); and DM from the spectral
 initialisations. ``lr_img`` is DM's selected value on this benchmark (4, ``premise_study``) for
 every arm: a first filter, not a tuned comparison. Settings (``SETTINGS``): both cue families at
 strength 1 with real initialisation for every arm; noise initialisation for the arms where it is
@@ -48,10 +48,13 @@ ARMS = {
     "PCGrad per bin": ("dm_sgs", SPEC.replace(combine="pcgrad", mean_weight=0, beta=0), None),
     "removal (decay 5e-4)": ("dm_sgs", SPEC.replace(decay=5e-4), None),
     "class content (contrast)": ("dm_sgs", SPEC.replace(agree_on="contrast"), None),
+    # DM (alpha = beta = 0) plus the amplitude removal toward the class's cross-domain floor
+    "DM + amplitude removal (5e-3)": ("dm_sgs", SPEC.replace(alpha=0, beta=0, amp_decay=5e-3), None),
     "DM, spectral init": ("dm", None, "spectral"),
     "DM, spectral_min init": ("dm", None, "spectral_min"),
 }
-NOISE_ARMS = ("DM", "SGS (spec)", "over time (ema 0.9)", "replace (dm_norm)", "removal (decay 5e-4)")
+NOISE_ARMS = ("DM", "SGS (spec)", "over time (ema 0.9)", "replace (dm_norm)", "removal (decay 5e-4)",
+              "DM + amplitude removal (5e-3)")
 # (cue, init), in the order they run
 SETTINGS = [("grating", "real"), ("patch", "real"), ("grating", "noise")]
 

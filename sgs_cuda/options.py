@@ -93,6 +93,10 @@ class SGSConfig:
                               "normalize=dm_norm: replace it by shared + beta x diversity at the DM step size)")
     decay: float = _opt(0.0, "removal: + decay x (1 - mask) x each image's own spectrum, so a step shrinks what the "
                         "domains disagree on (0: off)", nonneg=True)
+    amp_decay: float = _opt(0.0, "amplitude removal: + amp_decay x the part of each image's amplitude spectrum above "
+                            "its class's smallest mean amplitude over the source domains, phase kept (what one "
+                            "domain carries and the others lack, a phase-random cue included; 0: off)",
+                            scope="loop", nonneg=True)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -99,6 +99,8 @@ class SpectralGradientSurgery:
         self.ema_started: torch.Tensor | None = None  # [N] bool: rows whose average has a gradient in it
         self.last: SGSParts | StepParts | None = None
         self.last_agree_on: torch.Tensor | None = None
+        # [N, C, H, W//2+1]: each image's amplitude floor (amp_decay), set by the loop from the real data
+        self.amplitude_floor: torch.Tensor | None = None
 
     def assignment(self, num_domains: int, num_images: int, device) -> torch.Tensor | None:
         if self.config.assignment == "fixed":
@@ -167,6 +169,25 @@ class SpectralGradientSurgery:
         of a set of ``num_images`` (a DM loop that computes its gradients class chunk by chunk),
         so that the moving average is kept per image of the whole set. ``agree_source``: what the
         test reads before averaging and pooling (``agree_on="contrast"``), ``[D, N, C, H, W]``."""
+        update = self._surgery(grads, assign, images, rows, num_images, return_parts, agree_source)
+        if self.config.amp_decay:
+            update = update + self.amplitude_removal(images, rows).to(update.dtype)
+        return update
+
+    def amplitude_removal(self, images: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+        """``amp_decay`` x the gradient of ``1/2 sum relu(|rfft2(x)| - floor)^2`` (up to the transform's
+        scale): each image's amplitude above its floor, with the image's phase."""
+        if images is None or self.amplitude_floor is None:
+            raise ValueError("amp_decay needs the synthetic images and their amplitude floor "
+                             "(set SpectralGradientSurgery.amplitude_floor; the DM loop computes it from the data)")
+        floor = self.amplitude_floor if rows is None else self.amplitude_floor[rows]
+        spec = torch.fft.rfft2(images.detach().to(floor.dtype))
+        magnitude = spec.abs()
+        excess = torch.relu(magnitude - floor)
+        step = torch.where(magnitude > 0, excess / magnitude.clamp_min(torch.finfo(floor.dtype).tiny), 0) * spec
+        return self.config.amp_decay * torch.fft.irfft2(step, s=images.shape[-2:])
+
+    def _surgery(self, grads, assign, images, rows, num_images, return_parts, agree_source):
         cfg = self.config
         D, N = grads.shape[:2]
         if assign is None:

@@ -340,3 +340,35 @@ def test_contrast_agreement_needs_its_source_and_runs_in_the_loop(tmp_path):
     resumed = distill(TinyDomains(), domains, _cfg(sgs=cfg, checkpoint_every=2), run_dir=tmp_path, resume=True,
                       progress=False, log=lambda m: None)
     assert torch.equal(whole.images, resumed.images)
+
+
+# --- amplitude removal ----------------------------------------------------------------------------
+
+def test_amplitude_removal_takes_the_excess_over_the_floor_with_the_phase():
+    images = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    spec = torch.fft.rfft2(images)
+    sgs = SpectralGradientSurgery(SGSConfig(amp_decay=0.4, alpha=0.0, beta=0.0))
+    sgs.amplitude_floor = spec.abs() / 2  # every amplitude twice its floor: the excess is half the image
+    assert rel(sgs.amplitude_removal(images), 0.4 * 0.5 * images) < 1e-12
+    sgs.amplitude_floor = spec.abs() * 1.5  # below the floor everywhere: nothing to remove
+    assert sgs.amplitude_removal(images).abs().max() < 1e-12
+    grads, assign = fresh(N=2, C=1), torch.tensor([0, 1])
+    sgs.amplitude_floor = spec.abs() / 2
+    out = sgs(grads, assign, images=images)
+    assert rel(out, grads.mean(0) + 0.2 * images) < 1e-10  # alpha = beta = 0: DM plus the removal
+    with pytest.raises(ValueError, match="amp_decay needs the synthetic images and their amplitude floor"):
+        SpectralGradientSurgery(SGSConfig(amp_decay=0.1))(grads, assign, images=images)
+
+
+def test_amplitude_removal_in_the_loop_moves_the_set_and_resumes(tmp_path):
+    cfg = SGSConfig(alpha=0.0, beta=0.0, amp_decay=0.05)
+    domains = ["d0", "d1", "d2"]
+    data = TwoDomainClasses  # d1 carries a strong grating: its bin is above the class floor
+    whole = distill(data(), domains, _cfg(sgs=cfg), progress=False, log=lambda m: None)
+    plain = distill(data(), domains, _cfg(sgs=SGSConfig(alpha=0.0, beta=0.0)), progress=False, log=lambda m: None)
+    assert not torch.equal(whole.images, plain.images)
+    distill(data(), domains, _cfg(sgs=cfg, iterations=2, checkpoint_every=2), run_dir=tmp_path, progress=False,
+            log=lambda m: None)
+    resumed = distill(data(), domains, _cfg(sgs=cfg, checkpoint_every=2), run_dir=tmp_path, resume=True,
+                      progress=False, log=lambda m: None)
+    assert torch.equal(whole.images, resumed.images)

@@ -224,19 +224,34 @@ def _class_init(data, have: Sequence[str], label: int, ipc: int, init: str, gene
     return images
 
 
-def _spectral_init(data, have: Sequence[str], label: int, images: torch.Tensor, init: str, generator) -> torch.Tensor:
-    """Real images with their domain-specific spectrum taken out before the first step: each keeps
-    its phase and takes its class's amplitude spectrum across the source domains (per domain the
-    mean ``|rfft2|`` of up to ``SPECTRAL_INIT_SAMPLE`` class images; then their mean over the
-    domains, ``spectral``, FACT/FDA-style, or their minimum, ``spectral_min``: a component one
-    domain carries and the others do not is brought down to the quietest domain's level)."""
-    amplitudes = torch.stack([
+def class_amplitudes(data, have: Sequence[str], label: int, generator) -> torch.Tensor:
+    """``[len(have), C, H, W // 2 + 1]`` float64: per source domain, the mean ``|rfft2|`` of up to
+    ``SPECTRAL_INIT_SAMPLE`` of its train images of class ``label``."""
+    return torch.stack([
         torch.fft.rfft2(data.real_batch(d, label, min(SPECTRAL_INIT_SAMPLE, data.count(d, label, "train")),
                                         generator=generator).double()).abs().mean(0) for d in have])
+
+
+def _spectral_init(data, have: Sequence[str], label: int, images: torch.Tensor, init: str, generator) -> torch.Tensor:
+    """Real images with their domain-specific spectrum taken out before the first step: each keeps
+    its phase and takes its class's amplitude spectrum across the source domains
+    (:func:`class_amplitudes`: their mean over the domains, ``spectral``, FACT/FDA-style, or
+    their minimum, ``spectral_min``: a component one domain carries and the others do not is
+    brought down to the quietest domain's level)."""
+    amplitudes = class_amplitudes(data, have, label, generator)
     amplitude = amplitudes.mean(0) if init == "spectral" else amplitudes.amin(0)
     spectrum = torch.fft.rfft2(images.double())
     phase = torch.where(spectrum.abs() > 0, spectrum / spectrum.abs().clamp_min(1e-300), 1)
     return torch.fft.irfft2(amplitude * phase, s=images.shape[-2:]).float()
+
+
+def amplitude_floor(data, domains: Sequence[str], classes: range, ipc: int, present, streams) -> torch.Tensor:
+    """``[len(classes) * ipc, C, H, W // 2 + 1]`` float32: for each synthetic image, its class's
+    smallest mean amplitude over the source domains (what ``SGSConfig.amp_decay`` shrinks toward),
+    from a stream of its own so that a resumed run computes the same floor."""
+    floors = [class_amplitudes(data, [domains[i] for i in present[c]], c, streams.for_class("init", -2, c)).amin(0)
+              for c in classes]
+    return torch.stack(floors).float().repeat_interleave(ipc, dim=0)
 
 
 def initial_class_images(data, domains: Sequence[str], ipc: int, init: str, classes: range,
@@ -350,6 +365,9 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     else:
         images = initial_class_images(data, domains, ipc, cfg.init, run.mine, class_domains(data, domains),
                                       run.streams)
+    if run.surgery is not None and cfg.sgs.amp_decay:
+        run.surgery.amplitude_floor = amplitude_floor(data, domains, run.mine, ipc, class_domains(data, domains),
+                                                      run.streams).to(device)
     labels = torch.arange(K).repeat_interleave(ipc)
     syn = images.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
     del images  # (a resumed run's whole set too: the checkpoint's images were popped)
