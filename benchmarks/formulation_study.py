@@ -183,11 +183,7 @@ def cmd_report(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the cells (resumable)")
-    r.add_argument("--out", default="runs/formulations")
-    r.add_argument("--jobs", type=int, default=2)
-    r.add_argument("--poll", type=float, default=5.0)
-    r.add_argument("--code", help="a folder holding the sgs_cuda package to run (default: this checkout)")
+    ps.add_run_arguments(sub.add_parser("run", help="run the cells (resumable)"), "runs/formulations")
     rep = sub.add_parser("report", help="tables from the finished cells")
     rep.add_argument("--out", default="runs/formulations")
     rep.add_argument("--docs", default=str(ps.REPO / "docs"))

@@ -368,15 +368,20 @@ def cmd_report(args) -> None:
             print(f"## {name}\n{body}\n")
 
 
+def add_run_arguments(parser, out: str):
+    """The scheduler's flags (:func:`cmd_run`), shared by the studies that use it."""
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--poll", type=float, default=5.0)
+    parser.add_argument("--code", help="a folder holding the sgs_cuda package to run (default: this checkout)")
+    return parser
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the study's cells (resumable)")
-    r.add_argument("--out", default="runs/premise")
-    r.add_argument("--jobs", type=int, default=2)
+    r = add_run_arguments(sub.add_parser("run", help="run the study's cells (resumable)"), "runs/premise")
     r.add_argument("--stage", choices=["all", "sanity", "premise", "styles"], default="all")
-    r.add_argument("--poll", type=float, default=5.0)
-    r.add_argument("--code", help="a folder holding the sgs_cuda package to run (default: this checkout)")
     rep = sub.add_parser("report", help="tables and figure from the finished cells")
     rep.add_argument("--out", default="runs/premise")
     rep.add_argument("--docs", default=str(REPO / "docs"))

@@ -297,14 +297,8 @@ def _general(grads, assign, args: KernelArgs, normalize, agree_on, images, plane
     else:
         out = sgs_reference(grads, assign, *args.spec, return_parts=True, agree_on=agree_on, equalize=args.equalize,
                             mean_weight=args.mean_weight, images=images, decay=args.decay, combine=args.combine)
-    result = _normalize(_parts(*out), args.alpha, normalize)
-    if wide:
-        result = result._replace(**{k: getattr(result, k).to(grads.dtype) for k in ("update", "mean", "shared",
-                                                                                    "diversity")})
-        _check_representable(result if return_parts else result[:1], grads.dtype)
-    if return_parts:
-        return result
-    return SGSUpdate(result.update, result.diagnostics) if return_diagnostics else result.update
+    return _finish(_normalize(_parts(*out), args.alpha, normalize), grads.dtype, wide, return_parts,
+                   return_diagnostics)
 
 
 def _general_kernel_available(grads: torch.Tensor, args: KernelArgs) -> bool:
@@ -371,11 +365,16 @@ def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, pl
             update = update.to(grads.dtype)
             _check_representable((update,), grads.dtype)
         return update if outputs == UPDATE else SGSUpdate(update, _diagnostics(out[1]))
-    result = _normalize(_parts(*out), alpha, normalize)
-    if rescale:  # computed in the compute dtype: round once, and say if the result does not fit
-        result = result._replace(**{k: getattr(result, k).to(grads.dtype) for k in ("update", "mean", "shared",
-                                                                                    "diversity")})
-        _check_representable(result if return_parts else result[:1], grads.dtype)
+    return _finish(_normalize(_parts(*out), alpha, normalize), grads.dtype, rescale, return_parts,
+                   return_diagnostics)
+
+
+def _finish(result: SGSParts, dtype, widened: bool, return_parts: bool, return_diagnostics: bool):
+    """What the op returns from its normalised parts; ``widened``: they were computed in a wider
+    dtype than ``dtype``: round once, and say if the result does not fit."""
+    if widened:
+        result = result._replace(**{k: getattr(result, k).to(dtype) for k in ("update", "mean", "shared", "diversity")})
+        _check_representable(result if return_parts else result[:1], dtype)
     if return_parts:
         return result
     return SGSUpdate(result.update, result.diagnostics) if return_diagnostics else result.update
