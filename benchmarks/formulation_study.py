@@ -57,6 +57,10 @@ NOISE_ARMS = ("DM", "SGS (spec)", "over time (ema 0.9)", "replace (dm_norm)", "r
               "DM + amplitude removal (5e-3)")
 # (cue, init), in the order they run
 SETTINGS = [("grating", "real"), ("patch", "real"), ("grating", "noise")]
+# the screening's second benchmark: fmnist-styles, every target, for the arms that moved OOD accuracy
+# on the premise benchmark (and DM), after the first filter
+STYLE_TARGETS = ("photo", "cartoon", "sketch", "painting")
+STYLE_ARMS = ("DM", "removal (decay 5e-4)", "DM, spectral_min init", "DM + amplitude removal (5e-3)")
 
 
 def slug(name: str) -> str:
@@ -87,6 +91,14 @@ def all_cells() -> list[ps.Cell]:
                 cells.append(ps.Cell(setting, folder, (method,),
                                      (*ps.cue_flags(cue, 1.0), "--target", "photo", *arm_flags(name, init)),
                                      (seed_pass,)))
+    for seed_pass in SEEDS:
+        for target in STYLE_TARGETS:
+            for name in STYLE_ARMS:
+                setting, folder = f"styles-{target}", f"{slug(name)}-s{seed_pass}"
+                ARM_OF[setting, folder] = name
+                cells.append(ps.Cell(setting, folder, (ARMS[name][0],),
+                                     ("--dataset", "fmnist-styles", "--target", target, *arm_flags(name, "real")),
+                                     (seed_pass,)))
     return cells
 
 
@@ -112,72 +124,86 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def tables(found: dict) -> tuple[str, dict]:
+PREMISE_SETTINGS = [f"{c}-1-{i}" for c, i in SETTINGS]
+STYLE_SETTINGS = [f"styles-{t}" for t in STYLE_TARGETS]
+
+
+def tables(found: dict, settings: list[str] = PREMISE_SETTINGS, truth: bool = True) -> tuple[str, dict]:
+    """Each arm's OOD / in-domain mean per setting (and, on the premise benchmark, the mask against
+    the truth), then each arm paired with DM (same setting and seed): the mean difference per
+    setting and, pooled over the settings and seeds, its 95 % interval."""
     from sgs_cuda import stats
 
-    if "DM" not in found:
+    if not any(st in found.get("DM", {}) for st in settings):
         return "_not run yet_", {}
-    settings = [f"{c}-1-{i}" for c, i in SETTINGS]
-    lines = ["| arm | " + " | ".join(settings) + " | cue / other bins kept % (real init) |",
-             "|---" * (len(settings) + 2) + "|"]
-    numbers = {"accuracy": found, "paired": {}}
-    for arm in (a for a in ARMS if a in found):
+    arms = [a for a in ARMS if any(st in found.get(a, {}) for st in settings)]
+    lines = ["| arm | " + " | ".join(settings) + (" | cue / other bins kept % (real init) |" if truth else " |"),
+             "|---" * (len(settings) + 1 + truth) + "|"]
+    numbers = {"accuracy": {a: {st: found[a][st] for st in settings if st in found[a]} for a in arms}, "paired": {}}
+    for arm in arms:
         cells = []
         for st in settings:
             rows = found[arm].get(st, {})
             cells.append("—" if not rows else f"{_mean(r['ood'] for r in rows.values()):.1f} / "
                          f"{_mean(r['in_domain'] for r in rows.values()):.1f} ({len(rows)})")
-        truths = [r["truth"] for st in settings if st.endswith("real") for r in found[arm].get(st, {}).values()
-                  if r.get("truth")]
-        truth = "—" if not truths else f"{_mean(t['cue'] for t in truths):.1f} / {_mean(t['other'] for t in truths):.1f}"
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {truth} |")
-    diff = ["| arm − DM | OOD diff (pts) | 95 % CI | ahead | in-domain diff | 95 % CI | pairs |",
-            "|---|---|---|---|---|---|---|"]
-    for arm in (a for a in ARMS if a in found and a != "DM"):
+        if truth:
+            seen = [r["truth"] for st in settings if st.endswith("real") for r in found[arm].get(st, {}).values()
+                    if r.get("truth")]
+            cells.append("—" if not seen else
+                         f"{_mean(t['cue'] for t in seen):.1f} / {_mean(t['other'] for t in seen):.1f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    diff = ["| arm − DM | " + " | ".join(f"OOD Δ {st}" for st in settings)
+            + " | OOD Δ pooled [95 % CI] | ahead | in-domain Δ pooled [95 % CI] |",
+            "|---" * (len(settings) + 4) + "|"]
+    for arm in arms[1:] if arms and arms[0] == "DM" else arms:
         pairs = {"ood": ({}, {}), "in_domain": ({}, {})}
-        for st, rows in found[arm].items():
-            for seed, r in rows.items():
+        for st in settings:
+            for seed, r in found[arm].get(st, {}).items():
                 base = found["DM"].get(st, {}).get(seed)
-                if base is None:
-                    continue
-                for key in pairs:
-                    pairs[key][0].setdefault(st, {})[seed] = base[key]
-                    pairs[key][1].setdefault(st, {})[seed] = r[key]
+                if base is not None:
+                    for key in pairs:
+                        pairs[key][0].setdefault(st, {})[seed] = base[key]
+                        pairs[key][1].setdefault(st, {})[seed] = r[key]
         if not pairs["ood"][0]:
             continue
-        res = {k: stats.compare(*v)["pooled"] for k, v in pairs.items()}
-        numbers["paired"][arm] = {k: v.to_dict() for k, v in res.items()}
-        o, i = res["ood"], res["in_domain"]
-        diff.append(f"| {arm} | {o.mean:+.1f} | {ps._ci(o)} | {o.positive}/{o.n} | {i.mean:+.1f} | {ps._ci(i)} | {o.n} |")
-    cost = ["| arm | distillation s per iteration | × DM |", "|---|---|---|"]
-    dm_cost = _mean(r["seconds"] for rows in found["DM"].values() for r in rows.values())
-    for arm in (a for a in ARMS if a in found):
-        c = _mean(r["seconds"] for rows in found[arm].values() for r in rows.values())
-        if c is not None and dm_cost:
-            cost.append(f"| {arm} | {c / 200:.3f} | {c / dm_cost:.2f} |")
-    text = ("OOD % / in-domain % on `fmnist-cues` (strength 1, target `photo` scored on every image; mean over "
-            "seeds, their count in brackets), and the share of the cue's frequency components the mask kept "
-            "against the other components (second half of training, real initialisation):\n\n" + "\n".join(lines)
-            + "\n\nPaired with DM (same setting and seed), pooled over the settings and seeds:\n\n" + "\n".join(diff)
-            + "\n\nCost (distillation wall time of these runs, two jobs sharing the 2-core machine: indicative):\n\n"
-            + "\n".join(cost))
-    return text, numbers
+        res = {k: stats.compare(*v) for k, v in pairs.items()}
+        o, i = res["ood"]["pooled"], res["in_domain"]["pooled"]
+        numbers["paired"][arm] = {k: v["pooled"].to_dict() for k, v in res.items()}
+        per = [f"{res['ood']['per_target'][st]['summary'].mean:+.1f}" if st in res["ood"]["per_target"] else "—"
+               for st in settings]
+        diff.append(f"| {arm} | " + " | ".join(per) + f" | {o.mean:+.1f} {ps._ci(o)} | {o.positive}/{o.n} | "
+                    f"{i.mean:+.1f} {ps._ci(i)} |")
+    return ("\n".join(lines) + "\n\nPaired with DM (same setting and seed):\n\n" + "\n".join(diff)), numbers
+
+
+def cost_table(path: Path) -> str:
+    """The side-by-side cost measured by ``bench_formulations.py`` (its JSON), as a table."""
+    if not path.is_file():
+        return "_not measured yet_"
+    bench = json.loads(path.read_text())
+    rows = [f"| {name} | {r['seconds_per_iteration']:.3f} | {r['ratio_to_dm']:.2f} |" for name, r in bench["arms"].items()]
+    return (f"Seconds per distillation iteration at the quick preset's shapes ({bench['machine']}, "
+            f"{bench['threads']} thread, median of {bench['rounds']} rounds, {bench['date']}):\n\n"
+            "| arm | s / iteration | × DM |\n|---|---|---|\n" + "\n".join(rows))
 
 
 def cmd_report(args) -> None:
-    out = Path(args.out)
+    out, docs = Path(args.out), Path(args.docs)
     found = collect(out)
-    text, numbers = tables(found)
+    blocks, numbers = {}, {}
+    blocks["formulations"], numbers["premise"] = tables(found)
+    blocks["formulations-styles"], numbers["styles"] = tables(found, STYLE_SETTINGS, truth=False)
+    blocks["formulations-cost"] = cost_table(docs / "results" / "formulations-cost.json")
     numbers.update(machine=ps.machine(), date=time.strftime("%Y-%m-%d"), preset=ps.PRESET, lr_img=LR,
                    command=" ".join(sys.argv))
-    docs = Path(args.docs)
     (docs / "results").mkdir(parents=True, exist_ok=True)
     (docs / "results" / "formulations-quick.json").write_text(json.dumps(numbers, indent=1, default=str) + "\n")
     if args.results:
         path = Path(args.results)
-        path.write_text(ps.replace_blocks(path.read_text(), {"formulations": text}))
+        path.write_text(ps.replace_blocks(path.read_text(), blocks))
     else:
-        print(text)
+        for name, body in blocks.items():
+            print(f"## {name}\n{body}\n")
 
 
 def main(argv=None) -> None:

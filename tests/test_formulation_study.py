@@ -31,14 +31,18 @@ def test_every_cell_resolves_to_its_arm(study, tmp_path):
         args = parser.parse_args(cell.argv(tmp_path, cell.seeds[0])[3:])
         cfg = config.resolve_config(preset=args.preset, overrides=cli.overrides_from_args(args))
         assert cfg["methods"] == [method] and cfg["distill"]["lr_img"] == 4.0
-        assert cfg["distill"]["init"] == (init or cell.stage.rsplit("-", 1)[1])
+        styles = cell.stage.startswith("styles-")
+        assert cfg["dataset"] == ("fmnist-styles" if styles else "fmnist-cues")
+        assert cfg["distill"]["init"] == (init or ("real" if styles else cell.stage.rsplit("-", 1)[1]))
         if sgs is not None:
             assert SGSConfig(**cfg["sgs"]) == sgs
     # every arm on the real-initialised settings of both cue families, seed 0 before seed 1
     real = {(c.stage, study.ARM_OF[c.stage, c.name]) for c in cells if c.stage.endswith("real")}
     assert real == {(f"{cue}-1-real", a) for cue in ("grating", "patch") for a in study.ARMS}
-    seeds = [c.seeds[0] for c in cells]
-    assert seeds == sorted(seeds)
+    premise = [c.seeds[0] for c in cells if not c.stage.startswith("styles-")]
+    assert premise == sorted(premise)  # every arm's seed 0 first: a partial run is a whole screen
+    styles = {(c.stage, study.ARM_OF[c.stage, c.name]) for c in cells if c.stage.startswith("styles-")}
+    assert styles == {(f"styles-{t}", a) for t in study.STYLE_TARGETS for a in study.STYLE_ARMS}
 
 
 def test_report_pairs_each_arm_with_dm(study, tmp_path):
@@ -52,6 +56,8 @@ def test_report_pairs_each_arm_with_dm(study, tmp_path):
         p.parent.mkdir(parents=True)
         p.write_text(json.dumps({"ood_acc_mean": ood, "in_domain_acc_mean": 0.8, "distill_seconds": 40.0}))
     text, numbers = study.tables(study.collect(tmp_path))
-    assert "| SGS (spec) | +2.0 | [+2.0, +2.0] | 2/2 |" in text
+    assert "| SGS (spec) | +2.0 | — | — | +2.0 [+2.0, +2.0] | 2/2 |" in text
     assert numbers["paired"]["over time (ema 0.9)"]["ood"]["mean"] == pytest.approx(0.0)
     assert study.tables({})[0] == "_not run yet_"
+    assert study.tables(study.collect(tmp_path), study.STYLE_SETTINGS, truth=False)[0] == "_not run yet_"
+    assert study.cost_table(tmp_path / "none.json") == "_not measured yet_"
