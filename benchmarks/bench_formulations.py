@@ -36,6 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="JSON file for the numbers")
+    p.add_argument("--note", default="", help="what else ran on the machine (kept with the numbers)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from sgs_cuda.distributed import SOLO
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
         Path(args.out).write_text(json.dumps({
             "machine": f"{platform.node()} ({platform.processor() or platform.machine()})", "threads": args.threads,
             "date": datetime.date.today().isoformat(), "iters": args.iters, "warmup": args.warmup,
-            "rounds": args.rounds, "torch": torch.__version__, "arms": rows}, indent=1) + "\n")
+            "rounds": args.rounds, "torch": torch.__version__, "note": args.note, "arms": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Arms (``ARMS``: an :class:`~sgs_cuda.options.SGSConfig` each, or DM with another
 DM; DM+SGS with the spec's formulation; agreement over time (``ema``), over a class (``pool``),
 the equal-energy magnitude test (``equalize`` with ``rho`` 0.5), replace instead of augment
 (``mean_weight`` 0 at the DM step), per-bin PCGrad, removal (``decay``), agreement on class content
-(``agree_on="contrast"``), DM with amplitude removal (``amp_decay``); and DM from the spectral
+(``agree_on="contrast"``), diversity within the set (``spread``), DM with amplitude removal (``amp_decay``); and DM from the spectral
 initialisations. ``lr_img`` is DM's selected value on this benchmark (4, ``premise_study``) for
 every arm: a first filter, not a tuned comparison. Settings (``SETTINGS``): both cue families at
 strength 1 with real initialisation for every arm; noise initialisation for the arms where it is
@@ -48,6 +48,7 @@ ARMS = {
     "PCGrad per bin": ("dm_sgs", SPEC.replace(combine="pcgrad", mean_weight=0, beta=0), None),
     "removal (decay 5e-4)": ("dm_sgs", SPEC.replace(decay=5e-4), None),
     "class content (contrast)": ("dm_sgs", SPEC.replace(agree_on="contrast"), None),
+    "diversity within the set (spread 5e-4)": ("dm_sgs", SPEC.replace(spread=5e-4), None),
     # DM (alpha = beta = 0) plus the amplitude removal toward the class's cross-domain floor
     "DM + amplitude removal (5e-3)": ("dm_sgs", SPEC.replace(alpha=0, beta=0, amp_decay=5e-3), None),
     "DM, spectral init": ("dm", None, "spectral"),
@@ -176,6 +177,33 @@ def tables(found: dict, settings: list[str] = PREMISE_SETTINGS, truth: bool = Tr
     return ("\n".join(lines) + "\n\nPaired with DM (same setting and seed):\n\n" + "\n".join(diff)), numbers
 
 
+def cue_visibility(per_class: int = 300) -> str:
+    """Is the cue visible to first-order (mean) spectral statistics? Per source domain and class:
+    ``|mean_i F_i| / mean_i |F_i|`` at the class's own cue bin (its largest-amplitude truth bin)
+    against the median over the non-cue bins; a phase-random cue cancels in the mean."""
+    import torch
+
+    from sgs_cuda.data import load_dataset
+
+    rows = []
+    for cue in ("grating", "patch"):
+        data = load_dataset("fmnist-cues", cue=cue, cue_strength=1.0)
+        own, rest = [], []
+        for d in data.domains:
+            if d == data.cue_free:
+                continue
+            for c in range(len(data.classes)):
+                spec = torch.fft.rfft2(data.real_batch(d, c, per_class, generator=torch.Generator().manual_seed(0))
+                                       .double())
+                first, amp = spec.mean(0).abs().sum(0), spec.abs().mean(0).sum(0)
+                b = torch.where(data.cue_bins, amp, torch.zeros_like(amp)).flatten().argmax()
+                own.append((first.flatten()[b] / amp.flatten()[b]).item())
+                rest.append((first[~data.cue_bins] / amp[~data.cue_bins]).median().item())
+        rows.append(f"| {cue} | {_mean(own):.3f} | {_mean(rest):.3f} | {len(own)} |")
+    return ("| cue | own cue bin: abs(class-mean spectrum) / class-mean amplitude | other bins (median) | "
+            "class-domains |\n|---|---|---|---|\n" + "\n".join(rows))
+
+
 def cost_table(path: Path) -> str:
     """The side-by-side cost measured by ``bench_formulations.py`` (its JSON), as a table."""
     if not path.is_file():
@@ -183,7 +211,8 @@ def cost_table(path: Path) -> str:
     bench = json.loads(path.read_text())
     rows = [f"| {name} | {r['seconds_per_iteration']:.3f} | {r['ratio_to_dm']:.2f} |" for name, r in bench["arms"].items()]
     return (f"Seconds per distillation iteration at the quick preset's shapes ({bench['machine']}, "
-            f"{bench['threads']} thread, median of {bench['rounds']} rounds, {bench['date']}):\n\n"
+            f"{bench['threads']} thread, median of {bench['rounds']} rounds, {bench['date']}"
+            + (f"; {bench['note']}" if bench.get("note") else "") + "):\n\n"
             "| arm | s / iteration | × DM |\n|---|---|---|\n" + "\n".join(rows))
 
 
@@ -194,6 +223,7 @@ def cmd_report(args) -> None:
     blocks["formulations"], numbers["premise"] = tables(found)
     blocks["formulations-styles"], numbers["styles"] = tables(found, STYLE_SETTINGS, truth=False)
     blocks["formulations-cost"] = cost_table(docs / "results" / "formulations-cost.json")
+    blocks["formulations-visibility"] = cue_visibility()
     numbers.update(machine=ps.machine(), date=time.strftime("%Y-%m-%d"), preset=ps.PRESET, lr_img=LR,
                    command=" ".join(sys.argv))
     (docs / "results").mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,9 @@ class SGSConfig:
                             "its class's smallest mean amplitude over the source domains, phase kept (what one "
                             "domain carries and the others lack, a phase-random cue included; 0: off)",
                             scope="loop", nonneg=True)
+    spread: float = _opt(0.0, "diversity within the set: - spread x (1 - mask) x (each image's spectrum - its class's "
+                         "mean), so a class's images move apart where the domains disagree (0: off)",
+                         scope="loop", nonneg=True)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -8,6 +8,7 @@ import torch
 
 from .ops import SGSParts, spatial_gradient_surgery, spectral_gradient_surgery
 from .options import ASSIGNMENTS, SPACES, SGSConfig  # noqa: F401  (SGSConfig: its historical home)
+from .reference import clear_self_conjugate_imag, pcgrad_spectrum, spectral_mask
 
 
 _batched_grad_failed = False
@@ -93,8 +94,9 @@ class SpectralGradientSurgery:
         self.check_finite = check_finite
         self.grad_mode = grad_mode
         self.images_per_class = images_per_class
-        if self.config.pool == "class" and not images_per_class:
-            raise ValueError("pool='class' needs images_per_class (the set is class-ordered: IPC images per class)")
+        if (self.config.pool == "class" or self.config.spread) and not images_per_class:
+            raise ValueError("pool='class' and spread need images_per_class (the set is class-ordered: IPC images per "
+                             "class)")
         self.ema: torch.Tensor | None = None  # [D, N, C, H, W]: the moving average (ema > 0), all rows
         self.ema_started: torch.Tensor | None = None  # [N] bool: rows whose average has a gradient in it
         self.last: SGSParts | StepParts | None = None
@@ -172,7 +174,35 @@ class SpectralGradientSurgery:
         update = self._surgery(grads, assign, images, rows, num_images, return_parts, agree_source)
         if self.config.amp_decay:
             update = update + self.amplitude_removal(images, rows).to(update.dtype)
+        if self.config.spread:
+            update = update + self.spread_term(grads, images).to(update.dtype)
         return update
+
+    def spread_term(self, grads: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """Diversity within the set: ``-spread (1 - M) (S_n - mean of its class's S)``, so that a
+        step moves a class's images apart (from their class mean) on the components the domains
+        disagree on (``M``: this step's mask, from what the test read), the gradient of
+        ``-spread/2 sum_n |(1 - M)(S_n - S_class)|^2`` with the mask held fixed."""
+        cfg = self.config
+        if images is None or not self.images_per_class:
+            raise ValueError("spread needs the synthetic images and images_per_class (the set is class-ordered)")
+        N, ipc = images.shape[0], self.images_per_class
+        if N % ipc:
+            raise ValueError(f"spread: {N} images are not whole classes of {ipc}")
+        dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
+        W = grads.shape[-1]
+        test = grads if self.last_agree_on is None else self.last_agree_on
+        args = cfg.kernel_args(grads.shape[0])
+        spec = clear_self_conjugate_imag(torch.fft.rfft2(test.detach().to(dtype)), W)
+        if args.combine == "pcgrad":
+            mask_re = mask_im = 1 - pcgrad_spectrum(spec)[1]
+        else:
+            mask_re, mask_im = spectral_mask(spec, args.tau, args.rho, args.mask, args.equalize)
+        own = torch.fft.rfft2(images.detach().to(dtype))
+        classes = own.reshape(N // ipc, ipc, *own.shape[1:])
+        dev = (classes - classes.mean(1, keepdim=True)).reshape(own.shape)
+        step = torch.complex((1 - mask_re) * dev.real, (1 - mask_im) * dev.imag)
+        return -cfg.spread * torch.fft.irfft2(step, s=images.shape[-2:])
 
     def amplitude_removal(self, images: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
         """``amp_decay`` x the gradient of ``1/2 sum relu(|rfft2(x)| - floor)^2`` (up to the transform's

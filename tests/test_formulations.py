@@ -248,7 +248,7 @@ def test_class_pooling_gives_one_mask_per_class():
     sgs(g, assign)
     agree = sgs.last_agree_on
     assert torch.allclose(agree[:, 0], g[:, :2].mean(1)) and torch.equal(agree[:, 0], agree[:, 1])
-    with pytest.raises(ValueError, match="pool='class' needs images_per_class"):
+    with pytest.raises(ValueError, match="pool='class' and spread need images_per_class"):
         SpectralGradientSurgery(SGSConfig(pool="class"))
 
 
@@ -257,7 +257,7 @@ def _cfg(**kw):
                                    log_every=2), **kw})
 
 
-@pytest.mark.parametrize("sgs", [SGSConfig(ema=0.9), SGSConfig(pool="class", decay=1e-3),
+@pytest.mark.parametrize("sgs", [SGSConfig(ema=0.9), SGSConfig(pool="class", decay=1e-3, spread=1e-2),
                                  SGSConfig(combine="pcgrad", mean_weight=0.0, beta=0.0)])
 def test_loop_with_state_resumes_to_the_same_images(tmp_path, sgs):
     domains = ["d0", "d1", "d2"]
@@ -372,3 +372,23 @@ def test_amplitude_removal_in_the_loop_moves_the_set_and_resumes(tmp_path):
     resumed = distill(data(), domains, _cfg(sgs=cfg, checkpoint_every=2), run_dir=tmp_path, resume=True,
                       progress=False, log=lambda m: None)
     assert torch.equal(whole.images, resumed.images)
+
+
+# --- diversity within the set ---------------------------------------------------------------------
+
+def test_spread_pushes_a_class_apart_where_the_domains_disagree():
+    grads, assign = fresh(N=4, C=1), torch.tensor([0, 1, 2, 0])
+    images = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    sgs = SpectralGradientSurgery(SGSConfig(spread=0.5), images_per_class=2)
+    term = sgs(grads, assign, images=images) - spectral_gradient_surgery(grads, assign)
+    spec = torch.fft.rfft2(grads)
+    agree_re = (torch.sign(spec.real).sum(0).abs() == 3).double()
+    own = torch.fft.rfft2(images).reshape(2, 2, 1, 8, 5)
+    dev = (own - own.mean(1, keepdim=True)).reshape(4, 1, 8, 5)
+    got = torch.fft.rfft2(term)
+    assert torch.allclose(got.real, -0.5 * (1 - agree_re) * dev.real, atol=1e-10)
+    # images equal within each class: nothing to spread
+    same = images[::2].repeat_interleave(2, 0)
+    assert rel(sgs(grads, assign, images=same), spectral_gradient_surgery(grads, assign)) < 1e-12
+    with pytest.raises(ValueError, match="spread need images_per_class"):
+        SpectralGradientSurgery(SGSConfig(spread=0.5))
