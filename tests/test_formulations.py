@@ -392,3 +392,15 @@ def test_spread_pushes_a_class_apart_where_the_domains_disagree():
     assert rel(sgs(grads, assign, images=same), spectral_gradient_surgery(grads, assign)) < 1e-12
     with pytest.raises(ValueError, match="spread need images_per_class"):
         SpectralGradientSurgery(SGSConfig(spread=0.5))
+
+
+def test_general_op_passes_opcheck():
+    """``sgs::surgery_general``'s schema, fake kernel and reference backward (the AOT and autograd
+    registration tests of ``torch.library.opcheck``)."""
+    from sgs_cuda import _build
+    if not (_build.use_extension(torch.device("cpu")) and hasattr(torch.ops.sgs, "surgery_general")):
+        pytest.skip("the C++ extension is not built here")
+    grads = fresh(N=2, C=1, H=6, W=6).requires_grad_()
+    assign, agree, images = torch.tensor([2, 0]), fresh(N=2, C=1, H=6, W=6), fresh(N=2, C=1, H=6, W=6)[0]
+    torch.library.opcheck(torch.ops.sgs.surgery_general,
+                          (grads, assign, agree, images, 1.0, 0.2, 0.7, 0.3, 0.5, 0.1, "hard", True))
