@@ -5,9 +5,10 @@ knows nothing of datasets or models; ``sgs_cuda.data``, ``sgs_cuda.dm``, ``sgs_c
 and ``sgs_cuda.cli`` build the distillation pipeline on top of it.
 """
 from ._build import backend_info
-from .ops import NORMALIZE_MODES, SGSParts, spatial_gradient_surgery, spectral_gradient_surgery
+from .ops import SGSParts, spatial_gradient_surgery, spectral_gradient_surgery
+from .options import NORMALIZE_MODES, SGSConfig
 from .reference import sgs_reference
-from .surgery import SGSConfig, SpectralGradientSurgery, domain_gradients
+from .surgery import SpectralGradientSurgery, domain_gradients
 
 __all__ = ["spectral_gradient_surgery", "spatial_gradient_surgery", "SGSParts", "SGSConfig",
            "SpectralGradientSurgery", "domain_gradients", "sgs_reference", "backend_info",

@@ -15,7 +15,7 @@ from ._io import RunFolderError
 from .config import ALL_METHODS, DISTILLED, read_saved_config
 from .methods import METHODS
 from .stats import mean_sd
-from .surgery import SGSConfig
+from .options import SGSConfig
 
 
 # --- results --------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def arm_name(config: Mapping | None, method: str, methods_in_folder: int = 1) ->
     """The name of one method of one run folder in a comparison: the folder's ``label`` when it
     has one (followed by the method when the folder holds several), else the method as DM / DM+SGS
     (M3D / M3D+SGS with ``m3d`` matching), with the surgery settings that differ from
-    :class:`~sgs_cuda.surgery.SGSConfig`'s defaults in brackets."""
+    :class:`~sgs_cuda.options.SGSConfig`'s defaults in brackets."""
     config = config or {}
     if METHODS[method].kind == "real":
         name = method

@@ -22,7 +22,7 @@ from .dm.loop import DistillConfig
 from .evaluate import EvalConfig
 from .methods import ALIASES as METHOD_ALIASES
 from .methods import DISTILLED, METHODS
-from .surgery import SGSConfig
+from .options import SGSConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 ALL_METHODS = tuple(METHODS)
@@ -260,7 +260,7 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, *, preset: str | 
 
 def distill_config(cfg: dict, method: str, seed: int) -> DistillConfig:
     return DistillConfig.from_dict({**cfg["distill"], "method": method, "seed": seed,
-                                    "sgs": SGSConfig(**cfg["sgs"])})
+                                    "sgs": SGSConfig.from_dict(cfg["sgs"])})
 
 
 # --- a run folder's saved configuration (resolve_config's ``saved``) ----------------------------

@@ -102,7 +102,7 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
     tensor ``[4]``: (sum of mask over real components, number of real components,
     ``sum |Sh|^2``, ``sum |Fbar|^2``) over the half-spectrum, from which the diagnostics follow.
 
-    The formulations of :class:`~sgs_cuda.surgery.SGSConfig` beyond the spec (all off by default,
+    The formulations of :class:`~sgs_cuda.options.SGSConfig` beyond the spec (all off by default,
     which is the spec's section 3 exactly):
 
     - ``agree_on`` ``[D, N, C, H, W]``: the tensor whose spectra the agreement test reads (a moving
