@@ -126,9 +126,9 @@ class SGSConfig:
             raise ValueError("ema must be < 1 (1 would never read a new gradient)")
         if self.combine == "pcgrad" and self.space == "spatial":
             raise ValueError("combine='pcgrad' is a per-frequency projection: it needs space='spectral'")
-        if self.space == "spatial" and not self.kernel_args(2).is_spec:
+        if self.space == "spatial" and (not self.kernel_args(2).is_spec or self.needs_agreement_tensor or self.spread):
             raise ValueError("the spatial ablation takes the spec's formulation only (mean_weight 1, decay 0, "
-                             "equalize off, combine mask)")
+                             "equalize off, combine mask, ema 0, pool image, agree_on dm, spread 0)")
 
     # --- reading it ----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ def fresh(D=3, N=4, C=2, H=8, W=8, seed=None):
     (dict(pool="domain"), "pool must be one of"), (dict(combine="sum"), "combine must be one of"),
     (dict(equalize="yes"), "equalize must be true or false"), (dict(alpha=math.inf), "alpha must be finite"),
     (dict(sign_test=2.0), "sign_test must lie in"), (dict(space="spatial", decay=0.1), "spatial ablation"),
+    (dict(space="spatial", ema=0.5), "spatial ablation"), (dict(space="spatial", spread=0.1), "spatial ablation"),
 ])
 def test_config_refuses_bad_values_in_one_line(bad, message):
     with pytest.raises(ValueError, match=message):
