@@ -37,9 +37,11 @@ def test_every_cell_resolves_to_its_arm(study, tmp_path):
         if sgs is not None:
             assert SGSConfig(**cfg["sgs"]) == sgs
     # every arm on the real-initialised settings of both cue families, seed 0 before seed 1
-    real = {(c.stage, study.ARM_OF[c.stage, c.name]) for c in cells if c.stage.endswith("real")}
+    real = {(c.stage, study.ARM_OF[c.stage, c.name]) for c in cells if c.stage.endswith("-1-real")}
+    weak = {(c.stage, study.ARM_OF[c.stage, c.name]) for c in cells if c.stage.endswith("-0.5-real")}
+    assert weak == {(f"{cue}-0.5-real", a) for cue in study.WEAK_CUES for a in study.WEAK_ARMS}
     assert real == {(f"{cue}-1-real", a) for cue in ("grating", "patch") for a in study.ARMS}
-    premise = [c.seeds[0] for c in cells if not c.stage.startswith("styles-")]
+    premise = [c.seeds[0] for c in cells if "-1-" in c.stage]
     assert premise == sorted(premise)  # every arm's seed 0 first: a partial run is a whole screen
     styles = {(c.stage, study.ARM_OF[c.stage, c.name]) for c in cells if c.stage.startswith("styles-")}
     assert styles == {(f"styles-{t}", a) for t in study.STYLE_TARGETS for a in study.STYLE_ARMS}
