@@ -77,40 +77,34 @@ def arm_flags(name: str, init: str) -> tuple[str, ...]:
     return tuple(flags + (sgs.flags() if sgs is not None else []))
 
 
-ARM_OF: dict[tuple[str, str], str] = {}  # (setting, run folder name) -> arm
+def arm_of(cell: ps.Cell) -> str:
+    """The arm a cell runs (its run folder is ``<arm's slug>-s<seed>``)."""
+    return next(name for name in ARMS if slug(name) == cell.name.rsplit("-s", 1)[0])
+
+
+def _cell(setting: str, name: str, seed: int, data_flags: tuple, init: str) -> ps.Cell:
+    return ps.Cell(setting, f"{slug(name)}-s{seed}", (ARMS[name][0],),
+                   (*data_flags, *arm_flags(name, init)), (seed,))
 
 
 def all_cells() -> list[ps.Cell]:
-    """One cell per (setting, arm, seed), each in its own run folder ``<setting>/<arm>-s<seed>``."""
+    """One cell per (setting, arm, seed), each in its own run folder ``<setting>/<arm>-s<seed>``: the
+    first filter (every arm's seed 0 before any seed 1: what finishes first is a whole screen),
+    then the styles screen, then the weaker cue."""
     cells = []
-    for seed_pass in SEEDS:  # every arm's seed 0 before any seed 1: what finishes first is a whole screen
+    for seed in SEEDS:
         for cue, init in SETTINGS:
-            for name, (method, _, init_override) in ARMS.items():
-                if init == "noise" and name not in NOISE_ARMS:
+            for name, (_, _, init_override) in ARMS.items():
+                if init == "noise" and (name not in NOISE_ARMS or init_override):
                     continue
-                if init_override and init == "noise":
-                    continue
-                setting, folder = f"{cue}-1-{init}", f"{slug(name)}-s{seed_pass}"
-                ARM_OF[setting, folder] = name
-                cells.append(ps.Cell(setting, folder, (method,),
-                                     (*ps.cue_flags(cue, 1.0), "--target", "photo", *arm_flags(name, init)),
-                                     (seed_pass,)))
-    for seed_pass in SEEDS:
-        for target in STYLE_TARGETS:
-            for name in STYLE_ARMS:
-                setting, folder = f"styles-{target}", f"{slug(name)}-s{seed_pass}"
-                ARM_OF[setting, folder] = name
-                cells.append(ps.Cell(setting, folder, (ARMS[name][0],),
-                                     ("--dataset", "fmnist-styles", "--target", target, *arm_flags(name, "real")),
-                                     (seed_pass,)))
-    for seed_pass in SEEDS:
-        for cue in WEAK_CUES:
-            for name in WEAK_ARMS:
-                setting, folder = f"{cue}-0.5-real", f"{slug(name)}-s{seed_pass}"
-                ARM_OF[setting, folder] = name
-                cells.append(ps.Cell(setting, folder, (ARMS[name][0],),
-                                     (*ps.cue_flags(cue, 0.5), "--target", "photo", *arm_flags(name, "real")),
-                                     (seed_pass,)))
+                cells.append(_cell(f"{cue}-1-{init}", name, seed,
+                                   (*ps.cue_flags(cue, 1.0), "--target", "photo"), init))
+    for seed in SEEDS:
+        cells += [_cell(f"styles-{target}", name, seed, ("--dataset", "fmnist-styles", "--target", target), "real")
+                  for target in STYLE_TARGETS for name in STYLE_ARMS]
+    for seed in SEEDS:
+        cells += [_cell(f"{cue}-0.5-real", name, seed, (*ps.cue_flags(cue, 0.5), "--target", "photo"), "real")
+                  for cue in WEAK_CUES for name in WEAK_ARMS]
     return cells
 
 
@@ -122,7 +116,7 @@ def collect(out: Path) -> dict:
         m = ps._metrics(cell.folder(out), method, seed)
         if m is None:
             continue
-        arm = ARM_OF[cell.stage, cell.name]
+        arm = arm_of(cell)
         row = {"ood": 100 * m["ood_acc_mean"], "in_domain": 100 * m["in_domain_acc_mean"],
                "seconds": m.get("distill_seconds")}
         if method == "dm_sgs":

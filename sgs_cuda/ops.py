@@ -287,18 +287,19 @@ def _general(grads, assign, args: KernelArgs, normalize, agree_on, images, plane
     a range where float32 is comfortably safe."""
     wide = planes is not None and grads.dtype != torch.float64 and (
         planes.low < GENERAL_SAFE_RANGE[0] or planes.top > GENERAL_SAFE_RANGE[1])
-    if wide:
-        g = grads.double()
-        out = sgs_reference(g, assign, *args.spec, return_parts=True, agree_on=agree_on, equalize=args.equalize,
-                            mean_weight=args.mean_weight, images=images, decay=args.decay, combine=args.combine)
-    elif _general_kernel_available(grads, args):
+    if not wide and _general_kernel_available(grads, args):
         out = torch.ops.sgs.surgery_general(grads, assign, agree_on, images, *args.spec[:4], args.mean_weight,
                                             args.decay, args.mask, args.equalize)
     else:
-        out = sgs_reference(grads, assign, *args.spec, return_parts=True, agree_on=agree_on, equalize=args.equalize,
-                            mean_weight=args.mean_weight, images=images, decay=args.decay, combine=args.combine)
+        out = _general_reference(grads.double() if wide else grads, assign, args, agree_on, images)
     return _finish(_normalize(_parts(*out), args.alpha, normalize), grads.dtype, wide, return_parts,
                    return_diagnostics)
+
+
+def _general_reference(grads, assign, args: KernelArgs, agree_on, images):
+    """:func:`~sgs_cuda.reference.sgs_reference` of the general formulations, with the parts."""
+    return sgs_reference(grads, assign, *args.spec, return_parts=True, agree_on=agree_on, equalize=args.equalize,
+                         mean_weight=args.mean_weight, images=images, decay=args.decay, combine=args.combine)
 
 
 def _general_kernel_available(grads: torch.Tensor, args: KernelArgs) -> bool:
@@ -560,10 +561,10 @@ def _register_general() -> None:
         tau, rho, alpha, beta, mean_weight, decay, mask, equalize = ctx.scalars
         if not ctx.needs_input_grad[0]:
             return (None,) * 12
+        args = KernelArgs(tau, rho, alpha, beta, mask, mean_weight, decay, equalize, "mask")
         with torch.enable_grad():
             g = grads.detach().requires_grad_()
-            parts = sgs_reference(g, assign, tau, rho, alpha, beta, mask, return_parts=True, agree_on=agree_on,
-                                  equalize=equalize, mean_weight=mean_weight, images=images, decay=decay)
+            parts = _general_reference(g, assign, args, agree_on, images)
             pairs = [(p, o) for p, o in zip(parts[:4], outs[:4]) if o is not None]
             (grad,) = torch.autograd.grad([p for p, _ in pairs], g, [o for _, o in pairs], allow_unused=True)
         return (grad if grad is not None else torch.zeros_like(grads),) + (None,) * 11

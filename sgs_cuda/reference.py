@@ -51,6 +51,23 @@ def clear_self_conjugate_imag(spec: torch.Tensor, W: int) -> torch.Tensor:
     return torch.complex(spec.real, torch.where(row[:, None] & col[None, :], 0, spec.imag))
 
 
+def real_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """``rfft2`` of real planes ``x`` with the self-conjugate bins' rounding noise cleared
+    (:func:`clear_self_conjugate_imag`): the spectrum every statistic of the op reads."""
+    return clear_self_conjugate_imag(torch.fft.rfft2(x), x.shape[-1])
+
+
+def formulation_mask(spec: torch.Tensor, tau: float, rho: float, mask: str, equalize: bool = False,
+                     combine: str = "mask") -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask (real parts, imaginary parts) that a formulation takes from the test spectra
+    ``spec`` ``[D, ...]``: :func:`spectral_mask`, or with ``combine="pcgrad"`` 1 where no conflict
+    was projected out (:func:`pcgrad_spectrum`)."""
+    if combine == "pcgrad":
+        kept = 1 - pcgrad_spectrum(spec.detach())[1]
+        return kept, kept
+    return spectral_mask(spec, tau, rho, mask, equalize)
+
+
 def spectral_mask(spec: torch.Tensor, tau: float, rho: float, mask: str,
                   equalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The mask of the real and of the imaginary components (spec steps 1-3) of the domain spectra
@@ -122,7 +139,7 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
         empty = grads.new_zeros(grads.shape[1:])
         stats = torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=grads.device)
         return (empty, empty.clone(), empty.clone(), empty.clone(), stats) if return_parts else empty
-    spec = clear_self_conjugate_imag(torch.fft.rfft2(g), W)  # [D, N, C, H, W//2+1] complex
+    spec = real_spectrum(g)  # [D, N, C, H, W//2+1] complex
     mean_spec = spec.mean(0)
 
     # 1.-3. sign agreement per real component, magnitude agreement per complex bin, the mask
@@ -131,8 +148,7 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
         mask_re = mask_im = 1 - conflicted
         shared = projected
     else:
-        test = spec if agree_on is None else clear_self_conjugate_imag(
-            torch.fft.rfft2(agree_on.detach().to(g.dtype)), W)
+        test = spec if agree_on is None else real_spectrum(agree_on.detach().to(g.dtype))
         mask_re, mask_im = spectral_mask(test, tau, rho, mask, equalize)
         shared = torch.complex(mask_re * mean_spec.real, mask_im * mean_spec.imag)
 
@@ -142,7 +158,7 @@ def sgs_reference(grads: torch.Tensor, assign: torch.Tensor, tau: float, rho: fl
     diversity = torch.complex((1 - mask_re) * dev.real, (1 - mask_im) * dev.imag)
     total = mean_weight * mean_spec + alpha * shared + beta * diversity
     if decay:
-        own = clear_self_conjugate_imag(torch.fft.rfft2(images.detach().to(g.dtype)), W)
+        own = real_spectrum(images.detach().to(g.dtype))
         total = total + decay * torch.complex((1 - mask_re) * own.real, (1 - mask_im) * own.imag)
 
     # 5. output: irfft2 is linear, so one inverse transform suffices for the update

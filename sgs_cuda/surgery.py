@@ -8,7 +8,7 @@ import torch
 
 from .ops import SGSParts, spatial_gradient_surgery, spectral_gradient_surgery
 from .options import ASSIGNMENTS, SPACES, SGSConfig  # noqa: F401  (SGSConfig: its historical home)
-from .reference import clear_self_conjugate_imag, pcgrad_spectrum, spectral_mask
+from .reference import formulation_mask, real_spectrum
 
 
 _batched_grad_failed = False
@@ -141,7 +141,7 @@ class SpectralGradientSurgery:
             D, N = grads.shape[:2]
             total = num_images if num_images is not None else N
             rows = rows if rows is not None else slice(0, N)
-            if self.ema is None or self.ema.shape[:2] != (D, total) or self.ema.shape[2:] != grads.shape[2:]:
+            if self.ema is None or self.ema.shape != (D, total, *grads.shape[2:]):
                 self.ema = torch.zeros((D, total, *grads.shape[2:]), dtype=torch.float32, device=grads.device)
                 self.ema_started = torch.zeros(total, dtype=torch.bool, device=grads.device)
             part = self.ema[:, rows]
@@ -190,14 +190,10 @@ class SpectralGradientSurgery:
         if N % ipc:
             raise ValueError(f"spread: {N} images are not whole classes of {ipc}")
         dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
-        W = grads.shape[-1]
-        test = grads if self.last_agree_on is None else self.last_agree_on
+        test = grads if self.last_agree_on is None or cfg.combine == "pcgrad" else self.last_agree_on
         args = cfg.kernel_args(grads.shape[0])
-        spec = clear_self_conjugate_imag(torch.fft.rfft2(test.detach().to(dtype)), W)
-        if args.combine == "pcgrad":
-            mask_re = mask_im = 1 - pcgrad_spectrum(spec)[1]
-        else:
-            mask_re, mask_im = spectral_mask(spec, args.tau, args.rho, args.mask, args.equalize)
+        mask_re, mask_im = formulation_mask(real_spectrum(test.detach().to(dtype)), args.tau, args.rho, args.mask,
+                                            args.equalize, args.combine)
         own = torch.fft.rfft2(images.detach().to(dtype))
         classes = own.reshape(N // ipc, ipc, *own.shape[1:])
         dev = (classes - classes.mean(1, keepdim=True)).reshape(own.shape)

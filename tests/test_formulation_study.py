@@ -26,7 +26,7 @@ def test_every_cell_resolves_to_its_arm(study, tmp_path):
     assert len({(c.stage, c.name) for c in cells}) == len(cells)
     parser = cli.build_parser()
     for cell in cells:
-        arm = study.ARM_OF[cell.stage, cell.name]
+        arm = study.arm_of(cell)
         method, sgs, init = study.ARMS[arm]
         args = parser.parse_args(cell.argv(tmp_path, cell.seeds[0])[3:])
         cfg = config.resolve_config(preset=args.preset, overrides=cli.overrides_from_args(args))
@@ -37,20 +37,20 @@ def test_every_cell_resolves_to_its_arm(study, tmp_path):
         if sgs is not None:
             assert SGSConfig(**cfg["sgs"]) == sgs
     # every arm on the real-initialised settings of both cue families, seed 0 before seed 1
-    real = {(c.stage, study.ARM_OF[c.stage, c.name]) for c in cells if c.stage.endswith("-1-real")}
-    weak = {(c.stage, study.ARM_OF[c.stage, c.name]) for c in cells if c.stage.endswith("-0.5-real")}
+    real = {(c.stage, study.arm_of(c)) for c in cells if c.stage.endswith("-1-real")}
+    weak = {(c.stage, study.arm_of(c)) for c in cells if c.stage.endswith("-0.5-real")}
     assert weak == {(f"{cue}-0.5-real", a) for cue in study.WEAK_CUES for a in study.WEAK_ARMS}
     assert real == {(f"{cue}-1-real", a) for cue in ("grating", "patch") for a in study.ARMS}
     premise = [c.seeds[0] for c in cells if "-1-" in c.stage]
     assert premise == sorted(premise)  # every arm's seed 0 first: a partial run is a whole screen
-    styles = {(c.stage, study.ARM_OF[c.stage, c.name]) for c in cells if c.stage.startswith("styles-")}
+    styles = {(c.stage, study.arm_of(c)) for c in cells if c.stage.startswith("styles-")}
     assert styles == {(f"styles-{t}", a) for t in study.STYLE_TARGETS for a in study.STYLE_ARMS}
 
 
 def test_report_pairs_each_arm_with_dm(study, tmp_path):
     cells = [c for c in study.all_cells() if c.stage == "grating-1-real"]
     for cell in cells:
-        arm = study.ARM_OF[cell.stage, cell.name]
+        arm = study.arm_of(cell)
         method = study.ARMS[arm][0]
         seed = cell.seeds[0]
         ood = 0.40 + (0.02 if arm == "SGS (spec)" else 0.0) + 0.01 * seed

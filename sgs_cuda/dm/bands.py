@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..reference import clear_self_conjugate_imag, compute_dtype, pcgrad_spectrum, spectral_mask
+from ..reference import compute_dtype, formulation_mask, real_spectrum
 
 BAND_EDGES = (0.25, 0.5, 0.75)  # normalised radius: bands [0, .25), [.25, .5), [.5, .75), [.75, sqrt 2]
 BAND_KEYS = ("mask_fraction", "shared_energy", "diversity_energy", "energy")
@@ -49,13 +49,9 @@ def spectral_masks(grads: torch.Tensor, tau: float, rho: float, mask: str, *, ag
     ``[D, N, C, H, W]``, recomputed with the reference's functions as the op defines them (the
     test on ``agree_on``'s spectra when given; ``combine="pcgrad"``: 1 where no conflict was
     projected out)."""
-    W = grads.shape[-1]
-    spec = clear_self_conjugate_imag(torch.fft.rfft2(grads.to(compute_dtype(grads.dtype))), W)
-    if combine == "pcgrad":
-        kept = 1 - pcgrad_spectrum(spec)[1]
-        return spec, kept, kept
-    test = spec if agree_on is None else clear_self_conjugate_imag(torch.fft.rfft2(agree_on.to(spec.real.dtype)), W)
-    return (spec, *spectral_mask(test, tau, rho, mask, equalize))
+    spec = real_spectrum(grads.to(compute_dtype(grads.dtype)))
+    test = spec if agree_on is None or combine == "pcgrad" else real_spectrum(agree_on.to(spec.real.dtype))
+    return (spec, *formulation_mask(test, tau, rho, mask, equalize, combine))
 
 
 @torch.no_grad()

@@ -75,11 +75,7 @@ def matching_losses(net, real: Sequence[torch.Tensor], syn: torch.Tensor, params
         out = _m3d_losses(feats, syn_feats, present, num_domains)
     if not contrast:
         return out
-    with torch.no_grad():
-        means = [f.mean(1) for f in feats]
-        if present is not None:
-            means = [_fill_missing(m, idx, num_domains) for m, idx in zip(means, present)]
-    return (*out, contrast_losses(torch.stack(means), syn_feats.mean(1)))
+    return (*out, contrast_losses(_class_means(feats, present, num_domains), syn_feats.mean(1)))
 
 
 def contrast_losses(mu_real: torch.Tensor, mu_syn: torch.Tensor) -> torch.Tensor:
@@ -93,12 +89,17 @@ def contrast_losses(mu_real: torch.Tensor, mu_syn: torch.Tensor) -> torch.Tensor
     return 2 * ((others - mu_real) * mu_syn[:, None]).sum(dim=(0, 2))
 
 
-def _dm_losses(feats, syn_feats, present, num_domains):
+def _class_means(feats, present, num_domains) -> torch.Tensor:
+    """``[K, D, F]``: each class's mean real embedding per domain (a missing domain: the pooled one)."""
     with torch.no_grad():
         means = [f.mean(1) for f in feats]  # [D_c, F]
         if present is not None:
             means = [_fill_missing(m, idx, num_domains) for m, idx in zip(means, present)]
-        mu_real = torch.stack(means)  # [K, D, F]
+        return torch.stack(means)
+
+
+def _dm_losses(feats, syn_feats, present, num_domains):
+    mu_real = _class_means(feats, present, num_domains)  # [K, D, F]
     mu_syn = syn_feats.mean(1)  # [K, F]
     losses = ((mu_real - mu_syn[:, None]) ** 2).sum(dim=(0, 2))  # [D]
     pooled = ((mu_real.mean(1) - mu_syn) ** 2).sum()
