@@ -51,6 +51,7 @@ FLAG_PATHS = [
     ("ipc", "distill.ipc"), ("iterations", "distill.iterations"), ("batch_real", "distill.batch_real"),
     ("lr_img", "distill.lr_img"), ("init", "distill.init"), ("width", "distill.width"),
     ("matching", "distill.matching"), ("checkpoint_every", "distill.checkpoint_every"),
+    ("dam_weight", "distill.dam_weight"), ("dam_temperature", "distill.dam_temperature"),
     ("eval_epochs", "eval.epochs"), ("num_eval", "eval.num_eval"), ("eval_width", "eval.width"),
     ("eval_arch", "eval.arch"), ("label", "label"),
     ("select_seeds", "select.seeds"), ("holdout_fraction", "select.fraction"),
@@ -199,6 +200,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, help="width of the embedding ConvNet")
     g.add_argument("--matching", choices=["dm", "m3d"],
                    help="dm: feature means (DM); m3d: Gaussian-kernel MMD (M3D), in DM units")
+    g.add_argument("--dam-weight", type=float,
+                   help="dm_dam: weight of the domain views' matching loss (default 1)")
+    g.add_argument("--dam-temperature", type=float,
+                   help="dm_dam: softmax temperature of the per-domain mask logits (default 0.1)")
     g.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=None,
                    help="differentiable Siamese augmentation (distillation and evaluation)")
     g = p.add_argument_group("spectral gradient surgery (sgs_cuda.options.SGSConfig)")

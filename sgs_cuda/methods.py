@@ -60,6 +60,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            eval_options=lambda e: {"epochs": e["whole_epochs"]}, store_images=False),
     Method("dm", "DM", "distilled", "Distribution Matching", distill="dm"),
     Method("dm_sgs", "DM+SGS", "distilled", "DM with Spectral Gradient Surgery", distill="dm_sgs"),
+    Method("dm_dam", "DM+DAM", "distilled", "DM with DAM-style domain-aware masks (per-domain views of each image "
+           "matched with their domain; distill.dam_weight, dam_temperature)", distill="dm_dam"),
     Method("dm_mixstyle", "DM+MixStyle", "evaluated", "DM's set, evaluation networks trained with MixStyle "
            "(eval.mixstyle, default 0.5)", set_of="dm", eval_options=lambda e: {"mixstyle": e["mixstyle"] or 0.5}),
     Method("dm_fact", "DM+FACT", "evaluated", "DM's set, evaluation networks trained with FACT's amplitude mix "

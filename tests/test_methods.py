@@ -21,11 +21,11 @@ TINY = {"distill.ipc": 2, "distill.iterations": 4, "distill.batch_real": 6, "dis
 
 
 def test_registry_kinds_and_aliases():
-    assert set(methods.DISTILLED) == {"dm", "dm_sgs"}
+    assert set(methods.DISTILLED) == {"dm", "dm_sgs", "dm_dam"}
     for m in methods.METHODS.values():
         assert m.kind in methods.KINDS and m.help
         assert (m.kind == "evaluated") == (m.set_of is not None)
-        assert m.kind != "distilled" or m.distill in ("dm", "dm_sgs")
+        assert m.kind != "distilled" or m.distill in ("dm", "dm_sgs", "dm_dam")
     assert parse_methods(["posthoc"]) == ["dm", "dm_mixstyle", "dm_fact"]
     assert methods.base_method("dm_fact") == "dm" and methods.base_method("dm_sgs") == "dm_sgs"
     with pytest.raises(ValueError, match="unknown method 'dm_magic'"):

@@ -30,9 +30,12 @@ CHECKPOINT_KEYS = frozenset({"images", "labels", "optimizer", "iteration", "hist
 
 def relevant_settings(config: dict) -> dict:
     """The settings that shape a run's trajectory (a config dict without the resumable fields,
-    and without the surgery settings for plain DM, which ignores them)."""
+    and without the settings of another method: the surgery's for DM and DM+DAM, DAM's for the
+    others)."""
     out = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
-    if out.get("method") == "dm":
+    if out.get("method") != "dm_dam":  # (and absent from checkpoints written before it existed)
+        out = {k: v for k, v in out.items() if not k.startswith("dam_")}
+    if out.get("method") in ("dm", "dm_dam"):
         out.pop("sgs", None)
     elif isinstance(out.get("sgs"), dict):  # options added since the folder was written take their defaults
         from ..options import SGSConfig

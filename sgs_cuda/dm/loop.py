@@ -10,7 +10,8 @@ domains and its synthetic images; domain losses
 :mod:`sgs_cuda.dm.matching`). ``dm`` steps the pixels with the gradient of the pooled loss
 (real batches of all domains pooled); ``dm_sgs`` hands the D losses to
 :class:`~sgs_cuda.surgery.SpectralGradientSurgery` (one synthetic forward shared by all domains,
-one batched backward) and steps with its update.
+one batched backward) and steps with its update; ``dm_dam`` adds to DM's pooled loss the matching
+of learnable per-domain views of each image with that domain alone (:mod:`sgs_cuda.dm.dam`).
 
 All randomness of the loop comes from streams it owns (:class:`RandomStreams`), inside
 ``torch.random.fork_rng`` so the caller's global RNG is untouched: the embedding network's
@@ -48,6 +49,7 @@ from ..data.sampling import check_source_domains, sample_domain_batches
 from ..distributed import SOLO, World
 from ..options import SGSConfig
 from ..surgery import SpectralGradientSurgery, domain_gradients
+from .dam import domain_views, initial_logits
 from .checkpoint import CHECKPOINT_NAME, optimizer_rows, resumable_checkpoint, save_checkpoint, say_resumed
 from .dsa import DEFAULT_STRATEGY, DSAParams, parse_strategy
 from .matching import MATCHINGS, matching_losses
@@ -55,7 +57,7 @@ from .memory import plan_memory
 from .networks import COMPUTE_DTYPES, NORMS, build_convnet, resolve_depth
 from .recorder import HistoryRecorder
 
-METHODS = ("dm", "dm_sgs")
+METHODS = ("dm", "dm_sgs", "dm_dam")
 INITS = ("real", "noise", "spectral", "spectral_min")
 SPECTRAL_INIT_SAMPLE = 64  # real images per source domain and class behind the class amplitude spectra
 PRECISIONS = ("auto", *COMPUTE_DTYPES)
@@ -78,6 +80,8 @@ class DistillConfig(DictConfig):
     depth: int | str = "auto"  # "auto": 3 at 32 px, 4 at 64, 5 at 128, 6 at 256 (networks.auto_depth)
     norm: str = "instancenorm"
     matching: str = "dm"  # "dm": feature means; "m3d": Gaussian-kernel MMD (sgs_cuda.dm.matching)
+    dam_weight: float = 1.0  # dm_dam: weight of the domain views' matching loss (sgs_cuda.dm.dam)
+    dam_temperature: float = 0.1  # dm_dam: temperature of the softmax over the domains' mask logits
     sgs: SGSConfig = field(default_factory=SGSConfig)
     seed: int = 0
     checkpoint_every: int = 0  # 0: no checkpoints
@@ -107,6 +111,9 @@ class DistillConfig(DictConfig):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.channels_last not in (True, False, "auto"):
             raise ValueError(f"channels_last must be true, false or 'auto', got {self.channels_last!r}")
+        if self.dam_weight < 0 or not self.dam_temperature > 0:
+            raise ValueError(f"need dam_weight >= 0 and dam_temperature > 0, got {self.dam_weight}, "
+                             f"{self.dam_temperature}")
         if self.memory_gib < 0:
             raise ValueError(f"memory_gib must be >= 0, got {self.memory_gib}")
         for name in ("iterations", "checkpoint_every", "class_chunk"):
@@ -344,6 +351,7 @@ class _Run:
     n_real: int  # real images per class and domain
     strategy: str  # the DSA strategy ("none" without DSA)
     surgery: SpectralGradientSurgery | None  # None for plain DM
+    dam_logits: torch.Tensor | None = None  # dm_dam: the mask logits [N_mine, D, C, H, W] (optimised with the images)
 
 
 def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progress, log,
@@ -371,7 +379,13 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     labels = torch.arange(K).repeat_interleave(ipc)
     syn = images.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
     del images  # (a resumed run's whole set too: the checkpoint's images were popped)
-    opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
+    params = [syn]
+    if cfg.method == "dm_dam":
+        logits = saved["dam"][rows_mine] if saved is not None else initial_logits(len(syn), len(domains),
+                                                                                 data.image_shape, "cpu")
+        run.dam_logits = logits.to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+        params.append(run.dam_logits)
+    opt = torch.optim.SGD(params, lr=cfg.lr_img, momentum=cfg.momentum)
     start = 0
     if saved is not None:
         opt.load_state_dict(optimizer_rows(saved.pop("optimizer"), rows_mine))
@@ -388,9 +402,10 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
         if run.surgery is not None:
             surgery = {k: None if v is None else world.gather_rows(v.to(device)).cpu()
                        for k, v in run.surgery.state_dict().items()}
+        dam = None if run.dam_logits is None else world.gather_rows(run.dam_logits.detach()).cpu()
         save_checkpoint(ckpt_path, world, syn, opt, labels=labels, iteration=iteration, history=recorder.history,
                         rng=run.streams.state(), config=cfg.to_dict(), source_domains=domains,
-                        classes=list(data.classes), surgery=surgery)
+                        classes=list(data.classes), surgery=surgery, dam=dam)
 
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=cfg.method,
@@ -457,6 +472,8 @@ def _step(run: _Run, recorder: HistoryRecorder, syn: torch.Tensor, opt, it: int,
     recorder.start(it)
     opt.zero_grad(set_to_none=True)
     grad = torch.empty_like(syn)
+    if run.dam_logits is not None:
+        run.dam_logits.grad = torch.empty_like(run.dam_logits)  # filled chunk by chunk, like grad
     for lo, hi in chunks:
         _chunk_gradient(run, recorder, syn, grad, it, run.mine[lo:hi], slice(lo * cfg.ipc, hi * cfg.ipc), assign)
     syn.grad = grad
@@ -472,16 +489,22 @@ def _chunk_gradient(run: _Run, recorder: HistoryRecorder, syn, grad, it: int, cl
     real, params = draw_class_batches(run.data, run.domains, classes, run.n_real, run.strategy, run.streams, it,
                                       run.device, present)
     contrast = run.surgery is not None and cfg.sgs.agree_on == "contrast"
-    losses, pooled, *contrast_losses = matching_losses(
+    logits = None if run.dam_logits is None else run.dam_logits[rows]
+    losses, pooled, *extra = matching_losses(
         run.net, real, part, params, pool_all=cfg.norm == "batchnorm",
         present=None if present is None else [present[c] for c in classes], num_domains=len(run.domains),
-        matching=cfg.matching, contrast=contrast)
+        matching=cfg.matching, contrast=contrast,
+        views=None if logits is None else domain_views(part, logits, cfg.dam_temperature))
+    if logits is not None:
+        grad[rows], run.dam_logits.grad[rows] = torch.autograd.grad(pooled + cfg.dam_weight * extra[0], (part, logits))
+        recorder.add_dm(pooled)
+        return
     if run.surgery is None:
         (grad[rows],) = torch.autograd.grad(pooled, part)
         recorder.add_dm(pooled)
         return
     grads = domain_gradients(losses, part, "auto")
-    source = domain_gradients(contrast_losses[0], part, "auto") if contrast else None
+    source = domain_gradients(extra[0], part, "auto") if contrast else None
     grad[rows] = run.surgery(grads, assign[rows], images=part.detach(), rows=rows, num_images=len(run.mine) * cfg.ipc,
                              return_parts=recorder.needs_parts, agree_source=source)
     recorder.add_surgery(pooled, losses, grads, run.surgery.last, run.surgery.last_agree_on)

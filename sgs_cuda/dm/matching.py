@@ -40,10 +40,13 @@ MATCHINGS = ("dm", "m3d")
 
 def matching_losses(net, real: Sequence[torch.Tensor], syn: torch.Tensor, params: Sequence[DSAParams | None],
                     pool_all: bool = False, present: Sequence[Sequence[int]] | None = None,
-                    num_domains: int | None = None, matching: str = "dm", contrast: bool = False):
+                    num_domains: int | None = None, matching: str = "dm", contrast: bool = False,
+                    views: torch.Tensor | None = None):
     """``(L [D], pooled)``: the domain-wise losses and the pooled-batch loss of ``matching``;
     with ``contrast`` also the domain-wise class-contrast losses (:func:`contrast_losses`), in the
-    same forward pass: ``(L, pooled, contrast)``.
+    same forward pass: ``(L, pooled, contrast)``; with ``views`` (``[D, K * ipc, C, H, W]``, the
+    domain views of ``syn``, :mod:`sgs_cuda.dm.dam`) also ``sum_d`` of view ``d``'s loss against
+    domain ``d``'s real images alone, the real features shared: ``(L, pooled, view_loss)``.
 
     ``real[c]``: ``[D, n, C, H, W]`` real images of class ``c``; ``syn``: ``[K * ipc, C, H, W]``
     class-ordered; ``params[c]``: the DSA draw of class ``c`` (applied to both sides).
@@ -61,7 +64,7 @@ def matching_losses(net, real: Sequence[torch.Tensor], syn: torch.Tensor, params
     K = len(real)
     ipc = syn.shape[0] // K
     real_aug = [augment(r.flatten(0, 1), p) for r, p in zip(real, params)]
-    syn_aug = [augment(syn[c * ipc:(c + 1) * ipc], p) for c, p in enumerate(params)]
+    syn_aug = _augment_classes(syn, params, ipc)
     with torch.no_grad():
         if pool_all:
             feats = net.embed(torch.cat(real_aug)).split([len(r) for r in real_aug])
@@ -73,9 +76,29 @@ def matching_losses(net, real: Sequence[torch.Tensor], syn: torch.Tensor, params
         out = _dm_losses(feats, syn_feats, present, num_domains)
     else:
         out = _m3d_losses(feats, syn_feats, present, num_domains)
-    if not contrast:
-        return out
-    return (*out, contrast_losses(_class_means(feats, present, num_domains), syn_feats.mean(1)))
+    if contrast:
+        out = (*out, contrast_losses(_class_means(feats, present, num_domains), syn_feats.mean(1)))
+    if views is not None:
+        out = (*out, _view_losses(net, feats, views, params, ipc, present, num_domains, matching))
+    return out
+
+
+def _augment_classes(syn: torch.Tensor, params, ipc: int) -> list[torch.Tensor]:
+    return [augment(syn[c * ipc:(c + 1) * ipc], p) for c, p in enumerate(params)]
+
+
+def _view_losses(net, feats, views, params, ipc, present, num_domains, matching) -> torch.Tensor:
+    """``sum_d`` of domain ``d``'s matching loss for view ``d`` (each view through the same DSA draw)."""
+    K = len(feats)
+    total = views.new_zeros(())
+    for d, view in enumerate(views):
+        view_feats = net.embed(torch.cat(_augment_classes(view, params, ipc))).view(K, ipc, -1)
+        if matching == "dm":
+            losses, _ = _dm_losses(feats, view_feats, present, num_domains)
+        else:
+            losses, _ = _m3d_losses(feats, view_feats, present, num_domains)
+        total = total + losses[d]
+    return total
 
 
 def contrast_losses(mu_real: torch.Tensor, mu_syn: torch.Tensor) -> torch.Tensor:
