@@ -9,18 +9,24 @@ Stages, in this order (what finishes first answers the first question):
 
 1. ``sanity``: the whole-source line (ConvNets trained on every source image) on the premise
    benchmark at cue strengths 0, 0.5 and 1, both cue families: is the shortcut real?
-2. ``premise``: per cue family at strength 1 with real and with noise initialisation, and at
-   strength 0.5 with real initialisation (``PREMISE_SETTINGS``), target ``photo`` (the cue-free
-   domain), seeds 0 and 1: DM and DM+SGS (the op's defaults); with real initialisation also
-   DM+MixStyle, DM+FACT (DM's set, post-hoc DG in the evaluators) and herding; ``lr_img`` of DM
-   and of DM+SGS each selected from ``GRID`` on 20 % of the source training images held out
-   (seed 10; the target is never read). The DM+SGS runs record the mask against the cue's
-   ground truth.
-3. ``styles``: ``fmnist-styles``, every target, seed 0 (``STYLE_SEEDS``), scored on the whole
-   target domain: DM (its ``lr_img`` selected as above), DM+MixStyle, DM+FACT and the
-   whole-source line (DM+SGS on these targets: the tuned study).
-4. last, distillation only: DM+SGS with ``rho = 0.5`` (the magnitude test on) at the strong
+2. ``premise``: per cue family at strengths 1 and 0.5, each with real and with noise
+   initialisation (``PREMISE_SETTINGS``), target ``photo`` (the cue-free domain), seeds 0-2:
+   DM and DM+SGS (the op's defaults); with real initialisation also DM+MixStyle, DM+FACT (DM's
+   set, post-hoc DG in the evaluators), herding and M3D (``-m3d`` folders), and at strength 1
+   DM+DAM (``-dam``). ``lr_img`` of every distilled arm is selected from ``GRID`` on 20 % of the
+   source training images held out (seed 10; the target is never read). The DM+SGS runs record
+   the mask against the cue's ground truth.
+3. ``grid``: DM+SGS's small tau/alpha grid (``SGS_GRID``) at strength 1, each point's ``lr_img``
+   selected on the held-out images (``select-lr`` only); the point with the best held-out
+   accuracy (``grid_choice``) then runs seeds 0-2 (``<setting>-best``) unless it is the defaults.
+4. ``styles``: ``fmnist-styles``, every target, seeds 0 and 1, scored on the whole target
+   domain: DM, DM+SGS (``-sgs`` folders), DM+MixStyle, DM+FACT and the whole-source line.
+5. last, distillation only: DM+SGS with ``rho = 0.5`` (the magnitude test on) at the strong
    cues, seed 0, for the mask against the truth at a second setting.
+
+The first two seeds of stage 2 and the first seed of stage 4 ran with the code of 7f14a10, the
+rest with later code whose DM loop gives the same sets bit for bit (tests/test_loop.py); their
+logged commands list the options of their day (``<out>/logs``).
 
 Every cell is one ``sgs-dgdd`` command in its run folder ``<out>/<stage>/<name>`` (``--resume``:
 the job for seed k runs seeds 0..k, finished ones are reused), logged under ``<out>/logs``. Jobs
@@ -51,22 +57,58 @@ from sgs_cuda.options import SGSConfig  # noqa: E402  (the flags a study passes:
 PRESET = "quick"
 GRID = "1,4"  # the quick default and the tuned study's usual pick (two points: a screening budget)
 SELECT = ["--select-lr", GRID, "--select-seeds", "10", "--holdout-fraction", "0.2"]
-SEEDS = [0, 1]
+SEEDS = [0, 1, 2]
 CUES = ("grating", "patch")
 SANITY_STRENGTHS = (0.0, 0.5, 1.0)
-# (cue, strength, init), strongest first; noise initialisation at the strong cue only (a screening budget)
+# (cue, strength, init), strongest first
 PREMISE_SETTINGS = [("grating", 1.0, "real"), ("grating", 1.0, "noise"), ("patch", 1.0, "real"),
-                    ("patch", 1.0, "noise"), ("grating", 0.5, "real"), ("patch", 0.5, "real")]
-STYLE_SEEDS = (0,)
+                    ("patch", 1.0, "noise"), ("grating", 0.5, "real"), ("patch", 0.5, "real"),
+                    ("grating", 0.5, "noise"), ("patch", 0.5, "noise")]
+STYLE_SEEDS = (0, 1)
 STYLE_TARGETS = ("photo", "cartoon", "sketch", "painting")
 WHOLE_EPOCHS = 5  # the whole-source networks see ~9,000 images an epoch (the distilled sets: 100)
-ARMS = ("dm_sgs", "dm_mixstyle", "dm_fact", "herding")  # compared with DM
 # The op's defaults, passed explicitly so the study does not move when they do.
-SGS_DEFAULTS = SGSConfig(tau=1, rho=0, alpha=1, beta=0.25).flags()
+SPEC = SGSConfig(tau=1, rho=0, alpha=1, beta=0.25)
+SGS_DEFAULTS = SPEC.flags()
+# DM+SGS's small grid (besides the defaults, tau 1 and alpha 1), each point's lr_img selected on
+# the held-out source images like every arm's; the best held-out accuracy picks the point per
+# setting (at D = 3, tau 0.3 keeps every sign pattern: the agreement test off)
+SGS_GRID = ((1.0, 3.0), (0.3, 1.0))
+GRID_SETTINGS = [st for st in PREMISE_SETTINGS if st[1] == 1.0]
+M3D_SETTINGS = [st for st in PREMISE_SETTINGS if st[2] == "real"]
+DAM_SETTINGS = [st for st in PREMISE_SETTINGS if st[2] == "real" and st[1] == 1.0]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One line of the OOD tables: ``method``'s results in the setting's folder + ``suffix``."""
+    label: str
+    method: str
+    suffix: str = ""
+
+
+# compared with DM, in the tables' order; "DM+SGS (grid)" is read through grid_choice
+ARMS = (Arm("DM+SGS", "dm_sgs"), Arm("DM+SGS (grid)", "dm_sgs", "grid"), Arm("M3D", "dm", "-m3d"),
+        Arm("DM+DAM", "dm_dam", "-dam"), Arm("DM+MixStyle", "dm_mixstyle"), Arm("DM+FACT", "dm_fact"),
+        Arm("herding", "herding"))
+STYLE_ARMS = (Arm("DM+SGS", "dm_sgs", "-sgs"), Arm("DM+MixStyle", "dm_mixstyle"), Arm("DM+FACT", "dm_fact"),
+              Arm("whole sources", "whole"))
 
 
 def cue_flags(cue: str, strength: float) -> list[str]:
     return ["--dataset", "fmnist-cues", "--data-option", f"cue={cue}", "--data-option", f"cue_strength={strength:g}"]
+
+
+def setting_name(cue: str, strength: float, init: str) -> str:
+    return f"{cue}-{strength:g}-{init}"
+
+
+def setting_flags(cue: str, strength: float, init: str) -> tuple[str, ...]:
+    return (*cue_flags(cue, strength), "--target", "photo", "--init", init)
+
+
+def grid_flags(tau: float, alpha: float) -> list[str]:
+    return SPEC.replace(tau=tau, alpha=alpha).flags()
 
 
 @dataclass
@@ -76,7 +118,7 @@ class Cell:
     methods: tuple[str, ...]
     flags: tuple[str, ...]
     seeds: tuple[int, ...] = tuple(SEEDS)
-    command: str = "run"  # or "distill" (diagnostics only)
+    command: str = "run"  # or "distill" (diagnostics only), "select-lr" (the held-out selection only)
     failures: int = field(default=0, compare=False)
 
     def folder(self, out: Path) -> Path:
@@ -84,6 +126,8 @@ class Cell:
 
     def done(self, out: Path, seed: int) -> bool:
         f = self.folder(out)
+        if self.command == "select-lr":
+            return all(_selection(f / m) is not None for m in self.methods)
         leaf = "synthetic.pt" if self.command == "distill" else "metrics.json"
         return all((f / m / f"seed{seed}" / leaf).is_file() for m in self.methods)
 
@@ -93,24 +137,78 @@ class Cell:
                 "--run-dir", str(self.folder(out)), "--seeds", *seeds, "--resume", "--no-progress", *self.flags]
 
 
+def _selection(method_folder: Path) -> dict | None:
+    path = method_folder / "lr_selection.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return record if "selected_lr_img" in record else None
+
+
 def all_cells() -> list[Cell]:
     cells = [Cell("sanity", f"{cue}-{s:g}", ("whole",), (*cue_flags(cue, s), "--target", "photo",
                                                           "--set", f"eval.whole_epochs={WHOLE_EPOCHS}"), (0,))
              for cue in CUES for s in SANITY_STRENGTHS if not (s == 0 and cue == "patch")]  # 0: the same data
-    for cue, s, init in PREMISE_SETTINGS:
+    for st in PREMISE_SETTINGS:
         # post-hoc DG and herding on the real-init cells: they ask about DM's usual set
-        methods = ("dm", "dm_sgs") + (("dm_mixstyle", "dm_fact", "herding") if init == "real" else ())
-        cells.append(Cell("premise", f"{cue}-{s:g}-{init}", methods,
-                          (*cue_flags(cue, s), "--target", "photo", "--init", init, *SGS_DEFAULTS, *SELECT)))
-    for t in STYLE_TARGETS:  # DM+SGS on these targets: the tuned study
+        methods = ("dm", "dm_sgs") + (("dm_mixstyle", "dm_fact", "herding") if st[2] == "real" else ())
+        cells.append(Cell("premise", setting_name(*st), methods, (*setting_flags(*st), *SGS_DEFAULTS, *SELECT)))
+    for st in GRID_SETTINGS:
+        for tau, alpha in SGS_GRID:
+            cells.append(Cell("grid", f"{setting_name(*st)}-tau{tau:g}-alpha{alpha:g}", ("dm_sgs",),
+                              (*setting_flags(*st), *grid_flags(tau, alpha), *SELECT), (10,), command="select-lr"))
+    cells += [Cell("premise", f"{setting_name(*st)}-m3d", ("dm",), (*setting_flags(*st), "--matching", "m3d", *SELECT))
+              for st in M3D_SETTINGS]
+    cells += [Cell("premise", f"{setting_name(*st)}-dam", ("dm_dam",), (*setting_flags(*st), *SELECT))
+              for st in DAM_SETTINGS]
+    for t in STYLE_TARGETS:
+        styles = ("--dataset", "fmnist-styles", "--target", t, *SELECT)
         cells.append(Cell("styles", t, ("dm", "dm_mixstyle", "dm_fact", "whole"),
-                          ("--dataset", "fmnist-styles", "--target", t, *SELECT,
-                           "--set", f"eval.whole_epochs={WHOLE_EPOCHS}"), STYLE_SEEDS))
+                          (*styles, "--set", f"eval.whole_epochs={WHOLE_EPOCHS}"), STYLE_SEEDS))
+        cells.append(Cell("styles", f"{t}-sgs", ("dm_sgs",), (*styles, *SGS_DEFAULTS), STYLE_SEEDS))
     for cue in CUES:
         cells.append(Cell("premise", f"{cue}-1-real-rho0.5", ("dm_sgs",),
-                          (*cue_flags(cue, 1.0), "--target", "photo", "--init", "real",
-                           *with_flag(SGS_DEFAULTS, "--rho", "0.5")), (0,), command="distill"))
+                          (*setting_flags(cue, 1.0, "real"), *with_flag(SGS_DEFAULTS, "--rho", "0.5")), (0,),
+                          command="distill"))
     return cells
+
+
+def grid_choice(out: Path, st) -> dict | None:
+    """DM+SGS's grid point for setting ``st``: the (tau, alpha, selected lr_img) with the best
+    held-out source accuracy, the defaults first on ties; None until every point is selected."""
+    candidates = [(1.0, 1.0, _selection(out / "premise" / setting_name(*st) / "dm_sgs"))]
+    candidates += [(tau, alpha, _selection(out / "grid" / f"{setting_name(*st)}-tau{tau:g}-alpha{alpha:g}" / "dm_sgs"))
+                   for tau, alpha in SGS_GRID]
+    if any(sel is None for *_, sel in candidates):
+        return None
+    scored = [(sel["validation_acc"][str(float(sel["selected_lr_img"]))], tau, alpha, sel["selected_lr_img"])
+              for tau, alpha, sel in candidates]
+    best = max(scored, key=lambda x: x[0])  # max keeps the first of equals: the defaults
+    return {"tau": best[1], "alpha": best[2], "lr_img": best[3], "defaults": (best[1], best[2]) == (1.0, 1.0),
+            "candidates": [{"tau": t, "alpha": a, "lr_img": lr, "validation": 100 * v} for v, t, a, lr in scored]}
+
+
+def grid_best_cells(out: Path) -> list[Cell]:
+    """The chosen grid point's runs, per setting where it is not the defaults (those are the
+    premise cells' DM+SGS)."""
+    cells = []
+    for st in GRID_SETTINGS:
+        choice = grid_choice(out, st)
+        if choice is not None and not choice["defaults"]:
+            cells.append(Cell("grid", f"{setting_name(*st)}-best", ("dm_sgs",),
+                              (*setting_flags(*st), *grid_flags(choice["tau"], choice["alpha"]),
+                               "--lr-img", f"{choice['lr_img']:g}")))
+    return cells
+
+
+def arm_folder(out: Path, setting: str, arm: Arm) -> Path | None:
+    """Where ``arm``'s results for ``setting`` (a premise setting or a styles target) are."""
+    stage = "premise" if setting in {setting_name(*st) for st in PREMISE_SETTINGS} else "styles"
+    if arm.suffix != "grid":
+        return out / stage / (setting + arm.suffix)
+    st = next((st for st in GRID_SETTINGS if setting_name(*st) == setting), None)
+    choice = None if st is None else grid_choice(out, st)
+    if choice is None:
+        return None
+    return out / "premise" / setting if choice["defaults"] else out / "grid" / f"{setting}-best"
 
 
 def with_flag(flags, name: str, value: str) -> list[str]:
@@ -241,51 +339,79 @@ def truth_table(out: Path) -> tuple[str, dict]:
                    "cue bins", "seeds"], rows), numbers
 
 
-def premise_tables(out: Path) -> tuple[str, dict]:
-    """Per setting: each method's OOD/in-domain mean over seeds; then every arm paired with DM
-    (differences per setting and seed), per setting and pooled, OOD and in-domain."""
+def arm_accuracies(out: Path, settings: list[str], seeds, arms) -> dict:
+    """``{key: {label: {setting: {seed: %}}}}`` for DM (the setting's folder) and ``arms``, with
+    key ``ood_acc_mean`` and ``in_domain_acc_mean``; what has not run is absent."""
+    acc = {"ood_acc_mean": {}, "in_domain_acc_mean": {}}
+    for label, folder_of, method in [("DM", lambda st: arm_folder(out, st, Arm("DM", "dm")), "dm"),
+                                     *[(a.label, lambda st, a=a: arm_folder(out, st, a), a.method) for a in arms]]:
+        for st in settings:
+            folder = folder_of(st)
+            for s in seeds:
+                r = None if folder is None else _metrics(folder, method, s)
+                if r is not None:
+                    for key in acc:
+                        acc[key].setdefault(label, {}).setdefault(st, {})[s] = 100 * r[key]
+    return acc
+
+
+def paired_tables(acc: dict, what: str) -> tuple[str, dict]:
+    """Each arm's OOD/in-domain mean per setting, then every arm paired with DM (same setting and
+    seed), per setting and pooled (95 % Student-t intervals, :func:`sgs_cuda.stats.compare`)."""
     from sgs_cuda import stats
 
-    cells = [c for c in all_cells() if c.stage == "premise" and c.command == "run"]
-    acc: dict[str, dict[str, dict[str, dict[int, float]]]] = {}  # key -> method -> setting -> seed -> %
-    for key in ("ood_acc_mean", "in_domain_acc_mean"):
-        acc[key] = {}
-        for cell in cells:
-            for m in cell.methods:
-                for s in cell.seeds:
-                    r = _metrics(cell.folder(out), m, s)
-                    if r is not None:
-                        acc[key].setdefault(m, {}).setdefault(cell.name, {})[s] = 100 * r[key]
-    if "dm" not in acc["ood_acc_mean"]:
+    if "DM" not in acc["ood_acc_mean"]:
         return "_not run yet_", {}
-    methods = [m for m in ("dm", *ARMS) if m in acc["ood_acc_mean"]]
-    settings = [c.name for c in cells if c.name in acc["ood_acc_mean"]["dm"]]
-    lines = ["| setting | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    labels = list(acc["ood_acc_mean"])
+    settings = list(acc["ood_acc_mean"]["DM"])
+    lines = [f"| {what} | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for st in settings:
-        cells_txt = []
-        for m in methods:
-            o = acc["ood_acc_mean"].get(m, {}).get(st, {})
-            i = acc["in_domain_acc_mean"].get(m, {}).get(st, {})
-            cells_txt.append("—" if not o else f"{sum(o.values()) / len(o):.1f} / {sum(i.values()) / len(i):.1f}")
-        lines.append(f"| {st} | " + " | ".join(cells_txt) + " |")
-    means = "\n".join(lines)
+        row = []
+        for label in labels:
+            o = acc["ood_acc_mean"][label].get(st, {})
+            i = acc["in_domain_acc_mean"][label].get(st, {})
+            row.append("—" if not o else f"{sum(o.values()) / len(o):.1f} / {sum(i.values()) / len(i):.1f} ({len(o)})")
+        lines.append(f"| {st} | " + " | ".join(row) + " |")
     numbers = {"accuracy": acc, "comparisons": {}}
-    diff_lines = ["| arm − DM | setting | OOD diff (pts) | 95 % CI | ahead | in-domain diff | 95 % CI |",
+    diff_lines = [f"| arm − DM | {what} | OOD diff (pts) | 95 % CI | ahead | in-domain diff | 95 % CI |",
                   "|---|---|---|---|---|---|---|"]
-    for m in methods[1:]:
-        res = {key: stats.compare(acc[key]["dm"], acc[key][m]) for key in ("ood_acc_mean", "in_domain_acc_mean")}
-        numbers["comparisons"][m] = {k: {"pooled": _summary(v["pooled"]),
-                                         "per_target": {t: _summary(p["summary"]) for t, p in v["per_target"].items()}}
-                                     for k, v in res.items()}
+    for label in labels[1:]:
+        res = {key: stats.compare(acc[key]["DM"], acc[key][label]) for key in acc}
+        numbers["comparisons"][label] = {k: {"pooled": _summary(v["pooled"]),
+                                             "per_target": {t: _summary(p["summary"]) for t, p in v["per_target"].items()}}
+                                         for k, v in res.items()}
         for st in [*res["ood_acc_mean"]["per_target"], "pooled"]:
-            o = res["ood_acc_mean"]["pooled"] if st == "pooled" else res["ood_acc_mean"]["per_target"][st]["summary"]
-            i = (res["in_domain_acc_mean"]["pooled"] if st == "pooled"
-                 else res["in_domain_acc_mean"]["per_target"][st]["summary"])
+            o, i = [res[key]["pooled"] if st == "pooled" else res[key]["per_target"][st]["summary"] for key in acc]
             bold = "**" if st == "pooled" else ""
-            diff_lines.append(f"| {m} | {bold}{st}{bold} | {o.mean:+.1f} | {_ci(o)} | {o.positive}/{o.n} | "
+            diff_lines.append(f"| {label} | {bold}{st}{bold} | {o.mean:+.1f} | {_ci(o)} | {o.positive}/{o.n} | "
                               f"{i.mean:+.1f} | {_ci(i)} |")
-    return ("OOD % / in-domain % (mean over seeds; OOD on every image of the cue-free target `photo`):\n\n"
-            + means + "\n\nPaired with DM (same setting and seed):\n\n" + "\n".join(diff_lines)), numbers
+    return ("OOD % / in-domain % (mean over seeds, their number in brackets):\n\n" + "\n".join(lines)
+            + "\n\nPaired with DM (same " + what + " and seed):\n\n" + "\n".join(diff_lines)), numbers
+
+
+def premise_tables(out: Path) -> tuple[str, dict]:
+    """Every arm against DM on the premise settings (OOD on every image of the cue-free target)."""
+    return paired_tables(arm_accuracies(out, [setting_name(*st) for st in PREMISE_SETTINGS], SEEDS, ARMS), "setting")
+
+
+def styles_table(out: Path) -> tuple[str, dict]:
+    """Every arm against DM on fmnist-styles, each target held out in turn (scored on all of it)."""
+    return paired_tables(arm_accuracies(out, list(STYLE_TARGETS), STYLE_SEEDS, STYLE_ARMS), "target")
+
+
+def grid_table(out: Path) -> tuple[str, dict]:
+    """DM+SGS's grid: each point's held-out source accuracy (at its selected lr_img) and the pick."""
+    rows, numbers = [], {}
+    for st in GRID_SETTINGS:
+        choice = grid_choice(out, st)
+        if choice is None:
+            continue
+        numbers[setting_name(*st)] = choice
+        for c in choice["candidates"]:
+            picked = (c["tau"], c["alpha"]) == (choice["tau"], choice["alpha"])
+            rows.append(f"| {setting_name(*st)} | {c['tau']:g} | {c['alpha']:g} | {c['lr_img']:g} | "
+                        f"{c['validation']:.1f} | {'**picked**' if picked else ''} |")
+    return _table(["setting", "tau", "alpha", "lr_img (selected)", "held-out source accuracy %", ""], rows), numbers
 
 
 def _summary(s) -> dict:
@@ -294,16 +420,6 @@ def _summary(s) -> dict:
 
 def _ci(s) -> str:
     return "—" if s.n < 2 else f"[{s.ci_low:+.1f}, {s.ci_high:+.1f}]"
-
-
-def styles_table(out: Path) -> tuple[str, dict]:
-    from sgs_cuda.compare import compare_runs
-
-    dirs = [c.folder(out) for c in all_cells() if c.stage == "styles" and _metrics(c.folder(out), "dm", 0)]
-    if not dirs:
-        return "_not run yet_", {}
-    result = compare_runs(dirs, baseline="DM")
-    return result["sections"]["main"], {k: result[k] for k in ("baseline", "comparisons", "confidence")}
 
 
 def truth_figure(out: Path, path: Path) -> Path | None:
@@ -354,8 +470,8 @@ def cmd_report(args) -> None:
     out, docs = Path(args.out), Path(args.docs)
     blocks, numbers = {}, {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": PRESET,
                            "command": " ".join(sys.argv)}
-    for name, build in (("sanity", sanity_table), ("truth", truth_table), ("ood", premise_tables),
-                        ("styles", styles_table)):
+    for name, build in (("sanity", sanity_table), ("truth", truth_table), ("grid", grid_table),
+                        ("ood", premise_tables), ("styles", styles_table)):
         blocks[name], numbers[name] = build(out)
     truth_figure(out, docs / "premise_truth.png")
     (docs / "results").mkdir(parents=True, exist_ok=True)
@@ -381,13 +497,18 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = add_run_arguments(sub.add_parser("run", help="run the study's cells (resumable)"), "runs/premise")
-    r.add_argument("--stage", choices=["all", "sanity", "premise", "styles"], default="all")
+    r.add_argument("--stage", choices=["all", "sanity", "premise", "grid", "styles"], default="all")
     rep = sub.add_parser("report", help="tables and figure from the finished cells")
     rep.add_argument("--out", default="runs/premise")
     rep.add_argument("--docs", default=str(REPO / "docs"))
     rep.add_argument("--results", help="markdown file whose <!-- premise:NAME --> blocks are replaced")
     args = p.parse_args(argv)
-    {"run": cmd_run, "report": cmd_report}[args.command](args)
+    if args.command == "report":
+        cmd_report(args)
+        return
+    cmd_run(args)
+    if args.stage in ("all", "grid"):  # then the grid's picks, where they are not the defaults
+        cmd_run(args, grid_best_cells(Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -59,12 +59,54 @@ def test_report_tables_from_run_folders(study, tmp_path):
             p.parent.mkdir(parents=True)
             p.write_text(json.dumps({"ood_acc_mean": base + 0.01 * s, "in_domain_acc_mean": 0.9}))
     text, numbers = study.premise_tables(out)
-    assert f"| {cell.name} | 50.5 / 90.0 | 55.5 / 90.0 | 45.5 / 90.0 |" in text
-    assert numbers["comparisons"]["dm_sgs"]["ood_acc_mean"]["pooled"]["mean"] == pytest.approx(5.0)
-    assert "| dm_sgs | **pooled** | +5.0 |" in text
+    assert f"| {cell.name} | 51.0 / 90.0 (3) | 56.0 / 90.0 (3) | 46.0 / 90.0 (3) |" in text
+    assert numbers["comparisons"]["DM+SGS"]["ood_acc_mean"]["pooled"]["mean"] == pytest.approx(5.0)
+    assert "| DM+SGS | **pooled** | +5.0 |" in text and "| DM+MixStyle | **pooled** | -5.0 |" in text
     results = tmp_path / "R.md"
     results.write_text("a\n<!-- premise:ood -->\nold\n<!-- /premise:ood -->\nb\n")
     results.write_text(study.replace_blocks(results.read_text(), {"ood": "new"}))
     assert results.read_text() == "a\n<!-- premise:ood -->\nnew\n<!-- /premise:ood -->\nb\n"
     with pytest.raises(SystemExit, match="no <!-- premise:truth -->"):
         study.replace_blocks("x", {"truth": "y"})
+
+
+def _selection(folder, lr, acc):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lr_selection.json").write_text(json.dumps(
+        {"selected_lr_img": lr, "validation_acc": {"1.0": acc - 0.1, str(float(lr)): acc}}))
+
+
+def test_the_grid_picks_its_best_held_out_point_and_the_table_reads_its_runs(study, tmp_path):
+    out = tmp_path / "out"
+    st = study.GRID_SETTINGS[0]
+    name = study.setting_name(*st)
+    cells = {c.name: c for c in study.all_cells() if c.stage == "grid"}
+    points = [f"{name}-tau{t:g}-alpha{a:g}" for t, a in study.SGS_GRID]
+    assert set(points) <= set(cells) and all(cells[p].command == "select-lr" for p in points)
+    assert study.grid_choice(out, st) is None and study.grid_best_cells(out) == []  # nothing selected yet
+    assert not cells[points[0]].done(out, 10)
+    _selection(out / "premise" / name / "dm_sgs", 4.0, 0.80)  # the defaults
+    _selection(out / "grid" / points[0] / "dm_sgs", 1.0, 0.80)  # a tie: the defaults stay
+    _selection(out / "grid" / points[1] / "dm_sgs", 4.0, 0.70)
+    assert cells[points[0]].done(out, 10)
+    choice = study.grid_choice(out, st)
+    assert choice["defaults"] and study.grid_best_cells(out) == []
+    assert study.arm_folder(out, name, study.Arm("g", "dm_sgs", "grid")) == out / "premise" / name
+    _selection(out / "grid" / points[1] / "dm_sgs", 4.0, 0.85)
+    choice = study.grid_choice(out, st)
+    tau, alpha = study.SGS_GRID[1]
+    assert (choice["tau"], choice["alpha"], choice["lr_img"], choice["defaults"]) == (tau, alpha, 4.0, False)
+    [best] = study.grid_best_cells(out)
+    assert best.name == f"{name}-best" and best.flags[best.flags.index("--tau") + 1] == f"{tau:g}"
+    assert best.flags[best.flags.index("--lr-img") + 1] == "4"
+    cli.build_parser().parse_args(best.argv(out, 0)[3:])
+    assert study.arm_folder(out, name, study.Arm("g", "dm_sgs", "grid")) == out / "grid" / f"{name}-best"
+    text, numbers = study.grid_table(out)
+    assert "**picked**" in text and numbers[name]["candidates"][2]["validation"] == pytest.approx(85.0)
+    for folder, method in ((out / "premise" / name, "dm"), (out / "grid" / f"{name}-best", "dm_sgs")):
+        for s in study.SEEDS:
+            p = folder / method / f"seed{s}" / "metrics.json"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps({"ood_acc_mean": 0.5 + (method == "dm_sgs") * 0.02, "in_domain_acc_mean": 0.9}))
+    _, numbers = study.premise_tables(out)
+    assert numbers["comparisons"]["DM+SGS (grid)"]["ood_acc_mean"]["pooled"]["mean"] == pytest.approx(2.0)
