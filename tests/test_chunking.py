@@ -112,6 +112,17 @@ def test_memory_plan_chunks_to_the_budget_and_refuses_what_cannot_fit():
     c = estimate((3, 64, 64), chunk_classes=10, **{**_common(), "depth": 4})
     assert c["activations"] > 3.5 * estimate((3, 32, 32), chunk_classes=10, **{**_common(), "depth": 3})["activations"]
     assert "domain gradients" not in estimate((3, 32, 32), chunk_classes=1, **{**_common(), "surgery": False})
+    # what the options add: a second gradient stack, the moving average over every image, DAM's masks and views
+    base = estimate((3, 32, 32), chunk_classes=10, **{**_common(), "depth": 3})
+    more = estimate((3, 32, 32), chunk_classes=10, **{**_common(), "depth": 3}, contrast=True, ema=True,
+                    amplitude_floor=True)
+    assert more["domain gradients"] == 2 * base["domain gradients"]
+    assert more["moving average"] == 3 * 100 * 10 * 3 * 32 * 32 * 4
+    assert more["amplitude floor"] == 100 * 10 * 3 * 32 * 17 * 4
+    dam = estimate((3, 32, 32), chunk_classes=10, **{**_common(), "depth": 3, "surgery": False}, dam=True)
+    plain = estimate((3, 32, 32), chunk_classes=10, **{**_common(), "depth": 3, "surgery": False})
+    assert dam["domain masks"] == 3 * 3 * 100 * 10 * 3 * 32 * 32 * 4 and "domain masks" not in plain
+    assert dam["activations"] - plain["activations"] > 3 * 10 * 10 * 3 * 32 * 32 * 4  # the three views at least
 
 
 def _common():

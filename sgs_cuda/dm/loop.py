@@ -453,7 +453,9 @@ def _prepare(data, domains, cfg: DistillConfig, device, world: World, log) -> tu
     plan = plan_memory(data.image_shape, ipc=cfg.ipc, classes=len(mine), num_domains=D, n_real=n_real,
                        width=cfg.width, depth=cfg.depth, num_classes=K, surgery=surgery, device=device,
                        precision=cfg.precision, chunk_classes=cfg.class_chunk, memory_gib=cfg.memory_gib,
-                       splittable=cfg.norm != "batchnorm")
+                       splittable=cfg.norm != "batchnorm", contrast=surgery and cfg.sgs.agree_on == "contrast",
+                       ema=surgery and cfg.sgs.ema > 0, amplitude_floor=surgery and cfg.sgs.amp_decay > 0,
+                       dam=cfg.method == "dm_dam")
     log(plan.describe())
     # check_finite off: a non-finite loss stops the run at the next flush (HistoryRecorder)
     helper = SpectralGradientSurgery(cfg.sgs, check_finite=False, images_per_class=cfg.ipc) if surgery else None

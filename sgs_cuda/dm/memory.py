@@ -16,6 +16,11 @@ the chunk, ``B = D * n_real`` real images per class, ``E = C * H * W``):
 - the surgery op's workspace, bounded by the reference implementation's: the ``D`` spectra
   (``D * n * E`` values) plus about 8 ``n * E`` arrays (masks, mean, shared and diversity
   spectra, the parts);
+- what some options add: ``agree_on="contrast"`` a second domain-gradient stack; ``ema`` the
+  moving average of every image's ``D`` gradients (``D * N * E``, kept across iterations);
+  ``amp_decay`` each image's amplitude floor (``N`` half spectra); ``dm_dam`` the mask logits
+  with their gradient and momentum (``3 * D * N * E``) and ``D`` more synthetic forwards (the
+  views, kept for the backward);
 - the framework's own buffers: 64 MiB on the CPU (measured: libraries' workspaces and the
   allocator, ``benchmarks/bench_scaling.py``), 1 GiB on CUDA (cuDNN/cuBLAS workspaces and the
   caching allocator's slack: an allowance, not yet measured).
@@ -92,7 +97,8 @@ def format_bytes(n: float) -> str:
 
 def estimate(image_shape, *, ipc: int, classes: int, chunk_classes: int, num_domains: int, n_real: int,
              width: int, depth: int, num_classes: int, surgery: bool, precision: str = "float32",
-             batched_backward: bool = False, cuda: bool = False) -> dict[str, float]:
+             batched_backward: bool = False, cuda: bool = False, contrast: bool = False, ema: bool = False,
+             amplitude_floor: bool = False, dam: bool = False) -> dict[str, float]:
     """Bytes of each part of one iteration (see the module docstring) for ``classes`` classes of
     this process taken ``chunk_classes`` at a time."""
     C = int(image_shape[0])
@@ -111,14 +117,22 @@ def estimate(image_shape, *, ipc: int, classes: int, chunk_classes: int, num_dom
     real_forward = D * n_real * (E * f32 + 2 * largest)  # one class, no graph
     params = sum(width * cin * 9 + 3 * width for cin in [C] + [width] * (depth - 1)) * f32
     params += (width * maps[-1] // 4 + 1) * num_classes * f32
+    N = classes * ipc
+    views = D if dam else 0  # DAM's domain views go through the net as well
     parts = {
-        "synthetic set": 3 * classes * ipc * E * f32 + params,
+        "synthetic set": 3 * N * E * f32 + params,
         "real batches": 2 * chunk_classes * D * n_real * E * f32,
-        "activations": n * saved + backward + real_forward,
+        "activations": (1 + views) * n * saved + views * n * E * f32 + backward + real_forward,
     }
     if surgery:
-        parts["domain gradients"] = D * n * E * f32 * (1 if batched_backward else 2)
+        parts["domain gradients"] = D * n * E * f32 * (1 if batched_backward else 2) * (2 if contrast else 1)
         parts["surgery workspace"] = (D + WORKSPACE_ARRAYS) * n * E * f32
+        if ema:
+            parts["moving average"] = D * N * E * f32
+        if amplitude_floor:
+            parts["amplitude floor"] = N * E // int(image_shape[-1]) * (int(image_shape[-1]) // 2 + 1) * f32
+    if dam:
+        parts["domain masks"] = 3 * D * N * E * f32
     parts["framework"] = FRAMEWORK_CUDA if cuda else FRAMEWORK_CPU
     return parts
 
@@ -148,10 +162,12 @@ def _available_ram() -> int:
 
 def plan_memory(image_shape, *, ipc: int, classes: int, num_domains: int, n_real: int, width: int, depth: int,
                 num_classes: int, surgery: bool, device, precision: str = "float32", chunk_classes: int = 0,
-                memory_gib: float = 0.0, splittable: bool = True) -> MemoryPlan:
+                memory_gib: float = 0.0, splittable: bool = True, **options: bool) -> MemoryPlan:
     """The chunk size for this process's ``classes`` classes: ``chunk_classes`` when given
     (> 0), else the most that fit in the budget (``memory_gib`` GiB when > 0, else 90 % of what
     the device has free). ``splittable=False`` (batch norm pools over all classes): one chunk.
+    ``options``: what the run's options add (:func:`estimate`'s ``contrast``, ``ema``,
+    ``amplitude_floor``, ``dam``).
 
     Raises :class:`DoesNotFit` when the chunk (one class, if chosen automatically) does not fit.
     """
@@ -164,7 +180,7 @@ def plan_memory(image_shape, *, ipc: int, classes: int, num_domains: int, n_real
         where = f"usable (90% {where})"
     common = dict(ipc=ipc, classes=classes, num_domains=num_domains, n_real=n_real, width=width, depth=depth,
                   num_classes=num_classes, surgery=surgery, precision=precision,
-                  batched_backward=device.type == "cuda", cuda=device.type == "cuda")
+                  batched_backward=device.type == "cuda", cuda=device.type == "cuda", **options)
 
     def parts_for(k: int) -> dict[str, float]:
         return estimate(image_shape, chunk_classes=k, **common)
