@@ -456,6 +456,38 @@ def truth_figure(out: Path, path: Path) -> Path | None:
     return path
 
 
+def differences_figure(numbers: dict[str, dict], path: Path) -> Path | None:
+    """Each arm's pooled paired OOD and in-domain difference from DM with its 95 % interval, one
+    panel per benchmark (``numbers``: benchmark -> :func:`paired_tables`'s numbers)."""
+    from matplotlib.figure import Figure
+
+    panels = {name: n["comparisons"] for name, n in numbers.items() if n.get("comparisons")}
+    if not panels:
+        return None
+    fig = Figure(figsize=(5.0 * len(panels), 0.5 + 0.45 * max(len(c) for c in panels.values())), dpi=110)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, comparisons) in zip(axes, panels.items()):
+        labels = list(comparisons)[::-1]
+        for offset, key, colour in ((0.12, "ood_acc_mean", "C0"), (-0.12, "in_domain_acc_mean", "C1")):
+            for y, label in enumerate(labels):
+                p = comparisons[label][key]["pooled"]
+                lo, hi = p.get("ci_low"), p.get("ci_high")
+                if lo is not None and p["n"] >= 2:
+                    ax.plot([lo, hi], [y + offset] * 2, color=colour, lw=1.5)
+                ax.plot([p["mean"]], [y + offset], "o", color=colour, ms=4,
+                        label=("OOD" if key.startswith("ood") else "in-domain") if y == 0 else None)
+        ax.axvline(0, color="grey", lw=0.8, ls=":")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("paired difference from DM (points), 95 % CI", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def replace_blocks(text: str, blocks: dict[str, str]) -> str:
     for name, body in blocks.items():
         pattern = re.compile(rf"(<!-- premise:{name} -->\n).*?(\n<!-- /premise:{name} -->)", re.S)
@@ -474,6 +506,8 @@ def cmd_report(args) -> None:
                         ("ood", premise_tables), ("styles", styles_table)):
         blocks[name], numbers[name] = build(out)
     truth_figure(out, docs / "premise_truth.png")
+    differences_figure({"premise benchmark (fmnist-cues, target photo)": numbers["ood"],
+                        "fmnist-styles (every target)": numbers["styles"]}, docs / "premise_differences.png")
     (docs / "results").mkdir(parents=True, exist_ok=True)
     (docs / "results" / "premise-quick.json").write_text(json.dumps(numbers, indent=1, default=str) + "\n")
     if args.results:

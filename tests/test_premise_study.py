@@ -110,3 +110,5 @@ def test_the_grid_picks_its_best_held_out_point_and_the_table_reads_its_runs(stu
             p.write_text(json.dumps({"ood_acc_mean": 0.5 + (method == "dm_sgs") * 0.02, "in_domain_acc_mean": 0.9}))
     _, numbers = study.premise_tables(out)
     assert numbers["comparisons"]["DM+SGS (grid)"]["ood_acc_mean"]["pooled"]["mean"] == pytest.approx(2.0)
+    assert study.differences_figure({"premise": numbers}, tmp_path / "d.png").is_file()
+    assert study.differences_figure({"premise": {}}, tmp_path / "none.png") is None
