@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -164,6 +165,11 @@ def all_cells() -> list[Cell]:
         cells.append(Cell("styles", t, ("dm", "dm_mixstyle", "dm_fact", "whole"),
                           (*styles, "--set", f"eval.whole_epochs={WHOLE_EPOCHS}"), STYLE_SEEDS))
         cells.append(Cell("styles", f"{t}-sgs", ("dm_sgs",), (*styles, *SGS_DEFAULTS), STYLE_SEEDS))
+    # the per-class truth (each image's own class's cue bins), recorded since it exists: the strong
+    # grating with DM+SGS at its selected step (a patch's amplitude does not depend on its place)
+    cells.append(Cell("premise", "grating-1-real-own", ("dm_sgs",),
+                      (*setting_flags("grating", 1.0, "real"), *SGS_DEFAULTS, "--lr-img", "4"), (0, 1),
+                      command="distill"))
     for cue in CUES:
         cells.append(Cell("premise", f"{cue}-1-real-rho0.5", ("dm_sgs",),
                           (*setting_flags(cue, 1.0, "real"), *with_flag(SGS_DEFAULTS, "--rho", "0.5")), (0,),
@@ -295,7 +301,9 @@ def truth_summary(history: dict) -> dict | None:
         return None
     half = len(truth["iteration"]) // 2
     mean = lambda v: sum(v[half:]) / len(v[half:])  # noqa: E731
+    own = mean(truth["own"]) if "own" in truth else math.nan  # recorded since the per-class truth exists
     return {"cue": 100 * mean(truth["cue"]), "other": 100 * mean(truth["other"]),
+            "own": None if math.isnan(own) else 100 * own,
             "chance": None if truth["chance"] is None else 100 * truth["chance"], "cue_bins": truth["cue_bins"]}
 
 
@@ -330,13 +338,15 @@ def truth_table(out: Path) -> tuple[str, dict]:
         if not found:
             continue
         avg = {k: sum(f[k] for f in found) / len(found) for k in ("cue", "other")}
+        owns = [f["own"] for f in found if f["own"] is not None]
+        avg["own"] = sum(owns) / len(owns) if owns else None
         chance = found[0]["chance"]
         numbers[cell.name] = {**avg, "chance": chance, "seeds": len(found), "cue_bins": found[0]["cue_bins"]}
-        setting = cell.name.replace("-rho0.5", "")
-        rows.append(f"| {setting} | {'0.5' if 'rho0.5' in cell.name else '0'} | {avg['cue']:.1f} | {avg['other']:.1f} | "
-                    f"{_fmt(chance)} | {found[0]['cue_bins']} | {len(found)} |")
-    return _table(["setting (cue-strength-init)", "rho", "cue bins kept %", "other bins kept %", "chance %",
-                   "cue bins", "seeds"], rows), numbers
+        setting = cell.name.replace("-rho0.5", "").replace("-own", "")
+        rows.append(f"| {setting} | {'0.5' if 'rho0.5' in cell.name else '0'} | {avg['cue']:.1f} | {_fmt(avg['own'])} | "
+                    f"{avg['other']:.1f} | {_fmt(chance)} | {found[0]['cue_bins']} | {len(found)} |")
+    return _table(["setting (cue-strength-init)", "rho", "cue bins kept %", "own class's cue bins kept %",
+                   "other bins kept %", "chance %", "cue bins", "seeds"], rows), numbers
 
 
 def arm_accuracies(out: Path, settings: list[str], seeds, arms) -> dict:

@@ -147,7 +147,7 @@ def test_chance_rate_of_random_gradients_is_what_the_diagnostic_sees():
     grads = torch.randn(3, 8, 3, 32, 32, generator=g, dtype=torch.float64)
     truth = cue_truth_bins("patch")
     sums = truth_mask_sums(grads, 1.0, 0.0, "hard", truth)
-    kept = sums[0] / sums[1]
+    kept = sums[0, :2] / sums[1, :2]
     assert torch.allclose(kept, torch.full((2,), 0.25, dtype=torch.float64), atol=0.02)
 
 
@@ -168,8 +168,34 @@ def test_truth_mask_sums_against_a_direct_count():
     assert sums[1, 0] == 2 * 4 * 2 * int(truth.sum()) and sums[1, 1] == 2 * 4 * 2 * int((~truth).sum())
     assert sums[0, 0] / sums[1, 0] > 0.95  # the planted agreement is found ...
     assert sums[0, 1] / sums[1, 1] < 0.35  # ... and the rest is at chance
+    assert sums[0, 2] == 0 and sums[1, 2] == 0  # no per-image truth given
     with pytest.raises(ValueError, match="cue_bins must be"):
         truth_mask_sums(grads, 1.0, 0.0, "hard", torch.zeros(16, 16, dtype=torch.bool))
+    # each image's own bins: image i's own group is truth bin i's row (a direct count per image)
+    own = torch.zeros(4, 16, 9, dtype=torch.bool)
+    for i in range(4):
+        own[i, 1 + i % 3, 2:5] = True
+    sums = truth_mask_sums(grads, 1.0, 0.0, "hard", truth, own)
+    direct = sum(mask[i][..., own[i]].sum() for i in range(4))
+    assert sums[0, 2] == direct and sums[1, 2] == 2 * 2 * int(own.sum())
+
+
+def test_class_cue_bins_are_each_class_s_own_cues(idx_dir, tmp_path):
+    data = cues(idx_dir, tmp_path, cue="grating", cue_strength=0.5)
+    sources = ["cartoon", "sketch", "painting"]
+    own = data.class_cue_bins(sources)
+    assert own.shape == (N_CUES, 32, 17)
+    for c in range(N_CUES):
+        expected = torch.zeros(32, 17, dtype=torch.bool)
+        for d in sources:
+            ky, kx = GRATINGS[(c + data.cue_shift[d]) % N_CUES]
+            expected[ky % 32, kx] = True
+            if kx == 0:
+                expected[-ky % 32, 0] = True
+        assert torch.equal(own[c], expected)
+        assert not (own[c] & ~data.cue_bins).any()  # a part of the truth
+    assert own.sum(0).max() == 3 and torch.equal(own.any(0), data.cue_bins)  # every cue bin is someone's own
+    assert not data.class_cue_bins(["photo"]).any()  # the cue-free domain plants no class cue
 
 
 def test_distill_records_the_mask_against_the_truth(idx_dir, tmp_path):
@@ -181,7 +207,7 @@ def test_distill_records_the_mask_against_the_truth(idx_dir, tmp_path):
     truth = result.history["truth"]
     assert truth["iteration"] == [1, 3] and truth["chance"] == pytest.approx(0.25)
     assert truth["cue_bins"] == 12
-    assert all(0 <= v <= 1 for v in truth["cue"] + truth["other"])
+    assert all(0 <= v <= 1 for v in truth["cue"] + truth["other"] + truth["own"])
     dm = distill(data, ["cartoon", "sketch", "painting"], DistillConfig(**{**cfg.to_dict(), "method": "dm"}),
                  progress=False, log=lambda m: None)
     assert "truth" not in dm.history

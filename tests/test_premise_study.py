@@ -25,7 +25,7 @@ def test_every_cell_command_parses_and_resolves(study, tmp_path):
     cells = study.all_cells()
     stages = [c.stage for c in cells]
     assert stages[:stages.count("sanity")] == ["sanity"] * stages.count("sanity")  # the shortcut first
-    assert all(c.command == "distill" for c in cells[len(cells) - 2:])  # the diagnostic-only runs last
+    assert all(c.command == "distill" for c in cells[len(cells) - 3:])  # the diagnostic-only runs last
     names = [(c.stage, c.name) for c in cells]
     assert len(names) == len(set(names))
     parser = cli.build_parser()
@@ -46,7 +46,10 @@ def test_truth_summary_takes_the_second_half(study):
     history = {"truth": {"iteration": [9, 19, 29, 39], "cue": [0.5, 0.5, 0.1, 0.3], "other": [0.3, 0.3, 0.2, 0.2],
                          "chance": 0.25, "cue_bins": 12}}
     s = study.truth_summary(history)
-    assert s == {"cue": pytest.approx(20.0), "other": pytest.approx(20.0), "chance": 25.0, "cue_bins": 12}
+    assert s == {"cue": pytest.approx(20.0), "other": pytest.approx(20.0), "own": None, "chance": 25.0,
+                 "cue_bins": 12}
+    history["truth"]["own"] = [float("nan"), float("nan"), 0.5, 0.7]
+    assert study.truth_summary(history)["own"] == pytest.approx(60.0)
     assert study.truth_summary({}) is None
 
 

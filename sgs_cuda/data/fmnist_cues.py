@@ -99,12 +99,14 @@ def plant(images: np.ndarray, family: str, cue: np.ndarray, strength: float, rng
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
-def cue_truth_bins(family: str, share: float = TRUTH_ENERGY, samples: int = 2000, seed: int = 0) -> torch.Tensor:
+def cue_truth_bins(family: str, share: float = TRUTH_ENERGY, samples: int = 2000, seed: int = 0,
+                   cues=None) -> torch.Tensor:
     """bool ``[32, 17]``: the fewest half-spectrum bins that hold ``share`` of the cue's mean
-    energy (over all ten cues, random phases), per channel summed. The cue family's footprint
-    in frequency, measured from the cue images themselves (so both families are defined alike)."""
+    energy (over all ten cues, or over ``cues``; random phases), per channel summed. The cue
+    family's footprint in frequency, measured from the cue images themselves (so both families
+    are defined alike)."""
     rng = np.random.default_rng([seed, 0xC0E])
-    cue = rng.integers(0, N_CUES, size=samples)
+    cue = rng.choice(np.arange(N_CUES) if cues is None else np.asarray(list(cues)), size=samples)
     c = torch.from_numpy(render_cues(family, cue, rng)).double()
     if family == "patch":  # the patch's own content, not its mean brightness offset
         c = c - c.mean(dim=(-2, -1), keepdim=True)
@@ -129,7 +131,8 @@ class FashionMNISTCues(InMemoryDomains):
         seed: the styles build's seed; the cues' phases and the target's cue draws follow it.
         root, cache_dir, per_class_train, per_class_test, use_cache: as for the styles.
 
-    Attributes beyond the protocol: ``cue_bins`` (bool ``[32, 17]``, the ground truth),
+    Attributes beyond the protocol: ``cue_bins`` (bool ``[32, 17]``, the ground truth; per class
+    of given source domains: :meth:`class_cue_bins`),
     ``cue_index[(domain, split)]`` (int64, each image's cue), ``cue_shift`` (domain -> shift, or
     None for the cue-free domain), ``cue_free``.
     """
@@ -164,6 +167,15 @@ class FashionMNISTCues(InMemoryDomains):
         super().__init__(cells, FASHION_MNIST_CLASSES)
         self.from_cache, self.cache_path = styles.from_cache, styles.cache_path
         self.seed, self.per_class_train, self.per_class_test = seed, per_class_train, per_class_test
+
+    def class_cue_bins(self, sources) -> torch.Tensor:
+        """bool ``[10, 32, 17]``: per class, the bins of the cues ``sources`` plant on it (one cue
+        per source domain): where a class's own domain-specific content lives. For gratings, a
+        few of :attr:`cue_bins`; a patch's amplitude does not depend on its place, so for patches
+        nearly all of them."""
+        shifts = [self.cue_shift[d] for d in sources if self.cue_shift.get(d) is not None]
+        return torch.stack([cue_truth_bins(self.cue, cues=sorted({(c + s) % N_CUES for s in shifts}))
+                            if shifts else torch.zeros_like(self.cue_bins) for c in range(N_CUES)])
 
     def check_targets(self, targets) -> None:
         """Only the cue-free domain is an out-of-distribution test of the shortcut."""

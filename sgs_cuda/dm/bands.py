@@ -86,7 +86,7 @@ def band_diagnostics(grads: torch.Tensor, diversity: torch.Tensor, tau: float, r
 
 # --- the mask against the ground truth (the premise benchmark, sgs_cuda.data.fmnist_cues) ------
 
-TRUTH_GROUPS = ("cue", "other")
+TRUTH_GROUPS = ("cue", "other", "own")  # own: each image's own class's cue bins
 
 
 def chance_keep_rate(num_domains: int, tau: float, rho: float = 0.0, mask: str = "hard") -> float | None:
@@ -109,10 +109,12 @@ def chance_keep_rate(num_domains: int, tau: float, rho: float = 0.0, mask: str =
 
 @torch.no_grad()
 def truth_mask_sums(grads: torch.Tensor, tau: float, rho: float, mask: str, cue_bins: torch.Tensor,
-                    **mask_options) -> torch.Tensor:
-    """float64 ``[2, 2]``: row 0 the mask summed over the real and imaginary components of the
-    cue bins and of the other bins (``TRUTH_GROUPS``), row 1 how many components each holds; sums,
-    so chunks and processes add up. ``cue_bins``: bool ``[H, W // 2 + 1]``, the ground truth."""
+                    own_bins: torch.Tensor | None = None, **mask_options) -> torch.Tensor:
+    """float64 ``[2, 3]``: row 0 the mask summed over the real and imaginary components of the
+    cue bins, of the other bins and of each image's own class's cue bins (``TRUTH_GROUPS``), row 1
+    how many components each holds; sums, so chunks and processes add up. ``cue_bins``: bool
+    ``[H, W // 2 + 1]``, the ground truth (every class's cues); ``own_bins``: bool ``[n, H, W // 2 + 1]``
+    per image (``grads``' rows), or None (the third group then holds nothing)."""
     H, W = grads.shape[-2:]
     if tuple(cue_bins.shape) != (H, W // 2 + 1):
         raise ValueError(f"cue_bins must be [{H}, {W // 2 + 1}] for {H}x{W} images, got {list(cue_bins.shape)}")
@@ -122,4 +124,11 @@ def truth_mask_sums(grads: torch.Tensor, tau: float, rho: float, mask: str, cue_
     cue = cue_bins.to(per_bin.device).flatten()
     components = 2.0 * kept[..., 0, 0].numel()  # re + im, every image and channel
     counts = torch.stack([cue.sum(), (~cue).sum()]).double() * components
-    return torch.stack([torch.stack([per_bin[cue].sum(), per_bin[~cue].sum()]), counts])
+    kept_sums = [per_bin[cue].sum(), per_bin[~cue].sum()]
+    if own_bins is None:
+        own, own_count = per_bin.new_zeros(()), per_bin.new_zeros(())
+    else:
+        own_bins = own_bins.to(kept.device)
+        own = (kept.double().sum(1) * own_bins).sum()  # [n, H, Wf]: summed over the channels
+        own_count = own_bins.double().sum() * 2 * kept.shape[1]
+    return torch.stack([torch.stack([*kept_sums, own]), torch.cat([counts, own_count.view(1)])])

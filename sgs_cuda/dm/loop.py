@@ -360,7 +360,8 @@ def _distill(data, domains, cfg: DistillConfig, device, ckpt_path, resume, progr
     K, ipc = len(data.classes), cfg.ipc
     run, chunks = _prepare(data, domains, cfg, device, world, log)
     recorder = HistoryRecorder(cfg, len(domains), world, one_pass=len(chunks) == 1 and not world.sharded,
-                               cue_bins=getattr(data, "cue_bins", None))
+                               cue_bins=getattr(data, "cue_bins", None),
+                               class_cue_bins=data.class_cue_bins(domains) if hasattr(data, "class_cue_bins") else None)
     if cfg.method == "dm_sgs" and cfg.sgs.normalize == "kept_fraction" and not recorder.one_pass:
         raise ValueError("normalize=kept_fraction divides by the mask fraction of the whole set, so it needs all "
                          "classes in one pass on one process (set class_chunk/memory_gib so they fit, one process)")
@@ -509,7 +510,7 @@ def _chunk_gradient(run: _Run, recorder: HistoryRecorder, syn, grad, it: int, cl
     source = domain_gradients(extra[0], part, "auto") if contrast else None
     grad[rows] = run.surgery(grads, assign[rows], images=part.detach(), rows=rows, num_images=len(run.mine) * cfg.ipc,
                              return_parts=recorder.needs_parts, agree_source=source)
-    recorder.add_surgery(pooled, losses, grads, run.surgery.last, run.surgery.last_agree_on)
+    recorder.add_surgery(pooled, losses, grads, run.surgery.last, run.surgery.last_agree_on, classes)
 
 
 def draw_class_batches(data, domains, classes: Sequence[int], n_real, strategy, streams: RandomStreams, iteration,

@@ -35,15 +35,17 @@ class HistoryRecorder:
     whole set's; otherwise they are weighted by their denominators so that the sums add up."""
 
     def __init__(self, cfg, num_domains: int, world: World, one_pass: bool, history: dict | None = None,
-                 cue_bins: torch.Tensor | None = None):
+                 cue_bins: torch.Tensor | None = None, class_cue_bins: torch.Tensor | None = None):
         self.sgs: SGSConfig = cfg.sgs
         self.num_domains, self.world, self.one_pass = num_domains, world, one_pass
         self.history = history if history is not None else new_history(cfg.method)
         self.bands_every = cfg.log_every if cfg.method == "dm_sgs" and cfg.sgs.space == "spectral" else 0
         self.cue_bins = cue_bins if self.bands_every else None
+        self.class_cue_bins = class_cue_bins if self.cue_bins is not None else None  # [K, H, W // 2 + 1]
+        self.ipc = cfg.ipc
         self._pending: list[tuple[int, torch.Tensor]] = []  # (iteration, summed record) not yet read back
         self._pending_bands: list[tuple[int, torch.Tensor]] = []  # (iteration, [2, keys, bands] sums)
-        self._pending_truth: list[tuple[int, torch.Tensor]] = []  # (iteration, [2, 2] sums: kept, components)
+        self._pending_truth: list[tuple[int, torch.Tensor]] = []  # (iteration, [2, 3] sums: kept, components)
         self._iteration, self._with_bands = -1, False  # (set by start)
         self._record = self._bands = self._truth = None  # this iteration's sums over its chunks
 
@@ -62,15 +64,20 @@ class HistoryRecorder:
         self._record = _added(self._record, pooled.detach().double().view(1))
 
     def add_surgery(self, pooled: torch.Tensor, losses: torch.Tensor, grads: torch.Tensor, parts,
-                    agree_on: torch.Tensor | None = None) -> None:
-        """One chunk's records; ``agree_on``: what the agreement test read (None: ``grads``)."""
+                    agree_on: torch.Tensor | None = None, classes: range | None = None) -> None:
+        """One chunk's records; ``agree_on``: what the agreement test read (None: ``grads``);
+        ``classes``: the chunk's classes (its rows hold ``ipc`` images of each, in order)."""
         row = _surgery_record(pooled, losses, parts, self.sgs.space, self.one_pass)
         if self._with_bands:
             args = self.sgs.kernel_args(self.num_domains)
             options = dict(agree_on=agree_on, equalize=args.equalize, combine=args.combine)
             self._bands = _added(self._bands, _band_sums(grads, parts, args, self.one_pass, options))
             if self.cue_bins is not None:
-                self._truth = _added(self._truth, truth_mask_sums(grads, args.tau, args.rho, args.mask, self.cue_bins, **options))
+                own = None
+                if self.class_cue_bins is not None and classes is not None:
+                    own = self.class_cue_bins[list(classes)].repeat_interleave(self.ipc, dim=0)
+                self._truth = _added(self._truth, truth_mask_sums(grads, args.tau, args.rho, args.mask, self.cue_bins,
+                                                                  own, **options))
         self._record = _added(self._record, row)
 
     def end(self) -> None:
@@ -181,10 +188,13 @@ def _append_bands(history: dict, iterations: list[int], sums: torch.Tensor) -> N
 
 def _append_truth(history: dict, iterations: list[int], sums: torch.Tensor, chance: float | None,
                   cue_bins: int) -> None:
-    """Append the mask-against-truth fractions of ``iterations`` (``sums``: ``[n, 2, 2]``): the
-    share of the cue bins' components the mask kept, of the other bins', and the chance rate."""
+    """Append the mask-against-truth fractions of ``iterations`` (``sums``: ``[n, 2, 3]``): the
+    share of the cue bins' components the mask kept, of the other bins', of each image's own
+    class's cue bins (nan when unknown), and the chance rate."""
     truth = history.setdefault("truth", {"iteration": [], **{g: [] for g in TRUTH_GROUPS}, "chance": chance,
                                          "cue_bins": cue_bins})
+    for g in TRUTH_GROUPS:  # a history begun before a group existed (a resumed run): unknown there
+        truth.setdefault(g, [float("nan")] * len(truth["iteration"]))
     for it, (kept, total) in zip(iterations, sums.tolist()):
         truth["iteration"].append(it)
         for g, k, n in zip(TRUTH_GROUPS, kept, total):
