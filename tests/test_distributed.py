@@ -31,7 +31,8 @@ DOMAINS = ["d0", "d1", "d2"]
 CASES = {"dm": dict(method="dm"), "dm_sgs": dict(method="dm_sgs"),
          "fixed": dict(method="dm_sgs", sgs=SGSConfig(assignment="fixed")),
          "m3d": dict(method="dm_sgs", matching="m3d"), "spatial": dict(method="dm_sgs", sgs=SGSConfig(space="spatial")),
-         "chunked": dict(method="dm_sgs", class_chunk=1), "noise": dict(method="dm", init="noise")}
+         "chunked": dict(method="dm_sgs", class_chunk=1), "noise": dict(method="dm", init="noise"),
+         "dam": dict(method="dm_dam")}  # its mask logits are sharded and gathered like the images
 
 
 def tiny_cfg(**kw):
