@@ -342,7 +342,7 @@ def truth_table(out: Path) -> tuple[str, dict]:
         avg["own"] = sum(owns) / len(owns) if owns else None
         chance = found[0]["chance"]
         numbers[cell.name] = {**avg, "chance": chance, "seeds": len(found), "cue_bins": found[0]["cue_bins"]}
-        setting = cell.name.replace("-rho0.5", "").replace("-own", "")
+        setting = cell.name.replace("-rho0.5", "")
         rows.append(f"| {setting} | {'0.5' if 'rho0.5' in cell.name else '0'} | {avg['cue']:.1f} | {_fmt(avg['own'])} | "
                     f"{avg['other']:.1f} | {_fmt(chance)} | {found[0]['cue_bins']} | {len(found)} |")
     return _table(["setting (cue-strength-init)", "rho", "cue bins kept %", "own class's cue bins kept %",
@@ -434,7 +434,7 @@ def _ci(s) -> str:
 
 def truth_figure(out: Path, path: Path) -> Path | None:
     """Cue bins kept vs other bins kept over the iterations, per premise setting (seed 0), with
-    the chance rate."""
+    the chance rate (and each image's own class's cue bins where recorded)."""
     from matplotlib.figure import Figure
 
     runs = {}
@@ -451,6 +451,8 @@ def truth_figure(out: Path, path: Path) -> Path | None:
     for ax, (name, t) in zip(axes.flat, runs.items()):
         ax.plot(t["iteration"], [100 * v for v in t["cue"]], label="cue bins")
         ax.plot(t["iteration"], [100 * v for v in t["other"]], label="other bins")
+        if any(v == v for v in t.get("own", [])):  # (nan: recorded before the per-class truth)
+            ax.plot(t["iteration"], [100 * v for v in t["own"]], label="own class's cue bins")
         if t["chance"] is not None:
             ax.axhline(100 * t["chance"], color="grey", ls=":", label="chance")
         ax.set_title(name, fontsize=8)
