@@ -424,6 +424,29 @@ def grid_table(out: Path) -> tuple[str, dict]:
     return _table(["setting", "tau", "alpha", "lr_img (selected)", "held-out source accuracy %", ""], rows), numbers
 
 
+def cost_table(out: Path) -> tuple[str, dict]:
+    """Each arm's mean distillation and evaluation seconds per seed on the real-init premise settings
+    (``metrics.json``; jobs shared the machine two at a time, so read the ratios, not the seconds)."""
+    settings = [setting_name(*st) for st in PREMISE_SETTINGS if st[2] == "real"]
+    rows, numbers = [], {}
+    for arm in (Arm("DM", "dm"), *[a for a in ARMS if a.suffix != "grid"]):
+        distill_s, eval_s = [], []
+        for st in settings:
+            path = arm_folder(out, st, arm) / "metrics.json"
+            r = json.loads(path.read_text())["methods"].get(arm.method) if path.is_file() else None
+            if r and r.get("seeds"):
+                n = len(r["seeds"])
+                distill_s.append(r.get("distill_seconds", 0.0) / n)
+                eval_s.append(r.get("eval_seconds", 0.0) / n)
+        if eval_s:
+            numbers[arm.label] = {"distill": sum(distill_s) / len(distill_s), "eval": sum(eval_s) / len(eval_s)}
+    base = numbers.get("DM")
+    for label, v in numbers.items():
+        ratio = "—" if not base else f"{(v['distill'] + v['eval']) / (base['distill'] + base['eval']):.2f}"
+        rows.append(f"| {label} | {v['distill']:.0f} | {v['eval']:.0f} | {ratio} |")
+    return _table(["arm", "distillation s / seed", "evaluation s / seed", "× DM (both)"], rows), numbers
+
+
 def _summary(s) -> dict:
     return s.to_dict()
 
@@ -515,7 +538,7 @@ def cmd_report(args) -> None:
     blocks, numbers = {}, {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": PRESET,
                            "command": " ".join(sys.argv)}
     for name, build in (("sanity", sanity_table), ("truth", truth_table), ("grid", grid_table),
-                        ("ood", premise_tables), ("styles", styles_table)):
+                        ("ood", premise_tables), ("styles", styles_table), ("cost", cost_table)):
         blocks[name], numbers[name] = build(out)
     truth_figure(out, docs / "premise_truth.png")
     differences_figure({"premise benchmark (fmnist-cues, target photo)": numbers["ood"],

@@ -115,3 +115,15 @@ def test_the_grid_picks_its_best_held_out_point_and_the_table_reads_its_runs(stu
     assert numbers["comparisons"]["DM+SGS (grid)"]["ood_acc_mean"]["pooled"]["mean"] == pytest.approx(2.0)
     assert study.differences_figure({"premise": numbers}, tmp_path / "d.png").is_file()
     assert study.differences_figure({"premise": {}}, tmp_path / "none.png") is None
+
+
+def test_cost_table_reads_the_folders_metrics(study, tmp_path):
+    out = tmp_path / "out"
+    name = study.setting_name(*study.PREMISE_SETTINGS[0])
+    folder = out / "premise" / name
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"methods": {
+        "dm": {"seeds": [0, 1], "distill_seconds": 100.0, "eval_seconds": 60.0},
+        "dm_fact": {"seeds": [0, 1], "distill_seconds": 100.0, "eval_seconds": 100.0}}}))
+    text, numbers = study.cost_table(out)
+    assert numbers["DM"] == {"distill": 50.0, "eval": 30.0} and "| DM+FACT | 50 | 50 | 1.25 |" in text
