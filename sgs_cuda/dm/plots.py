@@ -60,7 +60,8 @@ def save_curves(histories: Mapping[str, dict], path, smooth: int = 0) -> Path:
             axes[1].plot(h["iteration"], _smooth(h["mask_fraction"], smooth), label=f"{label}: mask fraction", lw=1)
             axes[1].plot(h["iteration"], _smooth(h["shared_energy"], smooth), label=f"{label}: shared energy",
                          lw=1, ls="--")
-    axes[0].set_yscale("log")
+    if any(v > 0 for h in histories.values() for v in h.get("loss") or []):  # (a run of no steps has none)
+        axes[0].set_yscale("log")
     axes[0].set_xlabel("iteration")
     axes[0].set_ylabel("pooled DM loss")
     axes[0].legend(fontsize=7)
