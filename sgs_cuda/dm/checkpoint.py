@@ -28,16 +28,18 @@ CHECKPOINT_KEYS = frozenset({"images", "labels", "optimizer", "iteration", "hist
                              "source_domains", "classes"})
 
 
+# Settings only some methods read: left out of the others' comparison (and so also absent from
+# checkpoints written before they existed).
+METHOD_SETTINGS = {"sgs": ("dm_sgs",), "dam_weight": ("dm_dam",), "dam_temperature": ("dm_dam",)}
+
+
 def relevant_settings(config: dict) -> dict:
-    """The settings that shape a run's trajectory (a config dict without the resumable fields,
-    and without the settings of another method: the surgery's for DM and DM+DAM, DAM's for the
-    others)."""
-    out = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
-    if out.get("method") != "dm_dam":  # (and absent from checkpoints written before it existed)
-        out = {k: v for k, v in out.items() if not k.startswith("dam_")}
-    if out.get("method") in ("dm", "dm_dam"):
-        out.pop("sgs", None)
-    elif isinstance(out.get("sgs"), dict):  # options added since the folder was written take their defaults
+    """The settings that shape a run's trajectory: a config dict without the resumable fields and
+    without the settings of other methods (:data:`METHOD_SETTINGS`)."""
+    method = config.get("method")
+    out = {k: v for k, v in config.items()
+           if k not in RESUMABLE_CHANGES and method in METHOD_SETTINGS.get(k, (method,))}
+    if isinstance(out.get("sgs"), dict):  # options added since the folder was written take their defaults
         from ..options import SGSConfig
         out["sgs"] = SGSConfig.from_dict(out["sgs"]).to_dict()
     return out
