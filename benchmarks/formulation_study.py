@@ -65,15 +65,23 @@ STYLE_ARMS = ("DM", "removal (decay 5e-4)", "DM, spectral_min init", "DM + ampli
 # the weaker cue (strength 0.5, real initialisation)
 WEAK_CUES = ("grating", "patch")
 WEAK_ARMS = tuple(ARMS)  # every arm (the amplitude ones and the spec's ran first, the others after)
+# the medium protocol: the two formulations ahead on the premise benchmark, on fmnist-styles with the
+# tuned study's protocol (its preset, seeds, target split and DM's selected steps), paired with the
+# tuned study's DM and M3D seed by seed (docs/results/tuned-medium.json); DM photo seed 0 is rerun
+# first to check that the tuned study's sets are reproduced by this code on this machine
+MEDIUM_ARMS = ("DM + amplitude removal (5e-3)", "DM, spectral_min init")
+MEDIUM_SEEDS = (0, 1, 2)
+TUNED_DM_LR = {"photo": "4", "cartoon": "4", "sketch": "8", "painting": "4"}  # tuned study's DM selections
+MEDIUM_FLAGS = ("--preset", "medium", "--dataset", "fmnist-styles", "--set", "eval.target_split=test")
 
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def arm_flags(name: str, init: str) -> tuple[str, ...]:
+def arm_flags(name: str, init: str, lr: str = LR) -> tuple[str, ...]:
     method, sgs, init_override = ARMS[name]
-    flags = ["--init", init_override or init, "--lr-img", LR, "--label", name]
+    flags = ["--init", init_override or init, "--lr-img", lr, "--label", name]
     return tuple(flags + (sgs.flags() if sgs is not None else []))
 
 
@@ -105,6 +113,19 @@ def all_cells() -> list[ps.Cell]:
     for seed in SEEDS:
         cells += [_cell(f"{cue}-0.5-real", name, seed, (*ps.cue_flags(cue, 0.5), "--target", "photo"), "real")
                   for cue in WEAK_CUES for name in WEAK_ARMS]
+    return cells
+
+
+def medium_cells() -> list[ps.Cell]:
+    """The medium protocol: the reproduction check (DM, photo, seed 0), then each arm per target in
+    one run folder ``medium-<target>/<arm>`` (seeds in order, resumed; the scheduler takes every
+    folder's seed 0 before any seed 1)."""
+    dm = ("--target", "photo", "--label", "DM", "--lr-img", TUNED_DM_LR["photo"], *MEDIUM_FLAGS)
+    cells = [ps.Cell("medium-photo", "dm-check", ("dm",), dm, (0,))]
+    for target, lr in TUNED_DM_LR.items():
+        cells += [ps.Cell(f"medium-{target}", slug(name), (ARMS[name][0],),
+                          ("--target", target, *arm_flags(name, "real", lr), *MEDIUM_FLAGS), MEDIUM_SEEDS)
+                  for name in MEDIUM_ARMS]
     return cells
 
 
@@ -210,6 +231,225 @@ def cue_visibility(per_class: int = 300) -> str:
             "class-domains |\n|---|---|---|---|\n" + "\n".join(rows))
 
 
+# --- the medium protocol ---------------------------------------------------------------------
+
+def tuned_baselines(path: Path) -> dict:
+    """The tuned study's DM and M3D, ``{arm: {"ood" | "in_domain": {target: {seed: %}}}}``, from its
+    numbers (``docs/results/tuned-medium.json``)."""
+    comparisons = json.loads(path.read_text())["comparisons"]
+    found = {}
+    for arm, where in (("DM (tuned)", comparisons["dm"]["arms"]["DM"]),
+                       ("M3D (tuned)", comparisons["m3d_vs_dm"]["arms"]["M3D"])):
+        acc = where["accuracy"]
+        found[arm] = {key: {t: {int(seed): v for seed, v in by_seed.items()} for t, by_seed in acc[name].items()}
+                      for key, name in (("ood", "ood_acc_mean"), ("in_domain", "in_domain_acc_mean"))}
+    return found
+
+
+def medium_arm_of(cell: ps.Cell) -> str:
+    """The arm a medium cell runs (its run folder is the arm's slug; the check's is ``dm-check``)."""
+    return "DM (rerun)" if cell.name == "dm-check" else next(a for a in MEDIUM_ARMS if slug(a) == cell.name)
+
+
+def medium_collect(out: Path) -> dict:
+    """This study's medium runs, ``{arm: {"ood" | "in_domain": {target: {seed: %}}}}``; the
+    reproduction check under the arm name ``"DM (rerun)"``."""
+    found: dict = {}
+    for cell in medium_cells():
+        arm, target = medium_arm_of(cell), cell.stage.removeprefix("medium-")
+        for seed in cell.seeds:
+            m = ps._metrics(cell.folder(out), cell.methods[0], seed)
+            if m is not None:
+                for key in ("ood", "in_domain"):
+                    found.setdefault(arm, {}).setdefault(key, {}).setdefault(target, {})[seed] = \
+                        100 * m[f"{key}_acc_mean"]
+    return found
+
+
+def medium_tables(out: Path, tuned_path: Path) -> tuple[str, dict]:
+    """The two formulations on the medium protocol: accuracy per target, then each paired with the
+    tuned study's DM and M3D (same target and seed), per target and pooled with 95 % intervals; and
+    whether this code reproduces the tuned study's DM set (photo, seed 0)."""
+    from sgs_cuda import stats
+
+    found, base = medium_collect(out), tuned_baselines(tuned_path)
+    arms = [a for a in MEDIUM_ARMS if a in found]
+    if not arms:
+        return "_not run yet_", {}
+    targets = list(TUNED_DM_LR)
+    rows = ["| arm | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    for arm, acc in [*base.items(), *((a, found[a]) for a in arms)]:
+        cells = []
+        for t in targets:
+            ood, ind = acc["ood"].get(t, {}), acc["in_domain"].get(t, {})
+            cells.append("—" if not ood else f"{_mean(ood.values()):.1f} / {_mean(ind.values()):.1f} ({len(ood)})")
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
+    numbers: dict = {"paired": {}}
+    diff = ["| arm − baseline | " + " | ".join(f"OOD Δ {t}" for t in targets)
+            + " | OOD Δ pooled [95 % CI] | ahead | in-domain Δ pooled [95 % CI] |",
+            "|---" * (len(targets) + 4) + "|"]
+    for baseline in base:
+        for arm in arms:
+            res = {k: stats.compare(base[baseline][k], found[arm][k]) for k in ("ood", "in_domain")}
+            o, i = res["ood"]["pooled"], res["in_domain"]["pooled"]
+            numbers["paired"][f"{arm} - {baseline}"] = {k: v["pooled"].to_dict() for k, v in res.items()}
+            per = [f"{res['ood']['per_target'][t]['summary'].mean:+.1f}" if t in res["ood"]["per_target"] else "—"
+                   for t in targets]
+            diff.append(f"| {arm} − {baseline} | " + " | ".join(per) + f" | {o.mean:+.1f} {ps._ci(o)} | "
+                        f"{o.positive}/{o.n} | {i.mean:+.1f} {ps._ci(i)} |")
+    text = "\n".join(rows) + "\n\nPaired with the tuned study's arms (same target and seed):\n\n" + "\n".join(diff)
+    rerun = found.get("DM (rerun)", {}).get("ood", {}).get("photo", {}).get(0)
+    if rerun is not None:
+        stored = base["DM (tuned)"]["ood"]["photo"][0]
+        ind = found["DM (rerun)"]["in_domain"]["photo"][0], base["DM (tuned)"]["in_domain"]["photo"][0]
+        numbers["reproduction"] = {"ood": [rerun, stored], "in_domain": list(ind)}
+        text += (f"\n\nReproduction check: DM on photo, seed 0, rerun by this code: OOD {rerun:.2f} % against "
+                 f"the tuned study's {stored:.2f} %, in-domain {ind[0]:.2f} % against {ind[1]:.2f} %.")
+    numbers["accuracy"] = {**base, **{a: found[a] for a in arms}}
+    return text, numbers
+
+
+def _real_band_amplitude(data, domains, classes, per_class: int = 100, bins_of=None) -> dict:
+    """Per class: the source domains' band amplitudes ``[domains, bands]`` (or, with ``bins_of``,
+    their mean amplitude over ``bins_of(class)``, ``[domains, 1]``), from ``per_class`` real
+    training images of each domain."""
+    import torch
+
+    from sgs_cuda.dm.bands import band_amplitude
+
+    def amplitude(d, c):
+        batch = data.real_batch(d, c, per_class, generator=torch.Generator().manual_seed(c))
+        return band_amplitude(batch, bins=None if bins_of is None else bins_of(c))
+
+    return {c: torch.stack([amplitude(d, c) for d in domains]) for c in classes}
+
+
+def medium_bands(out: Path) -> tuple[str, dict]:
+    """Where each arm's distilled set sits in amplitude per radial band, against its real source
+    images: per set, class by class, the set's mean amplitude over the source domains' mean
+    (1: the sources' level), averaged over classes, targets and seeds; the source domains' own
+    spread as the reference (their lowest and highest, each over the domains' mean)."""
+    import torch
+
+    from sgs_cuda.data import load_dataset
+    from sgs_cuda.dm.bands import band_amplitude, band_labels
+
+    data = load_dataset("fmnist-styles")
+    classes = range(len(data.classes))
+    ratios: dict = {}
+    spread = []
+    for target in TUNED_DM_LR:
+        sources = [d for d in data.domains if d != target]
+        real = _real_band_amplitude(data, sources, classes)
+        spread.append(torch.stack([real[c] / real[c].mean(0) for c in classes]).mean(0))  # [domains, bands]
+        for cell in (c for c in medium_cells() if c.stage == f"medium-{target}"):
+            arm = medium_arm_of(cell)
+            for seed in cell.seeds:
+                path = cell.folder(out) / cell.methods[0] / f"seed{seed}" / "synthetic.pt"
+                if not path.is_file():
+                    continue
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+                per_class = [band_amplitude(saved["images"][saved["labels"] == c]) / real[c].mean(0) for c in classes]
+                ratios.setdefault(arm, []).append(torch.stack(per_class).mean(0))
+    if not ratios:
+        return "_not run yet_", {}
+    labels = band_labels()
+    domains = torch.cat(spread)
+    numbers = {"bands": labels, "sources_min": domains.min(0).values.tolist(),
+               "sources_max": domains.max(0).values.tolist(),
+               "arms": {a: {"mean": torch.stack(r).mean(0).tolist(), "sets": len(r)} for a, r in ratios.items()}}
+    rows = ["| set | " + " | ".join(f"band {b}" for b in labels) + " | sets |", "|---" * (len(labels) + 2) + "|",
+            "| a source domain (lowest / highest) | " + " | ".join(
+                f"{lo:.2f} / {hi:.2f}" for lo, hi in zip(numbers["sources_min"], numbers["sources_max"])) + " | |"]
+    for arm, n in numbers["arms"].items():
+        rows.append(f"| {arm} | " + " | ".join(f"{v:.2f}" for v in n["mean"]) + f" | {n['sets']} |")
+    return "\n".join(rows), numbers
+
+
+TRUTH_ARMS = ("DM", "SGS (spec)", "DM + amplitude removal (5e-3)", "DM, spectral init", "DM, spectral_min init")
+
+
+def amplitude_truth(out: Path) -> tuple[str, dict]:
+    """The removal against the truth, on the premise benchmark (strength 1): per distilled set and
+    class, its mean amplitude on the class's own cue bins over the real source images' there,
+    and the same on the bins no cue touches (DC left out); 1 keeps the sources' level. A set that
+    takes the cue out has the first well below the second."""
+    import torch
+
+    from sgs_cuda.data import load_dataset
+    from sgs_cuda.dm.bands import band_amplitude
+
+    numbers: dict = {}
+    for cue, init in SETTINGS:
+        setting = f"{cue}-1-{init}"
+        data = load_dataset("fmnist-cues", cue=cue, cue_strength=1.0)
+        sources = [d for d in data.domains if d != data.cue_free]
+        own = data.class_cue_bins(sources)
+        classes = range(len(data.classes))
+        real = {"cue": _real_band_amplitude(data, sources, classes, bins_of=lambda c: own[c]),
+                "other": _real_band_amplitude(data, sources, classes, bins_of=lambda c: ~data.cue_bins)}
+        for arm in TRUTH_ARMS:
+            for seed in SEEDS:
+                folder = out / setting / f"{slug(arm)}-s{seed}"
+                path = folder / ARMS[arm][0] / f"seed{seed}" / "synthetic.pt"
+                if not path.is_file():
+                    continue
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+                for group, bins_of in (("cue", lambda c: own[c]), ("other", lambda c: ~data.cue_bins)):
+                    value = _mean([(band_amplitude(saved["images"][saved["labels"] == c], bins=bins_of(c))
+                                    / real[group][c].mean(0)).item() for c in classes])
+                    numbers.setdefault(arm, {}).setdefault(setting, {}).setdefault(group, []).append(value)
+    if not numbers:
+        return "_not run yet_", {}
+    settings = [f"{c}-1-{i}" for c, i in SETTINGS]
+    rows = ["| arm | " + " | ".join(f"{st}: cue / other bins" for st in settings) + " |",
+            "|---" * (len(settings) + 1) + "|"]
+    for arm, per in numbers.items():
+        rows.append(f"| {arm} | " + " | ".join(
+            "—" if st not in per else f"{_mean(per[st]['cue']):.2f} / {_mean(per[st]['other']):.2f}"
+            for st in settings) + " |")
+    return "\n".join(rows), numbers
+
+
+def amplitude_figure(bands: dict, truth: dict, path: Path) -> Path | None:
+    """Left: each arm's set per band over its sources (medium, fmnist-styles), with the source
+    domains' range; right: the premise benchmark's cue-bin and other-bin levels per arm."""
+    from matplotlib.figure import Figure
+
+    if not bands and not truth:
+        return None
+    fig = Figure(figsize=(10, 3.4), dpi=110)
+    left, right = fig.subplots(1, 2)
+    if bands:
+        x = range(len(bands["bands"]))
+        left.fill_between(x, bands["sources_min"], bands["sources_max"], color="grey", alpha=0.25,
+                          label="source domains (range)")
+        for arm, n in bands["arms"].items():
+            left.plot(x, n["mean"], "o-", label=f"{arm} ({n['sets']} sets)")
+        left.axhline(1, color="grey", lw=0.8, ls=":")
+        left.set_xticks(list(x), bands["bands"], fontsize=7)
+        left.set_xlabel("normalised radius band", fontsize=8)
+        left.set_ylabel("amplitude / source domains' mean", fontsize=8)
+        left.set_title("medium, fmnist-styles: the sets per band", fontsize=9)
+        left.legend(fontsize=7)
+    if truth:
+        settings = sorted({st for per in truth.values() for st in per})
+        width = 0.8 / max(1, len(truth))
+        for k, (arm, per) in enumerate(truth.items()):
+            xs = [i + k * width for i, st in enumerate(settings) if st in per]
+            ratio = [_mean(per[st]["cue"]) / _mean(per[st]["other"]) for st in settings if st in per]
+            right.bar(xs, ratio, width, label=arm)
+        right.axhline(1, color="grey", lw=0.8, ls=":")
+        right.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))], settings, fontsize=7)
+        right.set_ylabel("cue-bin level / other-bin level", fontsize=8)
+        right.set_title("premise benchmark (quick): the cue kept, against the truth", fontsize=9)
+        right.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def cost_table(path: Path) -> str:
     """The side-by-side cost measured by ``bench_formulations.py`` (its JSON), as a table."""
     if not path.is_file():
@@ -231,6 +471,10 @@ def cmd_report(args) -> None:
     blocks["formulations-weak"], numbers["weak"] = tables(found, WEAK_SETTINGS)
     blocks["formulations-cost"] = cost_table(docs / "results" / "formulations-cost.json")
     blocks["formulations-visibility"] = cue_visibility()
+    blocks["formulations-medium"], numbers["medium"] = medium_tables(out, docs / "results" / "tuned-medium.json")
+    blocks["formulations-medium-bands"], numbers["medium_bands"] = medium_bands(out)
+    blocks["formulations-amplitude-truth"], numbers["amplitude_truth"] = amplitude_truth(out)
+    amplitude_figure(numbers["medium_bands"], numbers["amplitude_truth"], docs / "formulations_amplitude.png")
     numbers.update(machine=ps.machine(), date=time.strftime("%Y-%m-%d"), preset=ps.PRESET, lr_img=LR,
                    command=" ".join(sys.argv))
     (docs / "results").mkdir(parents=True, exist_ok=True)
@@ -246,14 +490,16 @@ def cmd_report(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    ps.add_run_arguments(sub.add_parser("run", help="run the cells (resumable)"), "runs/formulations")
+    run = ps.add_run_arguments(sub.add_parser("run", help="run the cells (resumable)"), "runs/formulations")
+    run.add_argument("--stage", choices=("screen", "medium"), default="screen",
+                     help="the quick screen (every arm) or the medium protocol (the two best)")
     rep = sub.add_parser("report", help="tables from the finished cells")
     rep.add_argument("--out", default="runs/formulations")
     rep.add_argument("--docs", default=str(ps.REPO / "docs"))
     rep.add_argument("--results", help="markdown file whose <!-- premise:formulations --> block is replaced")
     args = p.parse_args(argv)
     if args.command == "run":
-        ps.cmd_run(args, all_cells())
+        ps.cmd_run(args, medium_cells() if args.stage == "medium" else all_cells())
     else:
         cmd_report(args)
 

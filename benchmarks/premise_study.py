@@ -238,7 +238,8 @@ def cmd_run(args, cells: list[Cell] | None = None) -> None:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     if cells is None:
         cells = [c for c in all_cells() if args.stage in ("all", c.stage)]
-    jobs = [(c, s) for c in cells for s in c.seeds]
+    # every folder's first seed before any folder's second: a study cut short has whole seeds
+    jobs = sorted(((c, s) for c in cells for s in c.seeds), key=lambda job: job[0].seeds.index(job[1]))
     code = str(Path(args.code).resolve()) if args.code else str(REPO)  # a snapshot keeps the study's code fixed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH", "")) if p)}

@@ -7,7 +7,7 @@ from tiny_domains import TinyDomains
 
 from sgs_cuda import SGSConfig
 from sgs_cuda.dm import DistillConfig, distill
-from sgs_cuda.dm.bands import BAND_EDGES, BAND_KEYS, band_diagnostics, band_index, band_labels
+from sgs_cuda.dm.bands import BAND_EDGES, BAND_KEYS, band_amplitude, band_diagnostics, band_index, band_labels
 from sgs_cuda.dm.checkpoint import CHECKPOINT_NAME
 from sgs_cuda.dm.plots import save_band_curves
 from sgs_cuda.ops import spectral_gradient_surgery
@@ -57,6 +57,27 @@ def _direct_bands(grads, assign, tau, rho):
             "shared_energy": [s / t for s, t in zip(sums["shared"], sums["total"])],
             "diversity_energy": [d / t for d, t in zip(sums["div"], sums["total"])],
             "energy": [t / tot for t in sums["total"]]}
+
+
+def test_band_amplitude_against_a_direct_definition_and_a_cosine():
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(5, 2, 12, 10, generator=g)
+    amp = torch.fft.rfft2(images.double()).abs()  # [5, 2, 12, 6]
+    idx = band_index(12, 10)
+    got = band_amplitude(images)
+    for b in range(len(BAND_EDGES) + 1):
+        chosen = idx == b
+        chosen[0, 0] = False  # DC left out
+        assert got[b].item() == pytest.approx(amp[..., chosen].mean().item(), rel=1e-12)
+    bins = torch.zeros(12, 6, dtype=torch.bool)
+    bins[2, 3] = bins[0, 0] = True  # DC is dropped from a chosen set too
+    assert band_amplitude(images, bins=bins).item() == pytest.approx(amp[..., 2, 3].mean().item(), rel=1e-12)
+    # a constant image has no amplitude off DC; a cosine at (0, 4) cycles lands in its band only
+    assert band_amplitude(torch.full((1, 1, 12, 10), 3.0)).abs().max() < 1e-12
+    x = torch.cos(2 * math.pi * 4 * torch.arange(10, dtype=torch.float64) / 10).expand(1, 1, 12, 10)
+    assert (band_amplitude(x) > 1e-9).nonzero().flatten().tolist() == [idx[0, 4].item()]
+    with pytest.raises(ValueError, match=r"bins must be \[12, 6\]"):
+        band_amplitude(images, bins=torch.zeros(12, 10, dtype=torch.bool))
 
 
 def test_band_diagnostics_match_a_direct_definition_and_the_op_totals():

@@ -84,6 +84,26 @@ def band_diagnostics(grads: torch.Tensor, diversity: torch.Tensor, tau: float, r
             "energy": total / total.sum().clamp_min(tiny)}
 
 
+@torch.no_grad()
+def band_amplitude(images: torch.Tensor, edges: Sequence[float] = BAND_EDGES, bins: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """float64 ``[len(edges) + 1]``: the mean amplitude ``|rfft2|`` of ``images`` ``[N, C, H, W]``
+    per radial band, over the images, channels and the band's bins; the DC bin is left out (it
+    holds the normalisation's offset, not content). With ``bins`` (bool ``[H, W // 2 + 1]``) the
+    mean over those bins instead, one value (what a distilled set keeps of a cue, say)."""
+    H, W = images.shape[-2:]
+    amp = torch.fft.rfft2(images.double()).abs().reshape(-1, H * (W // 2 + 1)).mean(0)
+    not_dc = torch.ones(H * (W // 2 + 1), dtype=torch.bool, device=amp.device)
+    not_dc[0] = False
+    if bins is not None:
+        if tuple(bins.shape) != (H, W // 2 + 1):
+            raise ValueError(f"bins must be [{H}, {W // 2 + 1}] for {H}x{W} images, got {list(bins.shape)}")
+        chosen = bins.to(amp.device).flatten() & not_dc
+        return amp[chosen].mean().reshape(1)
+    idx = band_index(H, W, edges, device=amp.device).flatten()
+    return torch.stack([amp[(idx == b) & not_dc].mean() for b in range(len(edges) + 1)])
+
+
 # --- the mask against the ground truth (the premise benchmark, sgs_cuda.data.fmnist_cues) ------
 
 TRUTH_GROUPS = ("cue", "other", "own")  # own: each image's own class's cue bins
