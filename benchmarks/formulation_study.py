@@ -75,6 +75,19 @@ TUNED_DM_LR = {"photo": "4", "cartoon": "4", "sketch": "8", "painting": "4"}  # 
 MEDIUM_FLAGS = ("--preset", "medium", "--dataset", "fmnist-styles", "--set", "eval.target_split=test")
 
 
+# lr_img per arm (the screen ran every arm at DM's selection, 4): each arm's own pick on held-out
+# source images from a grid with room on both sides of 4, on the strong grating with real
+# initialisation; where the pick moves, the arm runs again at it (seeds 0 and 1), paired with DM
+# at DM's own pick on this grid. The arms that decide the answer first.
+LR_GRID = "2,4,8,16"
+LR_SETTING = ("grating", "real")
+LR_ARMS = ("DM", "DM + amplitude removal (5e-3)", "DM, spectral_min init", "SGS (spec)", "over time (ema 0.9)",
+           "DM, spectral init", "removal (decay 5e-4)", "class content (contrast)",
+           "diversity within the set (spread 5e-4)", "over a class (pool)", "equalized (rho 0.5)", "PCGrad per bin",
+           "replace (dm_norm)")
+LR_SELECT = ("--select-lr", LR_GRID, "--select-seeds", "10", "--holdout-fraction", "0.2")
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
@@ -127,6 +140,96 @@ def medium_cells() -> list[ps.Cell]:
                           ("--target", target, *arm_flags(name, "real", lr), *MEDIUM_FLAGS), MEDIUM_SEEDS)
                   for name in MEDIUM_ARMS]
     return cells
+
+
+def lr_stage() -> str:
+    return "lr-{}-1-{}".format(*LR_SETTING)
+
+
+def lr_cells(out: Path) -> list[ps.Cell]:
+    """The selections (``select-lr``, selection seed 10, in ``lr-<setting>/<arm>``), then, for each
+    arm whose pick is not 4, its runs at the pick (``lr-<setting>/<arm>-best``, seeds 0 and 1);
+    an arm picking 4 is its screen folder."""
+    cue, init = LR_SETTING
+    data = (*ps.cue_flags(cue, 1.0), "--target", "photo")
+    cells = [ps.Cell(lr_stage(), slug(name), (ARMS[name][0],), (*data, *arm_flags(name, init), *LR_SELECT), (10,),
+                     command="select-lr") for name in LR_ARMS]
+    for name in LR_ARMS:
+        pick = lr_pick(out, name)
+        if pick is not None and pick != float(LR):
+            cells.append(ps.Cell(lr_stage(), f"{slug(name)}-best", (ARMS[name][0],),
+                                 (*data, *arm_flags(name, init, f"{pick:g}")), SEEDS))
+    return cells
+
+
+def lr_selection(out: Path, name: str) -> dict | None:
+    return ps._selection(out / lr_stage() / slug(name) / ARMS[name][0])
+
+
+def lr_pick(out: Path, name: str) -> float | None:
+    sel = lr_selection(out, name)
+    return None if sel is None else float(sel["selected_lr_img"])
+
+
+def lr_collect(out: Path) -> dict:
+    """Each arm at its own pick on the lr setting: ``{arm: {"lr_img", "validation", seed: row}}``
+    (rows as :func:`collect`'s), from the ``-best`` folder or, at a pick of 4, the screen's."""
+    found = {}
+    setting = "{}-1-{}".format(*LR_SETTING)
+    for name in LR_ARMS:
+        sel = lr_selection(out, name)
+        if sel is None:
+            continue
+        pick = float(sel["selected_lr_img"])
+        row = {"lr_img": pick, "validation": {float(k): 100 * v for k, v in sel["validation_acc"].items()}, "seeds": {}}
+        for seed in SEEDS:
+            folder = (out / lr_stage() / f"{slug(name)}-best" if pick != float(LR)
+                      else out / setting / f"{slug(name)}-s{seed}")
+            m = ps._metrics(folder, ARMS[name][0], seed)
+            if m is not None:
+                row["seeds"][seed] = {"ood": 100 * m["ood_acc_mean"], "in_domain": 100 * m["in_domain_acc_mean"]}
+        found[name] = row
+    return found
+
+
+def lr_tables(out: Path) -> tuple[str, dict]:
+    """The per-arm selection (validation accuracy per lr_img, the pick) and each arm at its pick
+    paired with DM at DM's pick (same seed), with the screen's pairing at lr 4 beside it."""
+    from sgs_cuda import stats
+
+    found = lr_collect(out)
+    if "DM" not in found:
+        return "_not run yet_", {}
+    grid = [float(v) for v in LR_GRID.split(",")]
+    rows = ["| arm | " + " | ".join(f"lr {v:g}" for v in grid) + " | pick | OOD / in-domain at the pick | "
+            "OOD Δ vs DM, both at their picks [95 % CI] | OOD Δ at lr 4 (the screen) |",
+            "|---" * (len(grid) + 5) + "|"]
+    numbers = {}
+    setting = "{}-1-{}".format(*LR_SETTING)
+    screen = collect(out)
+    dm = found["DM"]["seeds"]
+    for name, row in found.items():
+        best = max(row["validation"].values())
+        scores = " | ".join("—" if v not in row["validation"] else
+                            (f"**{row['validation'][v]:.1f}**" if row["validation"][v] == best else
+                             f"{row['validation'][v]:.1f}") for v in grid)
+        seeds = row["seeds"]
+        acc = "—" if not seeds else (f"{_mean(r['ood'] for r in seeds.values()):.1f} / "
+                                     f"{_mean(r['in_domain'] for r in seeds.values()):.1f} ({len(seeds)})")
+        paired = at4 = "—"
+        if name != "DM":
+            diffs = [seeds[s]["ood"] - dm[s]["ood"] for s in seeds if s in dm]
+            if diffs:
+                summary = stats.summarize_differences(diffs)
+                paired = f"{summary.mean:+.1f} {ps._ci(summary)}"
+                numbers[name] = {"lr_img": row["lr_img"], "ood_vs_dm": summary.to_dict()}
+            base4 = screen.get("DM", {}).get(setting, {})
+            own4 = screen.get(name, {}).get(setting, {})
+            d4 = [own4[s]["ood"] - base4[s]["ood"] for s in own4 if s in base4]
+            at4 = "—" if not d4 else f"{_mean(d4):+.1f}"
+        rows.append(f"| {name} | {scores} | {row['lr_img']:g} | {acc} | {paired} | {at4} |")
+    numbers["DM"] = {"lr_img": found["DM"]["lr_img"]}
+    return "\n".join(rows), numbers
 
 
 def collect(out: Path) -> dict:
@@ -474,6 +577,7 @@ def cmd_report(args) -> None:
     blocks["formulations-medium"], numbers["medium"] = medium_tables(out, docs / "results" / "tuned-medium.json")
     blocks["formulations-medium-bands"], numbers["medium_bands"] = medium_bands(out)
     blocks["formulations-amplitude-truth"], numbers["amplitude_truth"] = amplitude_truth(out)
+    blocks["formulations-lr"], numbers["lr"] = lr_tables(out)
     amplitude_figure(numbers["medium_bands"], numbers["amplitude_truth"], docs / "formulations_amplitude.png")
     numbers.update(machine=ps.machine(), date=time.strftime("%Y-%m-%d"), preset=ps.PRESET, lr_img=LR,
                    command=" ".join(sys.argv))
@@ -491,15 +595,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = ps.add_run_arguments(sub.add_parser("run", help="run the cells (resumable)"), "runs/formulations")
-    run.add_argument("--stage", choices=("screen", "medium"), default="screen",
-                     help="the quick screen (every arm) or the medium protocol (the two best)")
+    run.add_argument("--stage", choices=("screen", "medium", "lr"), default="screen",
+                     help="the quick screen (every arm), the medium protocol (the two best), or lr_img per arm "
+                          "(run it twice: the selections, then the runs at the picks that moved)")
     rep = sub.add_parser("report", help="tables from the finished cells")
     rep.add_argument("--out", default="runs/formulations")
     rep.add_argument("--docs", default=str(ps.REPO / "docs"))
     rep.add_argument("--results", help="markdown file whose <!-- premise:formulations --> block is replaced")
     args = p.parse_args(argv)
     if args.command == "run":
-        ps.cmd_run(args, medium_cells() if args.stage == "medium" else all_cells())
+        stages = {"screen": all_cells, "medium": medium_cells, "lr": lambda: lr_cells(Path(args.out))}
+        ps.cmd_run(args, stages[args.stage]())
     else:
         cmd_report(args)
 

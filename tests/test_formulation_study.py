@@ -142,3 +142,43 @@ def test_medium_bands_read_the_sets_against_their_sources(study, tmp_path):
     assert all(0.5 < v < 1.5 for v in like_real["mean"])  # real source images sit at about the sources' level
     assert all(lo <= 1 <= hi for lo, hi in zip(numbers["sources_min"], numbers["sources_max"]))
     assert study.amplitude_figure(numbers, {}, tmp_path / "fig.png").is_file()
+
+
+def test_lr_stage_selects_per_arm_then_runs_the_moved_picks(study, tmp_path):
+    parser = cli.build_parser()
+    cells = study.lr_cells(tmp_path)
+    assert [c.command for c in cells] == ["select-lr"] * len(study.LR_ARMS)  # no pick yet: selections only
+    for cell in cells:
+        args = parser.parse_args(cell.argv(tmp_path, 10)[3:])
+        cfg = config.resolve_config(preset=args.preset, overrides=cli.overrides_from_args(args))
+        assert cfg["select"]["lr_grid"] == [2.0, 4.0, 8.0, 16.0] and cfg["select"]["seeds"] == [10]
+        arm = next(a for a in study.ARMS if study.slug(a) == cell.name)
+        assert cfg["methods"] == [study.ARMS[arm][0]] and cfg["dataset"] == "fmnist-cues"
+
+    def select(name, scores):
+        method = study.ARMS[name][0]
+        p = tmp_path / study.lr_stage() / study.slug(name) / method / "lr_selection.json"
+        p.parent.mkdir(parents=True)
+        best = max(scores, key=scores.get)
+        p.write_text(json.dumps({"selected_lr_img": best, "validation_acc": {str(float(k)): v for k, v in scores.items()}}))
+
+    def metrics(folder, name, seed, ood):
+        p = folder / study.ARMS[name][0] / f"seed{seed}" / "metrics.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"ood_acc_mean": ood, "in_domain_acc_mean": 0.7}))
+
+    amp = "DM + amplitude removal (5e-3)"
+    select("DM", {2: 0.5, 4: 0.6, 8: 0.7, 16: 0.65})  # DM moves to 8
+    select(amp, {2: 0.5, 4: 0.6, 8: 0.55, 16: 0.5})  # stays at 4: its screen folder
+    best = [c for c in study.lr_cells(tmp_path) if c.command == "run"]
+    assert [(c.name, c.seeds) for c in best] == [("dm-best", tuple(study.SEEDS))]
+    assert "--lr-img" in best[0].flags and best[0].flags[best[0].flags.index("--lr-img") + 1] == "8"
+    for seed in study.SEEDS:
+        metrics(tmp_path / study.lr_stage() / "dm-best", "DM", seed, 0.42)
+        metrics(tmp_path / "grating-1-real" / f"dm-s{seed}", "DM", seed, 0.40)
+        metrics(tmp_path / "grating-1-real" / f"{study.slug(amp)}-s{seed}", amp, seed, 0.45 + 0.01 * seed)
+    text, numbers = study.lr_tables(tmp_path)
+    assert numbers["DM"]["lr_img"] == 8.0 and numbers[amp]["lr_img"] == 4.0
+    assert numbers[amp]["ood_vs_dm"]["mean"] == pytest.approx(3.5)  # 45, 46 against DM's 42 at its pick
+    assert f"| {amp} | 50.0 | **60.0** | 55.0 | 50.0 | 4 | 45.5 / 70.0 (2) | +3.5 [" in text
+    assert text.splitlines()[-1].endswith("| +5.5 |")  # the screen's pairing, both at lr 4
