@@ -146,15 +146,16 @@ def lr_stage() -> str:
     return "lr-{}-1-{}".format(*LR_SETTING)
 
 
-def lr_cells(out: Path) -> list[ps.Cell]:
+def lr_cells(out: Path, arms: int = len(LR_ARMS)) -> list[ps.Cell]:
     """The selections (``select-lr``, selection seed 10, in ``lr-<setting>/<arm>``), then, for each
     arm whose pick is not 4, its runs at the pick (``lr-<setting>/<arm>-best``, seeds 0 and 1);
-    an arm picking 4 is its screen folder."""
+    an arm picking 4 is its screen folder. ``arms``: the first so many of ``LR_ARMS``."""
     cue, init = LR_SETTING
+    names = LR_ARMS[:arms]
     data = (*ps.cue_flags(cue, 1.0), "--target", "photo")
     cells = [ps.Cell(lr_stage(), slug(name), (ARMS[name][0],), (*data, *arm_flags(name, init), *LR_SELECT), (10,),
-                     command="select-lr") for name in LR_ARMS]
-    for name in LR_ARMS:
+                     command="select-lr") for name in names]
+    for name in names:
         pick = lr_pick(out, name)
         if pick is not None and pick != float(LR):
             cells.append(ps.Cell(lr_stage(), f"{slug(name)}-best", (ARMS[name][0],),
@@ -601,13 +602,15 @@ def main(argv=None) -> None:
     run.add_argument("--stage", choices=("screen", "medium", "lr"), default="screen",
                      help="the quick screen (every arm), the medium protocol (the two best), or lr_img per arm "
                           "(run it twice: the selections, then the runs at the picks that moved)")
+    run.add_argument("--lr-arms", type=int, default=len(LR_ARMS),
+                     help="lr stage: the first so many arms of LR_ARMS (their order is their priority)")
     rep = sub.add_parser("report", help="tables from the finished cells")
     rep.add_argument("--out", default="runs/formulations")
     rep.add_argument("--docs", default=str(ps.REPO / "docs"))
     rep.add_argument("--results", help="markdown file whose <!-- premise:formulations --> block is replaced")
     args = p.parse_args(argv)
     if args.command == "run":
-        stages = {"screen": all_cells, "medium": medium_cells, "lr": lambda: lr_cells(Path(args.out))}
+        stages = {"screen": all_cells, "medium": medium_cells, "lr": lambda: lr_cells(Path(args.out), args.lr_arms)}
         ps.cmd_run(args, stages[args.stage]())
     else:
         cmd_report(args)
