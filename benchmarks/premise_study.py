@@ -232,14 +232,19 @@ def machine() -> str:
     return f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def job_order(cells: list[Cell]) -> list[tuple[Cell, int]]:
+    """``(cell, seed)`` jobs, every folder's first seed before any folder's second (in the cells'
+    order within a rank): a study cut short has whole seeds."""
+    return sorted(((c, s) for c in cells for s in c.seeds), key=lambda job: job[0].seeds.index(job[1]))
+
+
 def cmd_run(args, cells: list[Cell] | None = None) -> None:
     """Run ``cells`` (default: this study's, of ``args.stage``) at most ``args.jobs`` at once."""
     out = Path(args.out).resolve()  # the jobs run in the code's folder
     (out / "logs").mkdir(parents=True, exist_ok=True)
     if cells is None:
         cells = [c for c in all_cells() if args.stage in ("all", c.stage)]
-    # every folder's first seed before any folder's second: a study cut short has whole seeds
-    jobs = sorted(((c, s) for c in cells for s in c.seeds), key=lambda job: job[0].seeds.index(job[1]))
+    jobs = job_order(cells)
     code = str(Path(args.code).resolve()) if args.code else str(REPO)  # a snapshot keeps the study's code fixed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH", "")) if p)}

@@ -127,3 +127,11 @@ def test_cost_table_reads_the_folders_metrics(study, tmp_path):
         "dm_fact": {"seeds": [0, 1], "distill_seconds": 100.0, "eval_seconds": 100.0}}}))
     text, numbers = study.cost_table(out)
     assert numbers["DM"] == {"distill": 50.0, "eval": 30.0} and "| DM+FACT | 50 | 50 | 1.25 |" in text
+
+
+def test_jobs_run_every_folders_first_seed_before_any_second(study):
+    a = study.Cell("s", "a", ("dm",), (), (0, 1, 2))
+    b = study.Cell("s", "b", ("dm",), (), (0, 1))
+    c = study.Cell("s", "c", ("dm",), (), (5,))
+    order = [(cell.name, seed) for cell, seed in study.job_order([a, b, c])]
+    assert order == [("a", 0), ("b", 0), ("c", 5), ("a", 1), ("b", 1), ("a", 2)]
