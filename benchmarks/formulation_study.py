@@ -557,6 +557,29 @@ def amplitude_figure(bands: dict, truth: dict, path: Path) -> Path | None:
     return path
 
 
+def study_cost(out: Path) -> tuple[str, dict]:
+    """What the study cost: per stage, the distillation and evaluation seconds of every finished
+    seed (``metrics.json``) and of every lr selection (``lr_selection.json``), one thread each."""
+    stages = {"screen (quick)": all_cells(), "lr_img per arm (quick)": lr_cells(out), "medium": medium_cells()}
+    numbers = {}
+    for stage, cells in stages.items():
+        seconds, runs = 0.0, 0
+        for folder in {c.folder(out) for c in cells}:
+            metrics = folder / "metrics.json"
+            if metrics.is_file():
+                for r in json.loads(metrics.read_text())["methods"].values():
+                    seconds += r.get("distill_seconds", 0.0) + r.get("eval_seconds", 0.0)
+                    runs += len(r.get("seeds", []))
+            for selection in folder.glob("*/lr_selection.json"):
+                seconds += json.loads(selection.read_text()).get("seconds", 0.0)
+                runs += 1
+        numbers[stage] = {"runs": runs, "cpu_hours": seconds / 3600}
+    rows = [f"| {stage} | {n['runs']} | {n['cpu_hours']:.1f} |" for stage, n in numbers.items()]
+    total = sum(n["cpu_hours"] for n in numbers.values())
+    return ("| stage | runs (seeds and selections) | CPU-hours (one thread each) |\n|---|---|---|\n"
+            + "\n".join(rows) + f"\n| all | {sum(n['runs'] for n in numbers.values())} | {total:.1f} |"), numbers
+
+
 def cost_table(path: Path) -> str:
     """The side-by-side cost measured by ``bench_formulations.py`` (its JSON), as a table."""
     if not path.is_file():
@@ -582,6 +605,7 @@ def cmd_report(args) -> None:
     blocks["formulations-medium-bands"], numbers["medium_bands"] = medium_bands(out)
     blocks["formulations-amplitude-truth"], numbers["amplitude_truth"] = amplitude_truth(out)
     blocks["formulations-lr"], numbers["lr"] = lr_tables(out)
+    blocks["formulations-study-cost"], numbers["study_cost"] = study_cost(out)
     amplitude_figure(numbers["medium_bands"], numbers["amplitude_truth"], docs / "formulations_amplitude.png")
     numbers.update(machine=ps.machine(), date=time.strftime("%Y-%m-%d"), preset=ps.PRESET, lr_img=LR,
                    command=" ".join(sys.argv))

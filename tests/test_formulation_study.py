@@ -181,3 +181,17 @@ def test_lr_stage_selects_per_arm_then_runs_the_moved_picks(study, tmp_path):
     assert numbers[amp]["ood_vs_dm"]["mean"] == pytest.approx(3.5)  # 45, 46 against DM's 42 at its pick
     assert f"| {amp} | 50.0 | **60.0** | 55.0 | 50.0 | 4 | 45.5 / 70.0 (2) | +3.5 [" in text
     assert text.splitlines()[-1].endswith("| +5.5 |")  # the screen's pairing, both at lr 4
+
+
+def test_study_cost_sums_every_finished_seed_and_selection(study, tmp_path):
+    cell = study.medium_cells()[0]
+    (cell.folder(tmp_path)).mkdir(parents=True)
+    (cell.folder(tmp_path) / "metrics.json").write_text(json.dumps(
+        {"methods": {"dm": {"seeds": [0, 1], "distill_seconds": 3000.0, "eval_seconds": 600.0}}}))
+    sel = tmp_path / study.lr_stage() / "dm" / "dm" / "lr_selection.json"
+    sel.parent.mkdir(parents=True)
+    sel.write_text(json.dumps({"selected_lr_img": 4.0, "validation_acc": {"4.0": 0.5}, "seconds": 1800.0}))
+    text, numbers = study.study_cost(tmp_path)
+    assert numbers["medium"] == {"runs": 2, "cpu_hours": pytest.approx(1.0)}
+    assert numbers["lr_img per arm (quick)"] == {"runs": 1, "cpu_hours": pytest.approx(0.5)}
+    assert text.splitlines()[-1] == "| all | 3 | 1.5 |"
