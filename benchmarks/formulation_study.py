@@ -623,9 +623,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = ps.add_run_arguments(sub.add_parser("run", help="run the cells (resumable)"), "runs/formulations")
-    run.add_argument("--stage", choices=("screen", "medium", "lr"), default="screen",
-                     help="the quick screen (every arm), the medium protocol (the two best), or lr_img per arm "
-                          "(run it twice: the selections, then the runs at the picks that moved)")
+    run.add_argument("--stage", choices=("screen", "medium", "lr", "lr+medium"), default="screen",
+                     help="the quick screen (every arm), the medium protocol (the two best), lr_img per arm (the "
+                          "selections, then the runs at the picks that moved), or both of the last, seed by seed")
     run.add_argument("--lr-arms", type=int, default=len(LR_ARMS),
                      help="lr stage: the first so many arms of LR_ARMS (their order is their priority)")
     rep = sub.add_parser("report", help="tables from the finished cells")
@@ -634,8 +634,10 @@ def main(argv=None) -> None:
     rep.add_argument("--results", help="markdown file whose <!-- premise:formulations --> block is replaced")
     args = p.parse_args(argv)
     if args.command == "run":
-        stages = {"screen": all_cells, "medium": medium_cells, "lr": lambda: lr_cells(Path(args.out), args.lr_arms)}
-        ps.cmd_run(args, stages[args.stage]())
+        out = Path(args.out)
+        stages = {"screen": all_cells, "medium": medium_cells, "lr": lambda: lr_cells(out, args.lr_arms),
+                  "lr+medium": lambda: lr_cells(out, args.lr_arms) + medium_cells()}
+        ps.cmd_run(args, stages[args.stage])  # a function: the runs at the lr picks join once selected
     else:
         cmd_report(args)
 

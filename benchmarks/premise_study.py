@@ -49,7 +49,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,6 @@ class Cell:
     flags: tuple[str, ...]
     seeds: tuple[int, ...] = tuple(SEEDS)
     command: str = "run"  # or "distill" (diagnostics only), "select-lr" (the held-out selection only)
-    failures: int = field(default=0, compare=False)
 
     def folder(self, out: Path) -> Path:
         return out / self.stage / self.name
@@ -238,36 +237,59 @@ def job_order(cells: list[Cell]) -> list[tuple[Cell, int]]:
     return sorted(((c, s) for c in cells for s in c.seeds), key=lambda job: job[0].seeds.index(job[1]))
 
 
-def cmd_run(args, cells: list[Cell] | None = None) -> None:
-    """Run ``cells`` (default: this study's, of ``args.stage``) at most ``args.jobs`` at once."""
+LOCK = "RUNNING"  # in a run folder while a job runs there: the job's pid (another scheduler leaves it alone)
+
+
+def folder_busy(folder: Path) -> bool:
+    """Whether a live process (of this or another scheduler) holds ``folder``'s lock."""
+    try:
+        os.kill(int((folder / LOCK).read_text()), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_run(args, cells=None) -> None:
+    """Run ``cells`` (default: this study's, of ``args.stage``) at most ``args.jobs`` at once.
+    ``cells`` may be a function, called at every poll: cells that depend on finished ones (a run
+    at a selected step) join when they can. A folder another scheduler's job holds (its lock) is
+    skipped, and that job counts toward ``args.jobs``."""
     out = Path(args.out).resolve()  # the jobs run in the code's folder
     (out / "logs").mkdir(parents=True, exist_ok=True)
     if cells is None:
         cells = [c for c in all_cells() if args.stage in ("all", c.stage)]
-    jobs = job_order(cells)
+    current = cells if callable(cells) else (lambda: cells)
     code = str(Path(args.code).resolve()) if args.code else str(REPO)  # a snapshot keeps the study's code fixed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH", "")) if p)}
     running: dict[Path, tuple[Cell, int, subprocess.Popen, float]] = {}
+    failures: dict[tuple[Path, int], int] = {}
+    jobs = job_order(current())
     log(f"{len(jobs)} jobs, {sum(c.done(out, s) for c, s in jobs)} finished; machine: {machine()}")
     while True:
         for folder, (cell, seed, proc, t0) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[folder]
+            (folder / LOCK).unlink(missing_ok=True)
             ok = proc.returncode == 0 and cell.done(out, seed)
-            cell.failures += not ok
+            failures[folder, seed] = failures.get((folder, seed), 0) + (not ok)
             log(f"{'done' if ok else f'FAILED (exit {proc.returncode})'}: {cell.stage}/{cell.name} seed {seed} "
                 f"in {(time.time() - t0) / 60:.1f} min")
-        pending = [(c, s) for c, s in jobs if not c.done(out, s) and c.failures < 2]
+        jobs = job_order(current())
+        pending = [(c, s) for c, s in jobs if not c.done(out, s) and failures.get((c.folder(out), s), 0) < 2]
         stop = (out / "STOP").is_file()
         if (not pending or stop) and not running:
             log("stopped (STOP file)" if stop else "every job finished" if all(c.done(out, s) for c, s in jobs)
                 else "stopped: some jobs failed twice")
             return
-        if not stop and len(running) < args.jobs:
+        # --jobs counts the other schedulers' jobs in these folders too: one machine's budget
+        others = {c.folder(out) for c, _ in pending if c.folder(out) not in running and folder_busy(c.folder(out))}
+        if not stop and len(running) + len(others) < args.jobs:
             # one job per run folder at a time; a folder's seeds in order
-            free = [(c, s) for c, s in pending if c.folder(out) not in running
+            free = [(c, s) for c, s in pending if c.folder(out) not in running and c.folder(out) not in others
                     and all(c.done(out, e) for e in c.seeds[:c.seeds.index(s)])]
             if free:
                 cell, seed = free[0]
@@ -278,6 +300,8 @@ def cmd_run(args, cells: list[Cell] | None = None) -> None:
                 logfile.flush()
                 proc = subprocess.Popen(["nice", "-n", "10", *argv], stdout=logfile, stderr=subprocess.STDOUT,
                                         env=env, cwd=code)
+                cell.folder(out).mkdir(parents=True, exist_ok=True)
+                (cell.folder(out) / LOCK).write_text(str(proc.pid))
                 running[cell.folder(out)] = (cell, seed, proc, time.time())
                 log(f"started: {name} ({len(running)} running)")
                 continue

@@ -135,3 +135,45 @@ def test_jobs_run_every_folders_first_seed_before_any_second(study):
     c = study.Cell("s", "c", ("dm",), (), (5,))
     order = [(cell.name, seed) for cell, seed in study.job_order([a, b, c])]
     assert order == [("a", 0), ("b", 0), ("c", 5), ("a", 1), ("b", 1), ("a", 2)]
+
+
+def test_the_scheduler_runs_dependent_cells_and_leaves_other_schedulers_folders(study, tmp_path, monkeypatch):
+    """Jobs (faked: each writes its seed's metrics) run every cell; a cell that depends on another's
+    result (a run at a selected step) joins once that exists; a folder whose lock names a live
+    process (another scheduler's job) is left alone, a stale lock is not; locks are released."""
+    import argparse
+    import os
+    import threading
+    import time
+
+    def fake_argv(self, out, seed):
+        leaf = self.folder(out) / self.methods[0] / f"seed{seed}" / "metrics.json"
+        return [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(leaf)!r}); "
+                "p.parent.mkdir(parents=True, exist_ok=True); p.write_text('{}')"]
+
+    monkeypatch.setattr(study.Cell, "argv", fake_argv)
+    first = study.Cell("s", "first", ("dm",), (), (0, 1))
+    held = study.Cell("s", "held", ("dm",), (), (0,))
+    stale = study.Cell("s", "stale", ("dm",), (), (0,))
+    second = study.Cell("s", "second", ("dm",), (), (0,))
+    for cell, pid in ((held, os.getpid()), (stale, 2 ** 22 + 12345)):
+        cell.folder(tmp_path).mkdir(parents=True)
+        (cell.folder(tmp_path) / study.LOCK).write_text(str(pid))
+    assert study.folder_busy(held.folder(tmp_path)) and not study.folder_busy(stale.folder(tmp_path))
+
+    def cells():  # second needs first's seed 0
+        return [first, held, stale] + ([second] if first.done(tmp_path, 0) else [])
+
+    args = argparse.Namespace(out=str(tmp_path), jobs=3, poll=0.02, code=None)  # held's job takes one of 3
+    runner = threading.Thread(target=study.cmd_run, args=(args, cells), daemon=True)
+    runner.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not all(c.done(tmp_path, s) for c in (first, stale, second) for s in c.seeds):
+        time.sleep(0.05)
+    assert all(c.done(tmp_path, s) for c in (first, stale, second) for s in c.seeds)
+    time.sleep(0.3)
+    assert not held.done(tmp_path, 0)  # another scheduler's folder: never started
+    (tmp_path / "STOP").touch()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert not any((c.folder(tmp_path) / study.LOCK).exists() for c in (first, stale, second))
