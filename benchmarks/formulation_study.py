@@ -147,44 +147,74 @@ def lr_stage() -> str:
 
 
 def lr_cells(out: Path, arms: int = len(LR_ARMS)) -> list[ps.Cell]:
-    """The selections (``select-lr``, selection seed 10, in ``lr-<setting>/<arm>``), then, for each
-    arm whose pick is not 4, its runs at the pick (``lr-<setting>/<arm>-best``, seeds 0 and 1);
-    an arm picking 4 is its screen folder. ``arms``: the first so many of ``LR_ARMS``."""
+    """The selections (``select-lr``, selection seed 10, in ``lr-<setting>/<arm>``); where a pick
+    sits on an end of the grid, the step one grid ratio past it, scored the same way
+    (``<arm>-edge``); then, for each arm whose pick on the longer grid is not 4, its runs at the
+    pick (``<arm>-lr<pick>``, seeds 0 and 1): an arm picking 4 is its screen folder. ``arms``:
+    the first so many of ``LR_ARMS``."""
     cue, init = LR_SETTING
     names = LR_ARMS[:arms]
     data = (*ps.cue_flags(cue, 1.0), "--target", "photo")
     cells = [ps.Cell(lr_stage(), slug(name), (ARMS[name][0],), (*data, *arm_flags(name, init), *LR_SELECT), (10,),
                      command="select-lr") for name in names]
     for name in names:
+        edge = lr_edge(out, name)
+        if edge is not None:
+            cells.append(ps.Cell(lr_stage(), f"{slug(name)}-edge", (ARMS[name][0],),
+                                 (*data, *arm_flags(name, init), "--select-lr", f"{edge:g}", *LR_SELECT[2:]), (10,),
+                                 command="select-lr"))
         pick = lr_pick(out, name)
         if pick is not None and pick != float(LR):
-            cells.append(ps.Cell(lr_stage(), f"{slug(name)}-best", (ARMS[name][0],),
+            cells.append(ps.Cell(lr_stage(), f"{slug(name)}-lr{pick:g}", (ARMS[name][0],),
                                  (*data, *arm_flags(name, init, f"{pick:g}")), SEEDS))
     return cells
 
 
+def lr_edge(out: Path, name: str) -> float | None:
+    """One grid ratio past the end where the arm's pick sits on an end of ``LR_GRID``, else None."""
+    sel = ps._selection(out / lr_stage() / slug(name) / ARMS[name][0])
+    grid = [float(v) for v in LR_GRID.split(",")]
+    if sel is None or float(sel["selected_lr_img"]) not in (grid[0], grid[-1]):
+        return None
+    return grid[0] ** 2 / grid[1] if float(sel["selected_lr_img"]) == grid[0] else grid[-1] ** 2 / grid[-2]
+
+
 def lr_selection(out: Path, name: str) -> dict | None:
-    return ps._selection(out / lr_stage() / slug(name) / ARMS[name][0])
+    """The arm's selection on the grid and, where scored, past its end: ``{"validation" {lr: %},
+    "pick", "edge"}``; None until the selection (and the edge it needs) is done. Ties keep the
+    grid's pick."""
+    sel = ps._selection(out / lr_stage() / slug(name) / ARMS[name][0])
+    if sel is None:
+        return None
+    scores = {float(k): 100 * v for k, v in sel["validation_acc"].items()}
+    pick, edge = float(sel["selected_lr_img"]), lr_edge(out, name)
+    if edge is not None:
+        past = ps._selection(out / lr_stage() / f"{slug(name)}-edge" / ARMS[name][0])
+        if past is None:
+            return None
+        scores.update({float(k): 100 * v for k, v in past["validation_acc"].items()})
+        pick = max(sorted(scores), key=lambda v: (scores[v], v == pick))
+    return {"validation": scores, "pick": pick, "edge": edge}
 
 
 def lr_pick(out: Path, name: str) -> float | None:
     sel = lr_selection(out, name)
-    return None if sel is None else float(sel["selected_lr_img"])
+    return None if sel is None else sel["pick"]
 
 
 def lr_collect(out: Path) -> dict:
-    """Each arm at its own pick on the lr setting: ``{arm: {"lr_img", "validation", seed: row}}``
-    (rows as :func:`collect`'s), from the ``-best`` folder or, at a pick of 4, the screen's."""
+    """Each arm at its own pick on the lr setting: ``{arm: {"lr_img", "validation", "seeds"}}``
+    (rows as :func:`collect`'s), from its ``-lr<pick>`` folder or, at a pick of 4, the screen's."""
     found = {}
     setting = "{}-1-{}".format(*LR_SETTING)
     for name in LR_ARMS:
         sel = lr_selection(out, name)
         if sel is None:
             continue
-        pick = float(sel["selected_lr_img"])
-        row = {"lr_img": pick, "validation": {float(k): 100 * v for k, v in sel["validation_acc"].items()}, "seeds": {}}
+        pick = sel["pick"]
+        row = {"lr_img": pick, "validation": sel["validation"], "edge": sel["edge"], "seeds": {}}
         for seed in SEEDS:
-            folder = (out / lr_stage() / f"{slug(name)}-best" if pick != float(LR)
+            folder = (out / lr_stage() / f"{slug(name)}-lr{pick:g}" if pick != float(LR)
                       else out / setting / f"{slug(name)}-s{seed}")
             m = ps._metrics(folder, ARMS[name][0], seed)
             if m is not None:
@@ -202,18 +232,20 @@ def lr_tables(out: Path) -> tuple[str, dict]:
     if "DM" not in found:
         return "_not run yet_", {}
     grid = [float(v) for v in LR_GRID.split(",")]
-    rows = ["| arm | " + " | ".join(f"lr {v:g}" for v in grid) + " | pick | OOD / in-domain at the pick | "
-            "OOD Δ vs DM, both at their picks [95 % CI] | OOD Δ at lr 4 (the screen) |",
-            "|---" * (len(grid) + 5) + "|"]
+    rows = ["| arm | " + " | ".join(f"lr {v:g}" for v in grid) + " | past the end | pick | OOD / in-domain at the "
+            "pick | OOD Δ vs DM, both at their picks [95 % CI] | OOD Δ at lr 4 (the screen) |",
+            "|---" * (len(grid) + 6) + "|"]
     numbers = {}
     setting = "{}-1-{}".format(*LR_SETTING)
     screen = collect(out)
     dm = found["DM"]["seeds"]
     for name, row in found.items():
-        best = max(row["validation"].values())
-        scores = " | ".join("—" if v not in row["validation"] else
-                            (f"**{row['validation'][v]:.1f}**" if row["validation"][v] == best else
-                             f"{row['validation'][v]:.1f}") for v in grid)
+        def score(v):
+            value = row["validation"][v]
+            return f"**{value:.1f}**" if v == row["lr_img"] else f"{value:.1f}"
+
+        scores = " | ".join("—" if v not in row["validation"] else score(v) for v in grid)
+        scores += " | " + ("—" if row["edge"] is None else f"lr {row['edge']:g}: {score(row['edge'])}")
         seeds = row["seeds"]
         acc = "—" if not seeds else (f"{_mean(r['ood'] for r in seeds.values()):.1f} / "
                                      f"{_mean(r['in_domain'] for r in seeds.values()):.1f} ({len(seeds)})")

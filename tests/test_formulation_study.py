@@ -154,9 +154,9 @@ def test_lr_stage_selects_per_arm_then_runs_the_moved_picks(study, tmp_path):
         arm = next(a for a in study.ARMS if study.slug(a) == cell.name)
         assert cfg["methods"] == [study.ARMS[arm][0]] and cfg["dataset"] == "fmnist-cues"
 
-    def select(name, scores):
+    def select(name, scores, folder=None):
         method = study.ARMS[name][0]
-        p = tmp_path / study.lr_stage() / study.slug(name) / method / "lr_selection.json"
+        p = tmp_path / study.lr_stage() / (folder or study.slug(name)) / method / "lr_selection.json"
         p.parent.mkdir(parents=True)
         best = max(scores, key=scores.get)
         p.write_text(json.dumps({"selected_lr_img": best, "validation_acc": {str(float(k)): v for k, v in scores.items()}}))
@@ -166,21 +166,31 @@ def test_lr_stage_selects_per_arm_then_runs_the_moved_picks(study, tmp_path):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"ood_acc_mean": ood, "in_domain_acc_mean": 0.7}))
 
-    amp = "DM + amplitude removal (5e-3)"
+    amp, init = "DM + amplitude removal (5e-3)", "DM, spectral_min init"
     select("DM", {2: 0.5, 4: 0.6, 8: 0.7, 16: 0.65})  # DM moves to 8
     select(amp, {2: 0.5, 4: 0.6, 8: 0.55, 16: 0.5})  # stays at 4: its screen folder
-    best = [c for c in study.lr_cells(tmp_path) if c.command == "run"]
-    assert [(c.name, c.seeds) for c in best] == [("dm-best", tuple(study.SEEDS))]
-    assert "--lr-img" in best[0].flags and best[0].flags[best[0].flags.index("--lr-img") + 1] == "8"
+    select(init, {2: 0.7, 4: 0.6, 8: 0.55, 16: 0.5})  # on the grid's lower end: lr 1 is scored before any run
+    cells = study.lr_cells(tmp_path)
+    edge = [c for c in cells if c.name.endswith("-edge")]
+    assert [(c.name, c.command) for c in edge] == [(f"{study.slug(init)}-edge", "select-lr")]
+    assert edge[0].flags[edge[0].flags.index("--select-lr") + 1] == "1"
+    assert study.lr_pick(tmp_path, init) is None  # until the edge is scored
+    best = [c for c in cells if c.command == "run"]
+    assert [(c.name, c.seeds) for c in best] == [("dm-lr8", tuple(study.SEEDS))]
+    assert best[0].flags[best[0].flags.index("--lr-img") + 1] == "8"
+    select(init, {1: 0.72}, folder=f"{study.slug(init)}-edge")  # the curve still rises past the end
+    assert study.lr_pick(tmp_path, init) == 1.0
+    assert [c.name for c in study.lr_cells(tmp_path) if c.command == "run"] == ["dm-lr8", f"{study.slug(init)}-lr1"]
     for seed in study.SEEDS:
-        metrics(tmp_path / study.lr_stage() / "dm-best", "DM", seed, 0.42)
+        metrics(tmp_path / study.lr_stage() / "dm-lr8", "DM", seed, 0.42)
         metrics(tmp_path / "grating-1-real" / f"dm-s{seed}", "DM", seed, 0.40)
         metrics(tmp_path / "grating-1-real" / f"{study.slug(amp)}-s{seed}", amp, seed, 0.45 + 0.01 * seed)
     text, numbers = study.lr_tables(tmp_path)
     assert numbers["DM"]["lr_img"] == 8.0 and numbers[amp]["lr_img"] == 4.0
     assert numbers[amp]["ood_vs_dm"]["mean"] == pytest.approx(3.5)  # 45, 46 against DM's 42 at its pick
-    assert f"| {amp} | 50.0 | **60.0** | 55.0 | 50.0 | 4 | 45.5 / 70.0 (2) | +3.5 [" in text
-    assert text.splitlines()[-1].endswith("| +5.5 |")  # the screen's pairing, both at lr 4
+    assert f"| {amp} | 50.0 | **60.0** | 55.0 | 50.0 | — | 4 | 45.5 / 70.0 (2) | +3.5 [" in text
+    assert f"| {init} | 70.0 | 60.0 | 55.0 | 50.0 | lr 1: **72.0** | 1 | — |" in text
+    assert [line for line in text.splitlines() if line.startswith(f"| {amp} ")][0].endswith("| +5.5 |")
 
 
 def test_study_cost_sums_every_finished_seed_and_selection(study, tmp_path):
