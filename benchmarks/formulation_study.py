@@ -525,8 +525,8 @@ def amplitude_truth(out: Path) -> tuple[str, dict]:
         sources = [d for d in data.domains if d != data.cue_free]
         own = data.class_cue_bins(sources)
         classes = range(len(data.classes))
-        real = {"cue": _real_band_amplitude(data, sources, classes, bins_of=lambda c: own[c]),
-                "other": _real_band_amplitude(data, sources, classes, bins_of=lambda c: ~data.cue_bins)}
+        groups = {"cue": lambda c: own[c], "other": lambda c: ~data.cue_bins}  # per class: its bins
+        real = {g: _real_band_amplitude(data, sources, classes, bins_of=bins_of) for g, bins_of in groups.items()}
         for arm in TRUTH_ARMS:
             for seed in SEEDS:
                 folder = out / setting / f"{slug(arm)}-s{seed}"
@@ -534,7 +534,7 @@ def amplitude_truth(out: Path) -> tuple[str, dict]:
                 if not path.is_file():
                     continue
                 saved = torch.load(path, map_location="cpu", weights_only=False)
-                for group, bins_of in (("cue", lambda c: own[c]), ("other", lambda c: ~data.cue_bins)):
+                for group, bins_of in groups.items():
                     value = _mean([(band_amplitude(saved["images"][saved["labels"] == c], bins=bins_of(c))
                                     / real[group][c].mean(0)).item() for c in classes])
                     numbers.setdefault(arm, {}).setdefault(setting, {}).setdefault(group, []).append(value)
