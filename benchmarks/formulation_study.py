@@ -1,24 +1,36 @@
-"""Surgery formulations that could carry the premise: the first filter of issue 18 on the premise
-benchmark (``fmnist-cues``, strong cue, target ``photo``, the ``quick`` preset), each formulation
-alone, with the mask against the cue's ground truth.
+"""Surgery formulations that could carry the premise (issue 18), in three stages:
 
-    python benchmarks/formulation_study.py run    --out runs/formulations --code <snapshot>   # resumable
+    python benchmarks/formulation_study.py run --stage screen --out runs/formulations --code <snapshot>
+    python benchmarks/formulation_study.py run --stage lr     --out runs/formulations   # lr_img per arm
+    python benchmarks/formulation_study.py run --stage medium --out runs/formulations   # the two best
     python benchmarks/formulation_study.py report --out runs/formulations --results docs/RESULTS.md
 
-Arms (``ARMS``: an :class:`~sgs_cuda.options.SGSConfig` each, or DM with another initialisation):
-DM; DM+SGS with the spec's formulation; agreement over time (``ema``), over a class (``pool``),
-the equal-energy magnitude test (``equalize`` with ``rho`` 0.5), replace instead of augment
-(``mean_weight`` 0 at the DM step), per-bin PCGrad, removal (``decay``), agreement on class content
-(``agree_on="contrast"``), diversity within the set (``spread``), DM with amplitude removal (``amp_decay``); and DM from the spectral
-initialisations. ``lr_img`` is DM's selected value on this benchmark (4, ``premise_study``) for
-every arm: a first filter, not a tuned comparison. Settings (``SETTINGS``): both cue families at
-strength 1 with real initialisation for every arm; noise initialisation for the arms where it is
-part of the question (DM, the spec, removal, replace, over time). Seeds 0 and 1.
+Every stage is resumable; ``--stage lr+medium`` runs both of the last, seed by seed.
+
+**screen** (``quick`` preset): the premise benchmark (``fmnist-cues``, target ``photo``), each
+formulation alone, with the mask against the cue's ground truth. Arms (``ARMS``: an
+:class:`~sgs_cuda.options.SGSConfig` each, or DM with another initialisation): DM; DM+SGS with the
+spec's formulation; agreement over time (``ema``), over a class (``pool``), the equal-energy
+magnitude test (``equalize`` with ``rho`` 0.5), replace instead of augment (``mean_weight`` 0 at
+the DM step), per-bin PCGrad, removal (``decay``), agreement on class content
+(``agree_on="contrast"``), diversity within the set (``spread``), DM with amplitude removal
+(``amp_decay``); and DM from the spectral initialisations. Every arm at DM's selected ``lr_img``
+(4). Settings: both cue families at strength 1 with real initialisation for every arm, noise
+initialisation for the arms where it is part of the question, strength 0.5 for every arm, and
+``fmnist-styles`` (all four targets) for the arms that moved OOD accuracy. Seeds 0 and 1.
+
+**lr** (``quick``): each arm's own ``lr_img`` from ``LR_GRID`` on held-out source images (one
+step past a grid end where the pick sits there), and its runs at a pick that moved, paired with
+DM at DM's pick (``--lr-arms K``: the first K of ``LR_ARMS``).
+
+**medium**: the two formulations ahead on the premise benchmark on ``fmnist-styles`` at the tuned
+study's protocol, paired with DM rerun by this code; the tuned study's DM and M3D beside them.
 
 The scheduler is ``premise_study``'s (one job per run folder at a time, ``--jobs`` at once, one
-thread each, ``<out>/STOP`` to stop); the report pairs each arm with DM per setting and seed
-(95 % Student-t intervals, pooled over settings and seeds) and averages the mask-against-truth
-fractions over the second half of training.
+thread each, ``<out>/STOP`` to stop, run-folder locks so a second scheduler can take over); the
+report pairs each arm with DM per setting and seed (95 % Student-t intervals, pooled over settings
+and seeds), reads the mask and the sets' amplitudes against the truth, and sums what the study
+cost.
 """
 from __future__ import annotations
 

@@ -30,8 +30,10 @@ logged commands list the options of their day (``<out>/logs``).
 
 Every cell is one ``sgs-dgdd`` command in its run folder ``<out>/<stage>/<name>`` (``--resume``:
 the job for seed k runs seeds 0..k, finished ones are reused), logged under ``<out>/logs``. Jobs
-run under ``nice -n 10`` with one thread each, at most ``--jobs`` at once; ``<out>/STOP`` makes
-the scheduler finish the running jobs and exit; restarting skips finished cells.
+run under ``nice -n 10`` with one thread each, at most ``--jobs`` at once, every folder's first
+seed before any folder's second; ``<out>/STOP`` makes the scheduler finish the running jobs and
+exit; restarting skips finished cells, and a running job's folder holds a lock (``RUNNING``, its
+pid) that a second scheduler respects, so a study can be restarted without stopping its jobs.
 
 ``report`` runs nothing: it builds the tables from the finished cells (paired differences with
 DM per setting and seed, 95 % Student-t intervals, pooled; :mod:`sgs_cuda.stats`), the
