@@ -170,7 +170,7 @@ def lr_cells(out: Path, arms: int = len(LR_ARMS)) -> list[ps.Cell]:
     cells = [ps.Cell(lr_stage(), slug(name), (ARMS[name][0],), (*data, *arm_flags(name, init), *LR_SELECT), (10,),
                      command="select-lr") for name in names]
     for name in names:
-        edge = lr_edge(out, name)
+        edge = lr_edge(ps._selection(out / lr_stage() / slug(name) / ARMS[name][0]))
         if edge is not None:
             cells.append(ps.Cell(lr_stage(), f"{slug(name)}-edge", (ARMS[name][0],),
                                  (*data, *arm_flags(name, init), "--select-lr", f"{edge:g}", *LR_SELECT[2:]), (10,),
@@ -182,9 +182,8 @@ def lr_cells(out: Path, arms: int = len(LR_ARMS)) -> list[ps.Cell]:
     return cells
 
 
-def lr_edge(out: Path, name: str) -> float | None:
-    """One grid ratio past the end where the arm's pick sits on an end of ``LR_GRID``, else None."""
-    sel = ps._selection(out / lr_stage() / slug(name) / ARMS[name][0])
+def lr_edge(sel: dict | None) -> float | None:
+    """One grid ratio past the end where a selection's pick sits on an end of ``LR_GRID``, else None."""
     grid = [float(v) for v in LR_GRID.split(",")]
     if sel is None or float(sel["selected_lr_img"]) not in (grid[0], grid[-1]):
         return None
@@ -199,7 +198,7 @@ def lr_selection(out: Path, name: str) -> dict | None:
     if sel is None:
         return None
     scores = {float(k): 100 * v for k, v in sel["validation_acc"].items()}
-    pick, edge = float(sel["selected_lr_img"]), lr_edge(out, name)
+    pick, edge = float(sel["selected_lr_img"]), lr_edge(sel)
     if edge is not None:
         past = ps._selection(out / lr_stage() / f"{slug(name)}-edge" / ARMS[name][0])
         if past is None:
@@ -235,9 +234,10 @@ def lr_collect(out: Path) -> dict:
     return found
 
 
-def lr_tables(out: Path) -> tuple[str, dict]:
+def lr_tables(out: Path, screen: dict) -> tuple[str, dict]:
     """The per-arm selection (validation accuracy per lr_img, the pick) and each arm at its pick
-    paired with DM at DM's pick (same seed), with the screen's pairing at lr 4 beside it."""
+    paired with DM at DM's pick (same seed), with the screen's pairing at lr 4 (``screen``:
+    :func:`collect`'s rows) beside it."""
     from sgs_cuda import stats
 
     found = lr_collect(out)
@@ -249,7 +249,6 @@ def lr_tables(out: Path) -> tuple[str, dict]:
             "|---" * (len(grid) + 6) + "|"]
     numbers = {}
     setting = "{}-1-{}".format(*LR_SETTING)
-    screen = collect(out)
     dm = found["DM"]["seeds"]
     for name, row in found.items():
         def score(v):
@@ -648,7 +647,7 @@ def cmd_report(args) -> None:
     blocks["formulations-medium"], numbers["medium"] = medium_tables(out, docs / "results" / "tuned-medium.json")
     blocks["formulations-medium-bands"], numbers["medium_bands"] = medium_bands(out)
     blocks["formulations-amplitude-truth"], numbers["amplitude_truth"] = amplitude_truth(out)
-    blocks["formulations-lr"], numbers["lr"] = lr_tables(out)
+    blocks["formulations-lr"], numbers["lr"] = lr_tables(out, found)
     blocks["formulations-study-cost"], numbers["study_cost"] = study_cost(out)
     amplitude_figure(numbers["medium_bands"], numbers["amplitude_truth"], docs / "formulations_amplitude.png")
     numbers.update(machine=ps.machine(), date=time.strftime("%Y-%m-%d"), preset=ps.PRESET, lr_img=LR,

@@ -185,7 +185,7 @@ def test_lr_stage_selects_per_arm_then_runs_the_moved_picks(study, tmp_path):
         metrics(tmp_path / study.lr_stage() / "dm-lr8", "DM", seed, 0.42)
         metrics(tmp_path / "grating-1-real" / f"dm-s{seed}", "DM", seed, 0.40)
         metrics(tmp_path / "grating-1-real" / f"{study.slug(amp)}-s{seed}", amp, seed, 0.45 + 0.01 * seed)
-    text, numbers = study.lr_tables(tmp_path)
+    text, numbers = study.lr_tables(tmp_path, study.collect(tmp_path))
     assert numbers["DM"]["lr_img"] == 8.0 and numbers[amp]["lr_img"] == 4.0
     assert numbers[amp]["ood_vs_dm"]["mean"] == pytest.approx(3.5)  # 45, 46 against DM's 42 at its pick
     assert f"| {amp} | 50.0 | **60.0** | 55.0 | 50.0 | — | 4 | 45.5 / 70.0 (2) | +3.5 [" in text
