@@ -387,7 +387,8 @@ def backend_info(device: str | torch.device = "cpu") -> dict:
         return {**info, "implementation": "none", "reason": str(exc)}
     general = ext and device.type == "cpu" and hasattr(torch.ops.sgs, "surgery_general")
     info.update(implementation=f"extension ({device.type})" if ext else "torch reference",
-                # the formulations beyond the spec (SGSConfig: agree_on, equalize, mean_weight, decay)
+                # the formulations beyond the spec (SGSConfig: agree_on, equalize, decay, combine;
+                # mean_weight alone runs the fused kernels)
                 general_formulations="extension (cpu): sgs::surgery_general; combine=pcgrad: torch reference"
                 if general else f"torch reference ({device.type})",
                 reason="SGS_BACKEND=torch" if requested == "torch" else _state["reason"],

@@ -223,8 +223,9 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
             parts (an :class:`SGSUpdate`), as fast as the update alone: what a DM loop logs
             every step. Ignored when ``return_parts``.
 
-    Which kernel: the spec's formulation (``mean_weight`` 1, ``decay`` 0, ``equalize`` off,
-    ``combine`` "mask", no ``agree_on``) runs the fused kernels; the general formulations run
+    Which kernel: the spec's formulation (``decay`` 0, ``equalize`` off, ``combine`` "mask", no
+    ``agree_on``; any ``mean_weight``, applied to the kernels' mean part after them) runs the fused
+    kernels; the general formulations run
     ``sgs::surgery_general`` on the CPU (the C++ kernel) and the float64-capable torch reference
     elsewhere (on a GPU: the reference on the GPU; ``combine="pcgrad"``: the reference).
 
@@ -250,11 +251,12 @@ def spectral_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None =
         if images is None:
             raise ValueError(f"decay={args.decay:g} (removal) needs the synthetic images: pass images=[N, C, H, W]")
         _check_companion("images", images, grads, grads.shape[1:], check_finite)
-    if not args.is_spec or agree_on is not None:
+    if not args.fused or agree_on is not None:
         return _general(grads, assign, args, config.normalize, agree_on, images if args.decay else None, planes,
                         return_parts, return_diagnostics)
     kernel = _Kernel(_spectral_kernel, H * W, 2 * N * C * H * (W // 2 + 1))
-    return _surgery(kernel, args.spec, grads, assign, config.normalize, return_parts, planes, return_diagnostics)
+    return _surgery(kernel, args.spec, grads, assign, config.normalize, return_parts, planes, return_diagnostics,
+                    args.mean_weight)
 
 
 def spatial_gradient_surgery(grads: torch.Tensor, assign: torch.Tensor | None = None,
@@ -323,12 +325,14 @@ def _safe_exponents(dtype: torch.dtype, num_domains: int, gain: int, alpha: floa
     return lo, hi
 
 
-def _output_bound(kernel: _Kernel, shape, alpha: float, beta: float, parts: bool, normalize: str) -> float:
+def _output_bound(kernel: _Kernel, shape, alpha: float, beta: float, parts: bool, normalize: str,
+                  mean_weight: float = 1.0) -> float:
     """A bound of ``max |output| / max |grads|`` over the outputs the kernel writes and the op
     returns: the mean is at most max|g|, the inverse transform of a masked spectrum at most
-    ``sqrt(gain)`` times it (Cauchy-Schwarz and Parseval), the diversity part twice that."""
+    ``sqrt(gain)`` times it (Cauchy-Schwarz and Parseval), the diversity part twice that. The
+    kernels write the update with the mean's weight 1, the op returns it with ``mean_weight``."""
     s = math.sqrt(kernel.gain)
-    bound = 1 + (abs(alpha) + 2 * abs(beta)) * s
+    bound = max(1, abs(mean_weight)) + (abs(alpha) + 2 * abs(beta)) * s
     if parts:
         bound = max(bound, 2 * s)
     if normalize == "dm_norm":  # the norm of an image's DM gradient
@@ -338,21 +342,24 @@ def _output_bound(kernel: _Kernel, shape, alpha: float, beta: float, parts: bool
     return bound
 
 
-def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, planes, return_diagnostics=False):
+def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, planes, return_diagnostics=False,
+             mean_weight: float = 1.0):
     D, N, C, H, W = grads.shape
     alpha, beta = params[2], params[3]
-    parts = return_parts or normalize != "none"
+    dtype = compute_dtype(grads.dtype)
+    # mean_weight != 1 is applied to the kernels' mean part: it needs the parts
+    parts = return_parts or normalize != "none" or mean_weight != 1.0
     lo, hi = _safe_exponents(grads.dtype, D, kernel.gain, alpha, beta)
     rescale = planes is not None and (
         planes.low < 2.0 ** lo or
         planes.top > min(2.0 ** hi, torch.finfo(grads.dtype).max /
-                         (2 * _output_bound(kernel, grads.shape, alpha, beta, parts, normalize))))
+                         (2 * _output_bound(kernel, grads.shape, alpha, beta, parts, normalize, mean_weight))))
     if normalize == "dm_norm" and not return_parts and not rescale:
         # the rescale needs only the DM gradient's norm: one reduction, not the kernel's three parts
         out = kernel.run(grads, assign, STATS if return_diagnostics else UPDATE, params)
         raw = out[0] if return_diagnostics else out
-        dtype = compute_dtype(grads.dtype)
-        update, scale = _rescale_to_norm(raw.to(dtype), grads.to(dtype).mean(0))
+        mean = grads.to(dtype).mean(0)
+        update, scale = _rescale_to_norm(_weigh_mean(raw.to(dtype), mean, mean_weight), mean)
         update = update.to(raw.dtype)
         return SGSUpdate(update, {**_diagnostics(out[1]), "update_scale": scale}) if return_diagnostics else update
     outputs = PARTS if parts else (STATS if return_diagnostics else UPDATE)
@@ -366,8 +373,17 @@ def _surgery(kernel: _Kernel, params, grads, assign, normalize, return_parts, pl
             update = update.to(grads.dtype)
             _check_representable((update,), grads.dtype)
         return update if outputs == UPDATE else SGSUpdate(update, _diagnostics(out[1]))
-    return _finish(_normalize(_parts(*out), alpha, normalize), grads.dtype, rescale, return_parts,
+    result = _parts(*out)
+    if mean_weight != 1.0:
+        update = _weigh_mean(result.update.to(dtype), result.mean.to(dtype), mean_weight)
+        result = result._replace(update=update.to(result.update.dtype))
+    return _finish(_normalize(result, alpha, normalize), grads.dtype, rescale, return_parts,
                    return_diagnostics)
+
+
+def _weigh_mean(update: torch.Tensor, mean: torch.Tensor, mean_weight: float) -> torch.Tensor:
+    """The kernels' ``update`` (the mean part with weight 1) with the mean's weight ``mean_weight``."""
+    return update if mean_weight == 1.0 else update + (mean_weight - 1.0) * mean
 
 
 def _finish(result: SGSParts, dtype, widened: bool, return_parts: bool, return_diagnostics: bool):

@@ -53,7 +53,13 @@ class KernelArgs(NamedTuple):
     @property
     def is_spec(self) -> bool:
         """Whether these are the spec's formulation (what the fused kernels compute)."""
-        return self.mean_weight == 1.0 and self.decay == 0.0 and not self.equalize and self.combine == "mask"
+        return self.mean_weight == 1.0 and self.fused
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused kernels run these: the spec's formulation with any ``mean_weight``,
+        which is linear in the kernels' mean part (applied after them, element-wise)."""
+        return self.decay == 0.0 and not self.equalize and self.combine == "mask"
 
 
 @dataclass(frozen=True)

@@ -141,9 +141,60 @@ def test_float32_general_path_matches_the_reference():
 
 def test_general_path_computes_wide_for_extreme_planes():
     grads, assign = fresh() * 2.0 ** 100, torch.tensor([0, 1, 2, 1])
-    got = spectral_gradient_surgery(grads.float(), assign, mean_weight=0.0)
-    want = sgs_reference(grads, assign, 1.0, 0.0, 1.0, 0.25, mean_weight=0.0)
+    got = spectral_gradient_surgery(grads.float(), assign, mean_weight=0.0, equalize=True)
+    want = sgs_reference(grads, assign, 1.0, 0.0, 1.0, 0.25, mean_weight=0.0, equalize=True)
     assert torch.isfinite(got).all() and rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("mean_weight", [0.0, 0.5, -1.5, 3.0])
+@pytest.mark.parametrize("normalize", ["none", "dm_norm", "kept_fraction"])
+def test_mean_weight_runs_the_fused_kernels_and_matches_the_reference(monkeypatch, mean_weight, normalize):
+    """The replace formulation is linear in the kernels' mean part: the fused kernels run it (the
+    general path is never taken) and every output matches the float64 reference."""
+    from sgs_cuda import ops
+
+    def no_general(*args, **kwargs):
+        raise AssertionError("mean_weight alone took the general path")
+    monkeypatch.setattr(ops, "_general", no_general)
+    grads, assign = fresh(D=3, N=5, C=2, H=8, W=6), torch.randint(0, 3, (5,))
+    options = dict(mean_weight=mean_weight, normalize=normalize, alpha=0.7, beta=0.4)
+    args = SGSConfig(**options).kernel_args(3)
+    assert args.fused and not args.is_spec
+    want = sgs_reference(grads, assign, *args.spec, return_parts=True, mean_weight=mean_weight)
+    ref = ops._normalize(ops._parts(*want), args.alpha, normalize)
+    parts = spectral_gradient_surgery(grads, assign, return_parts=True, **options)
+    for got, expected in zip(parts[:4], ref[:4]):
+        assert rel(got, expected) < 1e-10
+    step = spectral_gradient_surgery(grads, assign, return_diagnostics=True, **options)
+    assert rel(step.update, ref.update) < 1e-10
+    assert torch.allclose(step.diagnostics["mask_fraction"], ref.diagnostics["mask_fraction"])
+    assert rel(spectral_gradient_surgery(grads, assign, **options), ref.update) < 1e-10
+    # float32 and float16, also with planes the op must rescale into the kernels' range
+    for dtype, scale, tol in [(torch.float32, 1.0, 1e-5), (torch.float32, 2.0 ** 110, 1e-5),
+                              (torch.float16, 1.0, 2e-3), (torch.float16, 2.0 ** 10, 2e-3)]:
+        low = (grads * scale).to(dtype)
+        want = ops._normalize(ops._parts(*sgs_reference(low.double(), assign, *args.spec, return_parts=True,
+                                                        mean_weight=mean_weight)), args.alpha, normalize).update
+        got = spectral_gradient_surgery(low, assign, **options)
+        assert got.dtype == dtype and torch.isfinite(got).all() and rel(got, want) < tol, (dtype, scale)
+
+
+def test_mean_weight_on_the_fused_path_is_differentiable():
+    grads = fresh(D=2, N=3, C=1, H=6, W=6).requires_grad_()
+    assign, weights = torch.tensor([1, 0, 1]), torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    for normalize in ("none", "dm_norm"):
+        (g_op,) = torch.autograd.grad((spectral_gradient_surgery(grads, assign, mean_weight=0.25,
+                                                                 normalize=normalize) * weights).sum(), grads)
+        ref = ops_reference_update(grads, assign, 0.25, normalize)
+        (g_ref,) = torch.autograd.grad((ref * weights).sum(), grads)
+        assert rel(g_op, g_ref) < 1e-10, normalize
+
+
+def ops_reference_update(grads, assign, mean_weight, normalize):
+    """The reference's update with the mask fixed, normalised as the op does (differentiable)."""
+    from sgs_cuda import ops
+    parts = sgs_reference(grads, assign, 1.0, 0.0, 1.0, 0.25, return_parts=True, mean_weight=mean_weight)
+    return ops._normalize(ops._parts(*parts), 1.0, normalize).update
 
 
 def test_general_path_is_differentiable_with_the_mask_fixed():
