@@ -55,6 +55,7 @@ FLAG_PATHS = [
     ("eval_epochs", "eval.epochs"), ("num_eval", "eval.num_eval"), ("eval_width", "eval.width"),
     ("eval_arch", "eval.arch"), ("label", "label"),
     ("select_seeds", "select.seeds"), ("holdout_fraction", "select.fraction"),
+    ("select_validation", "select.validation"),
     *options.flag_paths(),  # the surgery's options: one flag per SGSConfig field
 ]
 
@@ -215,12 +216,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-arch", metavar="ARCHS",
                    help="evaluation networks, comma-separated, each optionally name:width "
                         "(convnet, alexnet, vgg11, resnet18; e.g. convnet,alexnet:32,vgg11:16,resnet18:16)")
-    g = p.add_argument_group("lr_img selection (training-domain validation: the target is never read)")
+    g = p.add_argument_group("lr_img selection (source-domain validation: the target is never read)")
     g.add_argument("--select-lr", metavar="GRID",
                    help="pick lr_img per method from this grid (e.g. 0.5,1,2,4,8) on held-out source images")
     g.add_argument("--select-seeds", nargs="+", type=int, metavar="SEED",
                    help="seeds of the selection's distillations (default 10; keep them apart from --seeds)")
     g.add_argument("--holdout-fraction", type=float, help="share of each source domain held out (default 0.2)")
+    g.add_argument("--select-validation", choices=["images", "domain"],
+                   help="images: held-out images of the source domains (default); domain: each source domain "
+                        "left out in turn (one distillation per source: it does not reward a source-only cue)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", help="auto (cuda when available), cpu, cuda or cuda:N")
     g.add_argument("--run-dir", help="output folder (default: runs/<dataset>-<target>-<preset>)")

@@ -79,7 +79,9 @@ def format_table(metrics: dict) -> str:
         lines.append(f"{t} lacks {len(lacking)} class(es) ({_first(lacking)}): scored on the classes it has, "
                      "predictions restricted to them (the ImageNet-R/A protocol)")
     if metrics.get("lr_selection"):
-        lines.append("lr_img selected on held-out source images: "
+        rule = {r.get("validation", "images") for r in metrics["lr_selection"].values()}
+        on = "each source domain left out" if rule == {"domain"} else "held-out source images"
+        lines.append(f"lr_img selected on {on}: "
                      + ", ".join(f"{m} {r['selected_lr_img']:g}" for m, r in metrics["lr_selection"].items()))
     return "\n".join(lines)
 
@@ -89,7 +91,8 @@ def format_selection(records: Mapping[str, dict]) -> str:
     lines = []
     for method, r in records.items():
         scores = "  ".join(f"{lr}: {100 * a:.1f}%" for lr, a in r["validation_acc"].items())
-        lines.append(f"{method:<8} lr_img {r['selected_lr_img']:g} selected   (validation accuracy  {scores})")
+        on = "left-out domain accuracy" if r.get("holdout", {}).get("validation") == "domain" else "validation accuracy"
+        lines.append(f"{method:<8} lr_img {r['selected_lr_img']:g} selected   ({on}  {scores})")
     return "\n".join(lines)
 
 

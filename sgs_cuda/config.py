@@ -39,10 +39,11 @@ def default_config() -> dict:
             "select": dict(SELECT_DEFAULTS)}
 
 
-# lr_img selection by training-domain validation (sgs_cuda.selection): off while lr_grid is empty;
-# per distilled method, pick lr_img on `fraction` of the source training images held out (split
-# seed `holdout_seed`), distilling with `seeds` (keep them apart from the test seeds).
-SELECT_DEFAULTS = {"lr_grid": [], "seeds": [10], "fraction": 0.2, "holdout_seed": 0}
+# lr_img selection (sgs_cuda.selection): off while lr_grid is empty; per distilled method, pick
+# lr_img on `fraction` of the source training images held out (split seed `holdout_seed`;
+# validation "images") or on each source domain left out in turn (validation "domain"),
+# distilling with `seeds` (keep them apart from the test seeds).
+SELECT_DEFAULTS = {"lr_grid": [], "seeds": [10], "fraction": 0.2, "holdout_seed": 0, "validation": "images"}
 
 
 def check_select(select: dict) -> None:
@@ -59,6 +60,9 @@ def check_select(select: dict) -> None:
         raise ValueError(f"config option 'select.seeds' must be a non-empty list of integers, got {seeds!r}")
     if not 0 < float(select["fraction"]) < 1:
         raise ValueError(f"config option 'select.fraction' must lie in (0, 1), got {select['fraction']!r}")
+    if select["validation"] not in ("images", "domain"):
+        raise ValueError(f"config option 'select.validation' must be 'images' (held-out source images) or "
+                         f"'domain' (leave one source domain out), got {select['validation']!r}")
 
 
 def parse_grid(text) -> list[float]:

@@ -377,13 +377,15 @@ class Experiment:
         if method == "dm_sgs":
             self.load_extension()
         log = lambda msg: self.log(f"[{method} lr selection] {msg}")  # noqa: E731
-        log(f"selecting lr_img from {sel['lr_grid']} on {100 * sel['fraction']:g}% of the source training "
-            f"images held out (seeds {sel['seeds']})")
+        on = (f"on {100 * sel['fraction']:g}% of the source training images held out" if sel["validation"] == "images"
+              else "on each source domain left out in turn")
+        log(f"selecting lr_img from {sel['lr_grid']} {on} (seeds {sel['seeds']})")
         with self.phase("select"):
             record = select_lr(self.data, self.sources, distill_config(self.cfg, method, sel["seeds"][0]),
                                EvalConfig.from_dict(self.cfg["eval"]), grid=sel["lr_grid"], seeds=sel["seeds"],
                                fraction=sel["fraction"], holdout_seed=sel["holdout_seed"], device=self.device,
-                               run_dir=self.run_dir / method, progress=self.cfg["progress"], log=log)
+                               run_dir=self.run_dir / method, progress=self.cfg["progress"], log=log,
+                               validation=sel["validation"])
         log(f"selected lr_img {record['selected_lr_img']:g} (validation accuracy "
             + ", ".join(f"{lr}: {100 * a:.1f}%" for lr, a in record["validation_acc"].items()) + ")")
         self.selections[method] = record
@@ -568,7 +570,8 @@ class Experiment:
                    "ipc": cfg["distill"]["ipc"], "iterations": cfg["distill"]["iterations"],
                    "methods": summarize(per_seed)}
         metrics["sgs_backend"] = self.backend_record()  # (None: the folder's earlier one)
-        selections = {m: {k: r[k] for k in ("selected_lr_img", "grid", "validation_acc", "seeds")}
+        selections = {m: {**{k: r[k] for k in ("selected_lr_img", "grid", "validation_acc", "seeds")},
+                          "validation": r["holdout"].get("validation", "images")}
                       for m, r in self.selections.items() if m in metrics["methods"]}
         if selections:
             metrics["lr_selection"] = selections

@@ -235,7 +235,11 @@ def test_selection_step_and_architecture_flags_map_onto_the_config():
     cfg = cli.resolve_config(args)
     assert cfg["distill"]["matching"] == "m3d" and cfg["eval"]["arch"] == "convnet,vgg11:16"
     assert cfg["label"] == "M3D tuned"
-    assert cfg["select"] == {"lr_grid": [0.5, 1.0, 2.0], "seeds": [10, 11], "fraction": 0.25, "holdout_seed": 0}
+    assert cfg["select"] == {"lr_grid": [0.5, 1.0, 2.0], "seeds": [10, 11], "fraction": 0.25, "holdout_seed": 0,
+                             "validation": "images"}
+    domain = cli.resolve_config(cli.build_parser().parse_args(["run", "--select-lr", "1", "--select-validation",
+                                                               "domain"]))
+    assert domain["select"]["validation"] == "domain"
     plain = cli.resolve_config(cli.build_parser().parse_args(["run"]))
     assert plain["select"]["lr_grid"] == [] and plain["label"] is None and plain["distill"]["matching"] == "dm"
     if "normalize" in plain["sgs"]:  # the op's matched-step option
@@ -248,6 +252,7 @@ def test_selection_step_and_architecture_flags_map_onto_the_config():
     (["run", "--select-lr", "0,1"], "'select.lr_grid' must be a list of positive numbers"),
     (["run", "--select-lr", "1,1"], "lists a value twice"),
     (["run", "--select-lr", "1", "--holdout-fraction", "1.5"], "'select.fraction' must lie in"),
+    (["run", "--select-lr", "1", "--set", "select.validation=oracle"], "'select.validation' must be 'images'"),
     (["run", "--eval-arch", "lenet"], "unknown architecture 'lenet'"),
     (["compare", "nowhere"], "run folder nowhere does not exist"),
 ])
@@ -295,6 +300,25 @@ def test_select_lr_then_run_at_the_selected_step(tiny, tmp_path, capsys, monkeyp
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {m: r["selected_lr_img"] for m, r in metrics["lr_selection"].items()} == chosen
     assert "lr_img" in describe_run(load_run(run_dir))
+
+
+def test_select_lr_leaving_each_source_domain_out(tiny, tmp_path, capsys, monkeypatch):
+    import sgs_cuda.selection as selection
+    folds = []
+    real_distill = selection.distill
+    monkeypatch.setattr(selection, "distill",
+                        lambda data, domains, cfg, **kw: folds.append((list(domains), cfg.lr_img))
+                        or real_distill(data, domains, cfg, **kw))
+    argv = ["--run-dir", str(tmp_path / "r"), "--target", "d1", "--method", "dm", "--select-lr", "0.5,4",
+            "--select-validation", "domain", "--seeds", "0"]
+    assert tiny("select-lr", *argv) == 0
+    printed = capsys.readouterr()
+    assert "each source domain left out in turn" in printed.err and "left-out domain accuracy" in printed.out
+    assert folds == [(["d2"], 0.5), (["d0"], 0.5), (["d2"], 4.0), (["d0"], 4.0)]  # the target d1 never
+    rec = json.loads((tmp_path / "r" / "dm" / "lr_selection.json").read_text())
+    assert set(rec["per_seed"]["0.5"]["10"]) == {"d0", "d2"}
+    assert tiny("run", *argv, "--resume") == 0
+    assert "lr_img selected on each source domain left out: dm" in capsys.readouterr().out
 
 
 def test_compare_run_folders(tiny, tmp_path, capsys):

@@ -124,3 +124,48 @@ def test_select_lr_on_a_tiny_dataset(tmp_path, monkeypatch):
     for grid in ((), (0.0, 1.0), (1.0, 1.0)):
         with pytest.raises(ValueError, match="grid"):
             select_lr(data, ["d1", "d2"], dcfg, ecfg, grid=grid)
+
+
+def test_leave_one_domain_out_validation(tmp_path, monkeypatch):
+    """validation="domain": each source domain in turn is left out of the distillation and scores
+    it; the target is never read; the selection resumes per (lr, seed, held-out domain)."""
+    import sgs_cuda.selection as selection
+    runs = []
+    real_distill, real_validate = selection.distill, selection.validation_accuracy
+    monkeypatch.setattr(selection, "distill",
+                        lambda data, domains, cfg, **kw: runs.append((cfg.lr_img, tuple(domains)))
+                        or real_distill(data, domains, cfg, **kw))
+    validated = []
+    monkeypatch.setattr(selection, "validation_accuracy",
+                        lambda images, labels, view, domains, *a: validated.append(tuple(domains))
+                        or real_validate(images, labels, view, domains, *a))
+    data = LoggedDomains(n_train=12, D=4)
+    sources = ["d1", "d2", "d3"]
+    dcfg = DistillConfig(method="dm_sgs", ipc=2, iterations=3, batch_real=6, width=8, depth=2)
+    ecfg = EvalConfig(epochs=10, num_eval=2, width=8, depth=2, batch=8)
+    rec = select_lr(data, sources, dcfg, ecfg, grid=(0.5, 50.0), seeds=(0,), run_dir=tmp_path, validation="domain")
+    assert "d0" not in data.touched  # the target is never read
+    folds = [("d2", "d3"), ("d1", "d3"), ("d1", "d2")]
+    assert runs == [(0.5, f) for f in folds] + [(50.0, f) for f in folds]
+    assert validated == [("d1",), ("d2",), ("d3",)] * 2  # each fold scores the domain it left out
+    for lr in ("0.5", "50.0"):
+        per_domain = rec["per_seed"][lr]["0"]
+        assert set(per_domain) == set(sources) and all(len(a) == 2 for a in per_domain.values())
+        assert rec["validation_acc"][lr] == pytest.approx(sum(sum(a) for a in per_domain.values()) / 6)
+    assert rec["holdout"]["validation"] == "domain" and rec["settings"]["validation"] == "domain"
+    assert rec["holdout"]["validation_images"] == {d: 18 for d in sources}  # 6 test images x 3 classes
+    # an interrupted selection resumes fold by fold
+    saved = json.loads((tmp_path / SELECTION_NAME).read_text())
+    del saved["per_seed_all"]["50.0"]["0"]["d3"]
+    (tmp_path / SELECTION_NAME).write_text(json.dumps({"settings": saved["settings"],
+                                                       "per_seed_all": saved["per_seed_all"]}))
+    runs.clear()
+    again = select_lr(data, sources, dcfg, ecfg, grid=(0.5, 50.0), seeds=(0,), run_dir=tmp_path, validation="domain")
+    assert runs == [(50.0, ("d1", "d2"))] and again["per_seed"]["0.5"] == rec["per_seed"]["0.5"]
+    # the two rules never share a selection file
+    with pytest.raises(ValueError, match="other settings"):
+        select_lr(data, sources, dcfg, ecfg, grid=(0.5,), run_dir=tmp_path)
+    with pytest.raises(ValueError, match="at least 2 source domains"):
+        select_lr(data, ["d1"], dcfg, ecfg, grid=(0.5,), validation="domain")
+    with pytest.raises(ValueError, match="validation must be one of"):
+        select_lr(data, sources, dcfg, ecfg, grid=(0.5,), validation="oracle")
