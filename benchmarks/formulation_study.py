@@ -1,8 +1,9 @@
-"""Surgery formulations that could carry the premise (issue 18), in three stages:
+"""Surgery formulations that could carry the premise (issue 18), in four stages:
 
     python benchmarks/formulation_study.py run --stage screen --out runs/formulations --code <snapshot>
     python benchmarks/formulation_study.py run --stage lr     --out runs/formulations   # lr_img per arm
     python benchmarks/formulation_study.py run --stage medium --out runs/formulations   # the two best
+    python benchmarks/formulation_study.py run --stage lodo   --out runs/formulations   # lr_img, left-out domain
     python benchmarks/formulation_study.py report --out runs/formulations --results docs/RESULTS.md
 
 Every stage is resumable; ``--stage lr+medium`` runs both of the last, seed by seed.
@@ -22,6 +23,10 @@ initialisation for the arms where it is part of the question, strength 0.5 for e
 **lr** (``quick``): each arm's own ``lr_img`` from ``LR_GRID`` on held-out source images (one
 step past a grid end where the pick sits there), and its runs at a pick that moved, paired with
 DM at DM's pick (``--lr-arms K``: the first K of ``LR_ARMS``).
+
+**lodo** (``quick``): the same selection for ``LODO_ARMS`` by leaving each source domain out in
+turn (``--select-validation domain``): held-out images of the sources carry their cues and
+reward keeping them; a left-out source domain maps classes to other cues and does not.
 
 **medium**: the two formulations ahead on the premise benchmark on ``fmnist-styles`` at the tuned
 study's protocol, paired with DM rerun by this code; the tuned study's DM and M3D beside them.
@@ -98,6 +103,10 @@ LR_ARMS = ("DM", "DM + amplitude removal (5e-3)", "DM, spectral_min init", "SGS 
            "diversity within the set (spread 5e-4)", "over a class (pool)", "equalized (rho 0.5)", "PCGrad per bin",
            "replace (dm_norm)")
 LR_SELECT = ("--select-lr", LR_GRID, "--select-seeds", "10", "--holdout-fraction", "0.2")
+# the same selection by leaving each source domain out (DomainBed's rule): each held-out domain's
+# class-to-cue map differs from the others', so a set that learned its sources' cues scores low
+LODO_ARMS = LR_ARMS[:4]
+LODO_SELECT = (*LR_SELECT, "--select-validation", "domain")
 
 
 def slug(name: str) -> str:
@@ -182,6 +191,30 @@ def lr_cells(out: Path, arms: int = len(LR_ARMS)) -> list[ps.Cell]:
     return cells
 
 
+def lodo_cells(out: Path) -> list[ps.Cell]:
+    """:func:`lr_cells` with the left-out-domain rule for ``LODO_ARMS``: the selections
+    (``<arm>-lodo``), the edge step where a pick sits on an end (``<arm>-lodo-edge``), and the
+    runs at a pick that no folder holds yet (``<arm>-lr<pick>``, shared with :func:`lr_cells`)."""
+    cue, init = LR_SETTING
+    data = (*ps.cue_flags(cue, 1.0), "--target", "photo")
+    cells = [ps.Cell(lr_stage(), f"{slug(name)}{LODO}", (ARMS[name][0],), (*data, *arm_flags(name, init), *LODO_SELECT),
+                     (10,), command="select-lr") for name in LODO_ARMS]
+    for name in LODO_ARMS:
+        edge = lr_edge(ps._selection(out / lr_stage() / f"{slug(name)}{LODO}" / ARMS[name][0]))
+        if edge is not None:
+            cells.append(ps.Cell(lr_stage(), f"{slug(name)}{LODO}-edge", (ARMS[name][0],),
+                                 (*data, *arm_flags(name, init), "--select-lr", f"{edge:g}", *LODO_SELECT[2:]), (10,),
+                                 command="select-lr"))
+        pick = lr_pick(out, name, LODO)
+        if pick is not None and pick != float(LR):
+            cells.append(ps.Cell(lr_stage(), f"{slug(name)}-lr{pick:g}", (ARMS[name][0],),
+                                 (*data, *arm_flags(name, init, f"{pick:g}")), SEEDS))
+    return cells
+
+
+LODO = "-lodo"  # the folder suffix of the left-out-domain selections
+
+
 def lr_edge(sel: dict | None) -> float | None:
     """One grid ratio past the end where a selection's pick sits on an end of ``LR_GRID``, else None."""
     grid = [float(v) for v in LR_GRID.split(",")]
@@ -190,48 +223,100 @@ def lr_edge(sel: dict | None) -> float | None:
     return grid[0] ** 2 / grid[1] if float(sel["selected_lr_img"]) == grid[0] else grid[-1] ** 2 / grid[-2]
 
 
-def lr_selection(out: Path, name: str) -> dict | None:
+def lr_selection(out: Path, name: str, rule: str = "") -> dict | None:
     """The arm's selection on the grid and, where scored, past its end: ``{"validation" {lr: %},
-    "pick", "edge"}``; None until the selection (and the edge it needs) is done. Ties keep the
-    grid's pick."""
-    sel = ps._selection(out / lr_stage() / slug(name) / ARMS[name][0])
+    "pick", "edge", "per_domain" {lr: {domain: %}} (left-out-domain rule)}``; None until the
+    selection (and the edge it needs) is done. Ties keep the grid's pick. ``rule``: "" (held-out
+    source images) or ``LODO``."""
+    sel = ps._selection(out / lr_stage() / f"{slug(name)}{rule}" / ARMS[name][0])
     if sel is None:
         return None
+    selections = [sel]
     scores = {float(k): 100 * v for k, v in sel["validation_acc"].items()}
     pick, edge = float(sel["selected_lr_img"]), lr_edge(sel)
     if edge is not None:
-        past = ps._selection(out / lr_stage() / f"{slug(name)}-edge" / ARMS[name][0])
+        past = ps._selection(out / lr_stage() / f"{slug(name)}{rule}-edge" / ARMS[name][0])
         if past is None:
             return None
+        selections.append(past)
         scores.update({float(k): 100 * v for k, v in past["validation_acc"].items()})
         pick = max(sorted(scores), key=lambda v: (scores[v], v == pick))
-    return {"validation": scores, "pick": pick, "edge": edge}
+    per_domain = {float(lr): {d: 100 * _mean(a) for d, a in by_seed[str(seed)].items()}
+                  for s in selections for lr, by_seed in s.get("per_seed", {}).items() for seed in s["seeds"][:1]
+                  if isinstance(by_seed[str(seed)], dict)}
+    return {"validation": scores, "pick": pick, "edge": edge, "per_domain": per_domain}
 
 
-def lr_pick(out: Path, name: str) -> float | None:
-    sel = lr_selection(out, name)
+def lr_pick(out: Path, name: str, rule: str = "") -> float | None:
+    sel = lr_selection(out, name, rule)
     return None if sel is None else sel["pick"]
+
+
+def runs_at(out: Path, name: str, lr: float) -> dict:
+    """``{seed: {"ood", "in_domain"}}`` of the arm at ``lr_img`` on the lr setting: its
+    ``-lr<lr>`` folder or, at the screen's lr, the screen's folders."""
+    setting = "{}-1-{}".format(*LR_SETTING)
+    found = {}
+    for seed in SEEDS:
+        folder = (out / lr_stage() / f"{slug(name)}-lr{lr:g}" if lr != float(LR)
+                  else out / setting / f"{slug(name)}-s{seed}")
+        m = ps._metrics(folder, ARMS[name][0], seed)
+        if m is not None:
+            found[seed] = {"ood": 100 * m["ood_acc_mean"], "in_domain": 100 * m["in_domain_acc_mean"]}
+    return found
 
 
 def lr_collect(out: Path) -> dict:
     """Each arm at its own pick on the lr setting: ``{arm: {"lr_img", "validation", "seeds"}}``
     (rows as :func:`collect`'s), from its ``-lr<pick>`` folder or, at a pick of 4, the screen's."""
     found = {}
-    setting = "{}-1-{}".format(*LR_SETTING)
     for name in LR_ARMS:
         sel = lr_selection(out, name)
-        if sel is None:
-            continue
-        pick = sel["pick"]
-        row = {"lr_img": pick, "validation": sel["validation"], "edge": sel["edge"], "seeds": {}}
-        for seed in SEEDS:
-            folder = (out / lr_stage() / f"{slug(name)}-lr{pick:g}" if pick != float(LR)
-                      else out / setting / f"{slug(name)}-s{seed}")
-            m = ps._metrics(folder, ARMS[name][0], seed)
-            if m is not None:
-                row["seeds"][seed] = {"ood": 100 * m["ood_acc_mean"], "in_domain": 100 * m["in_domain_acc_mean"]}
-        found[name] = row
+        if sel is not None:
+            found[name] = {"lr_img": sel["pick"], "validation": sel["validation"], "edge": sel["edge"],
+                           "seeds": runs_at(out, name, sel["pick"])}
     return found
+
+
+def lodo_tables(out: Path) -> tuple[str, dict]:
+    """The left-out-domain selection per arm (accuracy per lr_img on the source domain each fold
+    left out, the pick, the held-out-images pick beside it) and each arm at its pick, paired with
+    DM at DM's pick by seed."""
+    from sgs_cuda import stats
+
+    grid = [float(v) for v in LR_GRID.split(",")]
+    found = {name: sel for name in LODO_ARMS if (sel := lr_selection(out, name, LODO)) is not None}
+    if "DM" not in found:
+        return "_not run yet_", {}
+    rows = ["| arm | " + " | ".join(f"lr {v:g}" for v in grid) + " | past the end | pick (held-out images' pick) | "
+            "left-out accuracy by domain at the pick | OOD / in-domain at the pick | OOD Δ vs DM, both at their "
+            "left-out picks [95 % CI] |", "|---" * (len(grid) + 6) + "|"]
+    numbers = {}
+    dm = runs_at(out, "DM", found["DM"]["pick"])
+    for name, sel in found.items():
+        pick = sel["pick"]
+
+        def score(v):
+            return f"**{sel['validation'][v]:.1f}**" if v == pick else f"{sel['validation'][v]:.1f}"
+
+        scores = " | ".join("—" if v not in sel["validation"] else score(v) for v in grid)
+        scores += " | " + ("—" if sel["edge"] is None else f"lr {sel['edge']:g}: {score(sel['edge'])}")
+        images = lr_pick(out, name)
+        domains = ", ".join(f"{d} {a:.1f}" for d, a in sel["per_domain"].get(pick, {}).items())
+        seeds = runs_at(out, name, pick)
+        acc = "—" if not seeds else (f"{_mean(r['ood'] for r in seeds.values()):.1f} / "
+                                     f"{_mean(r['in_domain'] for r in seeds.values()):.1f} ({len(seeds)})")
+        paired = "—"
+        diffs = [seeds[s]["ood"] - dm[s]["ood"] for s in seeds if s in dm]
+        if name != "DM" and diffs:
+            summary = stats.summarize_differences(diffs)
+            paired = f"{summary.mean:+.1f} {ps._ci(summary)}"
+        numbers[name] = {"lr_img": pick, "images_pick": images, "validation": sel["validation"],
+                         "per_domain": sel["per_domain"].get(pick, {}),
+                         "ood_vs_dm": summary.to_dict() if paired != "—" else None}
+        rows.append(f"| {name} | {scores} | {pick:g} ({'—' if images is None else f'{images:g}'}) | {domains} | "
+                    f"{acc} | {paired} |")
+    return "\n".join(rows), numbers
 
 
 def lr_tables(out: Path, screen: dict) -> tuple[str, dict]:
@@ -603,7 +688,8 @@ def amplitude_figure(bands: dict, truth: dict, path: Path) -> Path | None:
 def study_cost(out: Path) -> tuple[str, dict]:
     """What the study cost: per stage, the distillation and evaluation seconds of every finished
     seed (``metrics.json``) and of every lr selection (``lr_selection.json``), one thread each."""
-    stages = {"screen (quick)": all_cells(), "lr_img per arm (quick)": lr_cells(out), "medium": medium_cells()}
+    stages = {"screen (quick)": all_cells(), "lr_img per arm (quick)": lr_cells(out),
+              "lr_img by left-out domain (quick)": lodo_cells(out), "medium": medium_cells()}
     numbers = {}
     for stage, cells in stages.items():
         seconds, runs = 0.0, 0
@@ -648,6 +734,7 @@ def cmd_report(args) -> None:
     blocks["formulations-medium-bands"], numbers["medium_bands"] = medium_bands(out)
     blocks["formulations-amplitude-truth"], numbers["amplitude_truth"] = amplitude_truth(out)
     blocks["formulations-lr"], numbers["lr"] = lr_tables(out, found)
+    blocks["formulations-lodo"], numbers["lodo"] = lodo_tables(out)
     blocks["formulations-study-cost"], numbers["study_cost"] = study_cost(out)
     amplitude_figure(numbers["medium_bands"], numbers["amplitude_truth"], docs / "formulations_amplitude.png")
     numbers.update(machine=ps.machine(), date=time.strftime("%Y-%m-%d"), preset=ps.PRESET, lr_img=LR,
@@ -666,9 +753,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = ps.add_run_arguments(sub.add_parser("run", help="run the cells (resumable)"), "runs/formulations")
-    run.add_argument("--stage", choices=("screen", "medium", "lr", "lr+medium"), default="screen",
+    run.add_argument("--stage", choices=("screen", "medium", "lr", "lr+medium", "lodo"), default="screen",
                      help="the quick screen (every arm), the medium protocol (the two best), lr_img per arm (the "
-                          "selections, then the runs at the picks that moved), or both of the last, seed by seed")
+                          "selections, then the runs at the picks that moved), both of the last, seed by seed, or "
+                          "lr_img by leaving each source domain out (LODO_ARMS)")
     run.add_argument("--lr-arms", type=int, default=len(LR_ARMS),
                      help="lr stage: the first so many arms of LR_ARMS (their order is their priority)")
     rep = sub.add_parser("report", help="tables from the finished cells")
@@ -679,7 +767,7 @@ def main(argv=None) -> None:
     if args.command == "run":
         out = Path(args.out)
         stages = {"screen": all_cells, "medium": medium_cells, "lr": lambda: lr_cells(out, args.lr_arms),
-                  "lr+medium": lambda: lr_cells(out, args.lr_arms) + medium_cells()}
+                  "lr+medium": lambda: lr_cells(out, args.lr_arms) + medium_cells(), "lodo": lambda: lodo_cells(out)}
         ps.cmd_run(args, stages[args.stage])  # a function: the runs at the lr picks join once selected
     else:
         cmd_report(args)

@@ -193,6 +193,45 @@ def test_lr_stage_selects_per_arm_then_runs_the_moved_picks(study, tmp_path):
     assert [line for line in text.splitlines() if line.startswith(f"| {amp} ")][0].endswith("| +5.5 |")
 
 
+def test_lodo_stage_selects_by_left_out_domain_and_reuses_the_runs(study, tmp_path):
+    parser = cli.build_parser()
+    cells = study.lodo_cells(tmp_path)
+    assert [c.name for c in cells] == [study.slug(a) + "-lodo" for a in study.LODO_ARMS]
+    for cell in cells:
+        args = parser.parse_args(cell.argv(tmp_path, 10)[3:])
+        cfg = config.resolve_config(preset=args.preset, overrides=cli.overrides_from_args(args))
+        assert cfg["select"]["validation"] == "domain" and cfg["select"]["lr_grid"] == [2.0, 4.0, 8.0, 16.0]
+
+    def select(name, scores, folder, per_domain=None):
+        p = tmp_path / study.lr_stage() / folder / study.ARMS[name][0] / "lr_selection.json"
+        p.parent.mkdir(parents=True)
+        best = max(scores, key=scores.get)
+        per_seed = {str(float(k)): {"10": {d: [a / 100] for d, a in (per_domain or {}).get(k, {}).items()}}
+                    for k in scores}
+        p.write_text(json.dumps({"selected_lr_img": best, "validation_acc": {str(float(k)): v for k, v in scores.items()},
+                                 "per_seed": per_seed, "seeds": [10]}))
+
+    def metrics(folder, name, seed, ood):
+        p = folder / study.ARMS[name][0] / f"seed{seed}" / "metrics.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"ood_acc_mean": ood, "in_domain_acc_mean": 0.7}))
+
+    amp = "DM + amplitude removal (5e-3)"
+    select("DM", {2: 0.5, 4: 0.6, 8: 0.55, 16: 0.5}, "dm-lodo", {4: {"cartoon": 50.0, "sketch": 70.0}})
+    select(amp, {2: 0.5, 4: 0.6, 8: 0.7, 16: 0.65}, f"{study.slug(amp)}-lodo", {8: {"cartoon": 65.0, "sketch": 75.0}})
+    select(amp, {2: 0.5, 4: 0.8, 8: 0.6}, study.slug(amp))  # held-out images picked 4
+    cells = study.lodo_cells(tmp_path)
+    assert [(c.name, c.seeds) for c in cells if c.command == "run"] == [(f"{study.slug(amp)}-lr8", tuple(study.SEEDS))]
+    for seed in study.SEEDS:
+        metrics(tmp_path / "grating-1-real" / f"dm-s{seed}", "DM", seed, 0.40)
+        metrics(tmp_path / study.lr_stage() / f"{study.slug(amp)}-lr8", amp, seed, 0.44 + 0.02 * seed)
+    text, numbers = study.lodo_tables(tmp_path)
+    assert numbers["DM"]["lr_img"] == 4.0 and numbers[amp]["lr_img"] == 8.0 and numbers[amp]["images_pick"] == 4.0
+    assert numbers[amp]["ood_vs_dm"]["mean"] == pytest.approx(5.0)
+    assert f"| {amp} | 50.0 | 60.0 | **70.0** | 65.0 | — | 8 (4) | cartoon 65.0, sketch 75.0 | 45.0 / 70.0 (2) | +5.0 [" \
+        in text
+
+
 def test_study_cost_sums_every_finished_seed_and_selection(study, tmp_path):
     cell = study.medium_cells()[0]
     (cell.folder(tmp_path)).mkdir(parents=True)
