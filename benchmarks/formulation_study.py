@@ -106,6 +106,7 @@ LR_SELECT = ("--select-lr", LR_GRID, "--select-seeds", "10", "--holdout-fraction
 # the same selection by leaving each source domain out (DomainBed's rule): each held-out domain's
 # class-to-cue map differs from the others', so a set that learned its sources' cues scores low
 LODO_ARMS = LR_ARMS[:4]
+LODO = "-lodo"  # the folder suffix of their selections
 LODO_SELECT = (*LR_SELECT, "--select-validation", "domain")
 
 
@@ -173,46 +174,33 @@ def lr_cells(out: Path, arms: int = len(LR_ARMS)) -> list[ps.Cell]:
     (``<arm>-edge``); then, for each arm whose pick on the longer grid is not 4, its runs at the
     pick (``<arm>-lr<pick>``, seeds 0 and 1): an arm picking 4 is its screen folder. ``arms``:
     the first so many of ``LR_ARMS``."""
-    cue, init = LR_SETTING
-    names = LR_ARMS[:arms]
-    data = (*ps.cue_flags(cue, 1.0), "--target", "photo")
-    cells = [ps.Cell(lr_stage(), slug(name), (ARMS[name][0],), (*data, *arm_flags(name, init), *LR_SELECT), (10,),
-                     command="select-lr") for name in names]
-    for name in names:
-        edge = lr_edge(ps._selection(out / lr_stage() / slug(name) / ARMS[name][0]))
-        if edge is not None:
-            cells.append(ps.Cell(lr_stage(), f"{slug(name)}-edge", (ARMS[name][0],),
-                                 (*data, *arm_flags(name, init), "--select-lr", f"{edge:g}", *LR_SELECT[2:]), (10,),
-                                 command="select-lr"))
-        pick = lr_pick(out, name)
-        if pick is not None and pick != float(LR):
-            cells.append(ps.Cell(lr_stage(), f"{slug(name)}-lr{pick:g}", (ARMS[name][0],),
-                                 (*data, *arm_flags(name, init, f"{pick:g}")), SEEDS))
-    return cells
+    return _selection_cells(out, LR_ARMS[:arms], "", LR_SELECT)
 
 
 def lodo_cells(out: Path) -> list[ps.Cell]:
-    """:func:`lr_cells` with the left-out-domain rule for ``LODO_ARMS``: the selections
-    (``<arm>-lodo``), the edge step where a pick sits on an end (``<arm>-lodo-edge``), and the
-    runs at a pick that no folder holds yet (``<arm>-lr<pick>``, shared with :func:`lr_cells`)."""
+    """:func:`lr_cells` with the left-out-domain rule for ``LODO_ARMS`` (``<arm>-lodo``,
+    ``<arm>-lodo-edge``); the runs at a pick share their folders with :func:`lr_cells`'."""
+    return _selection_cells(out, LODO_ARMS, LODO, LODO_SELECT)
+
+
+def _selection_cells(out: Path, names, rule: str, select: tuple) -> list[ps.Cell]:
     cue, init = LR_SETTING
     data = (*ps.cue_flags(cue, 1.0), "--target", "photo")
-    cells = [ps.Cell(lr_stage(), f"{slug(name)}{LODO}", (ARMS[name][0],), (*data, *arm_flags(name, init), *LODO_SELECT),
-                     (10,), command="select-lr") for name in LODO_ARMS]
-    for name in LODO_ARMS:
-        edge = lr_edge(ps._selection(out / lr_stage() / f"{slug(name)}{LODO}" / ARMS[name][0]))
+
+    def selection(name, folder, flags):
+        return ps.Cell(lr_stage(), folder, (ARMS[name][0],), (*data, *arm_flags(name, init), *flags), (10,),
+                       command="select-lr")
+
+    cells = [selection(name, f"{slug(name)}{rule}", select) for name in names]
+    for name in names:
+        edge = lr_edge(ps._selection(out / lr_stage() / f"{slug(name)}{rule}" / ARMS[name][0]))
         if edge is not None:
-            cells.append(ps.Cell(lr_stage(), f"{slug(name)}{LODO}-edge", (ARMS[name][0],),
-                                 (*data, *arm_flags(name, init), "--select-lr", f"{edge:g}", *LODO_SELECT[2:]), (10,),
-                                 command="select-lr"))
-        pick = lr_pick(out, name, LODO)
+            cells.append(selection(name, f"{slug(name)}{rule}-edge", ("--select-lr", f"{edge:g}", *select[2:])))
+        pick = lr_pick(out, name, rule)
         if pick is not None and pick != float(LR):
             cells.append(ps.Cell(lr_stage(), f"{slug(name)}-lr{pick:g}", (ARMS[name][0],),
                                  (*data, *arm_flags(name, init, f"{pick:g}")), SEEDS))
     return cells
-
-
-LODO = "-lodo"  # the folder suffix of the left-out-domain selections
 
 
 def lr_edge(sel: dict | None) -> float | None:

@@ -222,7 +222,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--select-seeds", nargs="+", type=int, metavar="SEED",
                    help="seeds of the selection's distillations (default 10; keep them apart from --seeds)")
     g.add_argument("--holdout-fraction", type=float, help="share of each source domain held out (default 0.2)")
-    g.add_argument("--select-validation", choices=["images", "domain"],
+    g.add_argument("--select-validation", choices=list(config.VALIDATIONS),
                    help="images: held-out images of the source domains (default); domain: each source domain "
                         "left out in turn (one distillation per source: it does not reward a source-only cue)")
     g = p.add_argument_group("execution")

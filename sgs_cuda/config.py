@@ -23,6 +23,7 @@ from .evaluate import EvalConfig
 from .methods import ALIASES as METHOD_ALIASES
 from .methods import DISTILLED, METHODS
 from .options import SGSConfig
+from .selection import VALIDATIONS
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 ALL_METHODS = tuple(METHODS)
@@ -60,7 +61,7 @@ def check_select(select: dict) -> None:
         raise ValueError(f"config option 'select.seeds' must be a non-empty list of integers, got {seeds!r}")
     if not 0 < float(select["fraction"]) < 1:
         raise ValueError(f"config option 'select.fraction' must lie in (0, 1), got {select['fraction']!r}")
-    if select["validation"] not in ("images", "domain"):
+    if select["validation"] not in VALIDATIONS:
         raise ValueError(f"config option 'select.validation' must be 'images' (held-out source images) or "
                          f"'domain' (leave one source domain out), got {select['validation']!r}")
 

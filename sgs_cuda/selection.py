@@ -9,10 +9,10 @@
   It costs one distillation per source domain, and it does not reward what only the sources share
   with their own held-out images (a source domain's cue): the shift it scores is a real one.
 
-The best mean accuracy wins (ties: the first in the grid). The result is a JSON-able record of the grid, the scores and
-the choice, to be stored in the run folder. With ``run_dir`` every finished grid point is saved
-to ``run_dir/lr_selection.json`` as soon as it is done, and a rerun with the same settings reuses
-them (an interrupted selection resumes).
+The best mean accuracy wins (ties: the first in the grid). The result is a JSON-able record of
+the grid, the scores and the choice, to be stored in the run folder. With ``run_dir`` every
+finished grid point (and fold) is saved to ``run_dir/lr_selection.json`` as soon as it is done,
+and a rerun with the same settings reuses them (an interrupted selection resumes).
 """
 from __future__ import annotations
 
