@@ -205,7 +205,7 @@ def _selection_cells(out: Path, names, rule: str, select: tuple) -> list[ps.Cell
 
 def lr_edge(sel: dict | None) -> float | None:
     """One grid ratio past the end where a selection's pick sits on an end of ``LR_GRID``, else None."""
-    grid = [float(v) for v in LR_GRID.split(",")]
+    grid = _grid()
     if sel is None or float(sel["selected_lr_img"]) not in (grid[0], grid[-1]):
         return None
     return grid[0] ** 2 / grid[1] if float(sel["selected_lr_img"]) == grid[0] else grid[-1] ** 2 / grid[-2]
@@ -229,9 +229,12 @@ def lr_selection(out: Path, name: str, rule: str = "") -> dict | None:
         selections.append(past)
         scores.update({float(k): 100 * v for k, v in past["validation_acc"].items()})
         pick = max(sorted(scores), key=lambda v: (scores[v], v == pick))
-    per_domain = {float(lr): {d: 100 * _mean(a) for d, a in by_seed[str(seed)].items()}
-                  for s in selections for lr, by_seed in s.get("per_seed", {}).items() for seed in s["seeds"][:1]
-                  if isinstance(by_seed[str(seed)], dict)}
+    per_domain = {}  # the left-out-domain rule's per-fold scores (its records hold {domain: accs} per seed)
+    for s in selections:
+        for lr, by_seed in s.get("per_seed", {}).items():
+            folds = by_seed[str(s["seeds"][0])]
+            if isinstance(folds, dict):
+                per_domain[float(lr)] = {d: 100 * _mean(accs) for d, accs in folds.items()}
     return {"validation": scores, "pick": pick, "edge": edge, "per_domain": per_domain}
 
 
@@ -254,25 +257,43 @@ def runs_at(out: Path, name: str, lr: float) -> dict:
     return found
 
 
-def lr_collect(out: Path) -> dict:
-    """Each arm at its own pick on the lr setting: ``{arm: {"lr_img", "validation", "seeds"}}``
-    (rows as :func:`collect`'s), from its ``-lr<pick>`` folder or, at a pick of 4, the screen's."""
-    found = {}
-    for name in LR_ARMS:
-        sel = lr_selection(out, name)
-        if sel is not None:
-            found[name] = {"lr_img": sel["pick"], "validation": sel["validation"], "edge": sel["edge"],
-                           "seeds": runs_at(out, name, sel["pick"])}
-    return found
+def _selection_columns(sel: dict, grid: list[float]) -> str:
+    """The validation score at each grid step and past the end (bold: the pick)."""
+    def score(v):
+        value = sel["validation"][v]
+        return f"**{value:.1f}**" if v == sel["pick"] else f"{value:.1f}"
+
+    scores = " | ".join("—" if v not in sel["validation"] else score(v) for v in grid)
+    return scores + " | " + ("—" if sel["edge"] is None else f"lr {sel['edge']:g}: {score(sel['edge'])}")
+
+
+def _accuracy_at(seeds: dict) -> str:
+    if not seeds:
+        return "—"
+    return (f"{_mean(r['ood'] for r in seeds.values()):.1f} / {_mean(r['in_domain'] for r in seeds.values()):.1f} "
+            f"({len(seeds)})")
+
+
+def _paired_with(seeds: dict, dm: dict):
+    """The OOD difference to DM's runs seed by seed: ``(cell text, summary or None)``."""
+    from sgs_cuda import stats
+
+    diffs = [seeds[s]["ood"] - dm[s]["ood"] for s in seeds if s in dm]
+    if not diffs:
+        return "—", None
+    summary = stats.summarize_differences(diffs)
+    return f"{summary.mean:+.1f} {ps._ci(summary)}", summary
+
+
+def _grid() -> list[float]:
+    return [float(v) for v in LR_GRID.split(",")]
 
 
 def lodo_tables(out: Path) -> tuple[str, dict]:
     """The left-out-domain selection per arm (accuracy per lr_img on the source domain each fold
     left out, the pick, the held-out-images pick beside it) and each arm at its pick, paired with
     DM at DM's pick by seed."""
-    from sgs_cuda import stats
-
-    grid = [float(v) for v in LR_GRID.split(",")]
+    grid = _grid()
     found = {name: sel for name in LODO_ARMS if (sel := lr_selection(out, name, LODO)) is not None}
     if "DM" not in found:
         return "_not run yet_", {}
@@ -282,70 +303,47 @@ def lodo_tables(out: Path) -> tuple[str, dict]:
     numbers = {}
     dm = runs_at(out, "DM", found["DM"]["pick"])
     for name, sel in found.items():
-        pick = sel["pick"]
-
-        def score(v):
-            return f"**{sel['validation'][v]:.1f}**" if v == pick else f"{sel['validation'][v]:.1f}"
-
-        scores = " | ".join("—" if v not in sel["validation"] else score(v) for v in grid)
-        scores += " | " + ("—" if sel["edge"] is None else f"lr {sel['edge']:g}: {score(sel['edge'])}")
-        images = lr_pick(out, name)
-        domains = ", ".join(f"{d} {a:.1f}" for d, a in sel["per_domain"].get(pick, {}).items())
+        pick, images = sel["pick"], lr_pick(out, name)
+        at_pick = sel["per_domain"].get(pick, {})
         seeds = runs_at(out, name, pick)
-        acc = "—" if not seeds else (f"{_mean(r['ood'] for r in seeds.values()):.1f} / "
-                                     f"{_mean(r['in_domain'] for r in seeds.values()):.1f} ({len(seeds)})")
-        paired = "—"
-        diffs = [seeds[s]["ood"] - dm[s]["ood"] for s in seeds if s in dm]
-        if name != "DM" and diffs:
-            summary = stats.summarize_differences(diffs)
-            paired = f"{summary.mean:+.1f} {ps._ci(summary)}"
-        numbers[name] = {"lr_img": pick, "images_pick": images, "validation": sel["validation"],
-                         "per_domain": sel["per_domain"].get(pick, {}),
-                         "ood_vs_dm": summary.to_dict() if paired != "—" else None}
-        rows.append(f"| {name} | {scores} | {pick:g} ({'—' if images is None else f'{images:g}'}) | {domains} | "
-                    f"{acc} | {paired} |")
+        paired, summary = _paired_with(seeds, dm) if name != "DM" else ("—", None)
+        numbers[name] = {"lr_img": pick, "images_pick": images, "validation": sel["validation"], "per_domain": at_pick,
+                         "ood_vs_dm": None if summary is None else summary.to_dict()}
+        domains = ", ".join(f"{d} {a:.1f}" for d, a in at_pick.items())
+        rows.append(f"| {name} | {_selection_columns(sel, grid)} | {pick:g} ({'—' if images is None else f'{images:g}'}) "
+                    f"| {domains} | {_accuracy_at(seeds)} | {paired} |")
     return "\n".join(rows), numbers
 
 
 def lr_tables(out: Path, screen: dict) -> tuple[str, dict]:
-    """The per-arm selection (validation accuracy per lr_img, the pick) and each arm at its pick
-    paired with DM at DM's pick (same seed), with the screen's pairing at lr 4 (``screen``:
-    :func:`collect`'s rows) beside it."""
-    from sgs_cuda import stats
-
-    found = lr_collect(out)
+    """The per-arm selection on held-out source images (validation accuracy per lr_img, the pick)
+    and each arm at its pick (its ``-lr<pick>`` folder or, at 4, the screen's) paired with DM at
+    DM's pick (same seed), with the screen's pairing at lr 4 (``screen``: :func:`collect`'s rows)
+    beside it."""
+    grid = _grid()
+    found = {name: sel for name in LR_ARMS if (sel := lr_selection(out, name)) is not None}
     if "DM" not in found:
         return "_not run yet_", {}
-    grid = [float(v) for v in LR_GRID.split(",")]
     rows = ["| arm | " + " | ".join(f"lr {v:g}" for v in grid) + " | past the end | pick | OOD / in-domain at the "
             "pick | OOD Δ vs DM, both at their picks [95 % CI] | OOD Δ at lr 4 (the screen) |",
             "|---" * (len(grid) + 6) + "|"]
     numbers = {}
     setting = "{}-1-{}".format(*LR_SETTING)
-    dm = found["DM"]["seeds"]
-    for name, row in found.items():
-        def score(v):
-            value = row["validation"][v]
-            return f"**{value:.1f}**" if v == row["lr_img"] else f"{value:.1f}"
-
-        scores = " | ".join("—" if v not in row["validation"] else score(v) for v in grid)
-        scores += " | " + ("—" if row["edge"] is None else f"lr {row['edge']:g}: {score(row['edge'])}")
-        seeds = row["seeds"]
-        acc = "—" if not seeds else (f"{_mean(r['ood'] for r in seeds.values()):.1f} / "
-                                     f"{_mean(r['in_domain'] for r in seeds.values()):.1f} ({len(seeds)})")
+    dm = runs_at(out, "DM", found["DM"]["pick"])
+    for name, sel in found.items():
+        seeds = runs_at(out, name, sel["pick"])
         paired = at4 = "—"
         if name != "DM":
-            diffs = [seeds[s]["ood"] - dm[s]["ood"] for s in seeds if s in dm]
-            if diffs:
-                summary = stats.summarize_differences(diffs)
-                paired = f"{summary.mean:+.1f} {ps._ci(summary)}"
-                numbers[name] = {"lr_img": row["lr_img"], "ood_vs_dm": summary.to_dict()}
+            paired, summary = _paired_with(seeds, dm)
+            if summary is not None:
+                numbers[name] = {"lr_img": sel["pick"], "ood_vs_dm": summary.to_dict()}
             base4 = screen.get("DM", {}).get(setting, {})
             own4 = screen.get(name, {}).get(setting, {})
             d4 = [own4[s]["ood"] - base4[s]["ood"] for s in own4 if s in base4]
             at4 = "—" if not d4 else f"{_mean(d4):+.1f}"
-        rows.append(f"| {name} | {scores} | {row['lr_img']:g} | {acc} | {paired} | {at4} |")
-    numbers["DM"] = {"lr_img": found["DM"]["lr_img"]}
+        rows.append(f"| {name} | {_selection_columns(sel, grid)} | {sel['pick']:g} | {_accuracy_at(seeds)} | {paired} "
+                    f"| {at4} |")
+    numbers["DM"] = {"lr_img": found["DM"]["pick"]}
     return "\n".join(rows), numbers
 
 
